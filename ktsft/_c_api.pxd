@@ -1,0 +1,115 @@
+# Mirrors src_c/include/ktsft.h, the one public C header.
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t
+
+
+cdef extern from "ktsft.h" nogil:
+    ctypedef enum kt_status:
+        KT_OK
+        KT_ERR_INVALID_ARGUMENT
+        KT_ERR_OUT_OF_MEMORY
+        KT_ERR_WEIGHTS_NOT_LOADED
+        KT_ERR_CACHE_FULL
+        KT_ERR_CACHE_EMPTY
+        KT_ERR_EXPERT_ID
+        KT_ERR_ISA_UNAVAILABLE
+        KT_ERR_THREADS
+
+    ctypedef struct kt_error:
+        kt_status status
+        char message[512]
+
+    const char *kt_status_string(kt_status status)
+
+    ctypedef enum kt_isa:
+        KT_ISA_GENERIC
+        KT_ISA_AVX2
+        KT_ISA_AVX512
+        KT_ISA_AMX
+        KT_ISA_AMX_EMU
+        KT_ISA_COUNT
+
+    uint32_t kt_cpu_features()
+    const char *kt_cpu_feature_name(uint32_t bit)
+    const char *kt_isa_name(kt_isa isa)
+    int kt_isa_compiled(kt_isa isa)
+    int kt_isa_available(kt_isa isa)
+    kt_isa kt_isa_best()
+    kt_status kt_isa_resolve(const char *name, kt_isa *out, kt_error *err)
+
+    ctypedef struct kt_pool:
+        pass
+    kt_status kt_pool_create(int32_t num_threads, kt_pool **out, kt_error *err)
+    void kt_pool_destroy(kt_pool *pool)
+    int32_t kt_pool_num_threads(const kt_pool *pool)
+
+    ctypedef struct kt_moe_config:
+        int32_t expert_num
+        int32_t num_experts_per_tok
+        int32_t hidden_size
+        int32_t intermediate_size
+        int32_t lora_rank
+        float lora_alpha
+        int32_t max_len
+        int32_t max_cache_depth
+        kt_isa isa
+
+    ctypedef struct kt_lora:
+        const uint16_t *gate_a
+        const uint16_t *gate_b
+        const uint16_t *up_a
+        const uint16_t *up_b
+        const uint16_t *down_a
+        const uint16_t *down_b
+
+    ctypedef struct kt_lora_grads:
+        uint16_t *gate_a
+        uint16_t *gate_b
+        uint16_t *up_a
+        uint16_t *up_b
+        uint16_t *down_a
+        uint16_t *down_b
+
+    ctypedef enum kt_dtype:
+        KT_DTYPE_F32
+        KT_DTYPE_BF16
+
+    ctypedef struct kt_forward_args:
+        int64_t num_tokens
+        int32_t k
+        const int64_t *expert_ids
+        const float *weights
+        const uint16_t *input
+        void *output
+        kt_dtype output_dtype
+        kt_lora lora
+        int save_for_backward
+
+    ctypedef struct kt_backward_args:
+        int64_t num_tokens
+        const void *grad_output
+        kt_dtype grad_output_dtype
+        uint16_t *grad_input
+        kt_lora_grads grads
+        float *grad_weights
+        int accumulate
+        kt_lora lora
+
+    ctypedef struct kt_moe:
+        pass
+    kt_status kt_moe_create(const kt_moe_config *config, kt_pool *pool, kt_moe **out,
+                            kt_error *err)
+    void kt_moe_destroy(kt_moe *moe)
+    kt_status kt_moe_load_weights(kt_moe *moe, const uint16_t *gate_proj,
+                                  const uint16_t *up_proj, const uint16_t *down_proj,
+                                  kt_error *err)
+    int kt_moe_weights_loaded(const kt_moe *moe)
+    size_t kt_moe_packed_bytes(const kt_moe *moe)
+    kt_isa kt_moe_isa(const kt_moe *moe)
+    kt_status kt_moe_forward(kt_moe *moe, const kt_forward_args *args, kt_error *err)
+    kt_status kt_moe_backward(kt_moe *moe, const kt_backward_args *args, kt_error *err)
+    int32_t kt_moe_cache_depth(const kt_moe *moe)
+    int64_t kt_moe_cache_top_tokens(const kt_moe *moe)
+    void kt_moe_cache_clear(kt_moe *moe)
+
+    void kt_vec_sigmoid(kt_isa isa, const float *x, float *y, int64_t n)
+    void kt_vec_silu(kt_isa isa, const float *x, float *y, int64_t n)

@@ -1,0 +1,219 @@
+"""Thin Cython layer over the C library: pointers in, GIL released, status codes to exceptions.
+
+Arguments are validated by the Python layer (:mod:`ktsft.moe`, :mod:`ktsft.kt_kernel_ext`);
+this module only turns integers (addresses from ``data_ptr()`` / ``ctypes.data``) into C
+pointers and C status codes into Python exceptions.
+"""
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
+
+from ktsft._c_api cimport (
+    KT_DTYPE_BF16, KT_DTYPE_F32, KT_ERR_EXPERT_ID, KT_ERR_INVALID_ARGUMENT,
+    KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY, KT_ISA_COUNT, KT_OK, kt_backward_args,
+    kt_cpu_feature_name, kt_cpu_features, kt_error, kt_forward_args, kt_isa, kt_isa_available,
+    kt_isa_best, kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_lora, kt_lora_grads, kt_moe,
+    kt_moe_backward, kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens,
+    kt_moe_config, kt_moe_create, kt_moe_destroy, kt_moe_forward, kt_moe_isa,
+    kt_moe_load_weights, kt_moe_packed_bytes, kt_moe_weights_loaded, kt_pool, kt_pool_create,
+    kt_pool_destroy, kt_pool_num_threads, kt_status, kt_vec_sigmoid, kt_vec_silu,
+)
+
+
+class ISAUnavailableError(ValueError):
+    """A kernel family that this build or this CPU lacks was requested."""
+
+
+cdef object _raise(kt_status status, const kt_error *err):
+    msg = err.message.decode("utf-8", "replace")
+    if status == KT_ERR_INVALID_ARGUMENT or status == KT_ERR_EXPERT_ID:
+        raise ValueError(msg)
+    if status == KT_ERR_ISA_UNAVAILABLE:
+        raise ISAUnavailableError(msg)
+    if status == KT_ERR_OUT_OF_MEMORY:
+        raise MemoryError(msg)
+    raise RuntimeError(msg)
+
+
+cdef kt_isa _resolve(str name) except *:
+    cdef kt_isa isa
+    cdef kt_error err
+    cdef bytes raw = name.encode()
+    cdef kt_status st = kt_isa_resolve(raw, &isa, &err)
+    if st != KT_OK:
+        _raise(st, &err)
+    return isa
+
+
+def resolve_isa(str name):
+    """The kernel family that ``name`` ("auto" or a family name) selects on this machine."""
+    return kt_isa_name(_resolve(name)).decode()
+
+
+def isa_lists():
+    """(compiled, available, best): the families built in, those this CPU runs, the auto pick."""
+    compiled = [kt_isa_name(<kt_isa>i).decode() for i in range(KT_ISA_COUNT)
+                if kt_isa_compiled(<kt_isa>i)]
+    available = [kt_isa_name(<kt_isa>i).decode() for i in range(KT_ISA_COUNT)
+                 if kt_isa_available(<kt_isa>i)]
+    return compiled, available, kt_isa_name(kt_isa_best()).decode()
+
+
+def cpu_features():
+    """Names of the CPU features that both cpuid and the OS enable."""
+    cdef uint32_t bits = kt_cpu_features()
+    out = []
+    for i in range(32):
+        if bits & (1u << i):
+            out.append(kt_cpu_feature_name(1u << i).decode())
+    return out
+
+
+def vec_act(str kind, str isa, uintptr_t x, uintptr_t y, int64_t n):
+    """y = sigmoid(x) or silu(x) over n float32 values (for tests of the vector math)."""
+    cdef kt_isa family = _resolve(isa)
+    if kind == "sigmoid":
+        with nogil:
+            kt_vec_sigmoid(family, <const float *>x, <float *>y, n)
+    elif kind == "silu":
+        with nogil:
+            kt_vec_silu(family, <const float *>x, <float *>y, n)
+    else:
+        raise ValueError(f"kind must be 'sigmoid' or 'silu', got {kind!r}")
+
+
+cdef class Pool:
+    """Native worker threads (the calling thread plus ``num_threads - 1`` workers)."""
+    cdef kt_pool *ptr
+
+    def __cinit__(self, int32_t num_threads):
+        cdef kt_error err
+        cdef kt_status st
+        with nogil:
+            st = kt_pool_create(num_threads, &self.ptr, &err)
+        if st != KT_OK:
+            _raise(st, &err)
+
+    def __dealloc__(self):
+        if self.ptr is not NULL:
+            with nogil:
+                kt_pool_destroy(self.ptr)
+            self.ptr = NULL
+
+    @property
+    def num_threads(self):
+        return kt_pool_num_threads(self.ptr)
+
+
+cdef kt_lora _lora(tuple p):
+    cdef kt_lora l
+    l.gate_a = <const uint16_t *><uintptr_t>p[0]
+    l.gate_b = <const uint16_t *><uintptr_t>p[1]
+    l.up_a = <const uint16_t *><uintptr_t>p[2]
+    l.up_b = <const uint16_t *><uintptr_t>p[3]
+    l.down_a = <const uint16_t *><uintptr_t>p[4]
+    l.down_b = <const uint16_t *><uintptr_t>p[5]
+    return l
+
+
+cdef class Engine:
+    """One MoE layer's engine: packed base weights and the saved-state stack."""
+    cdef kt_moe *ptr
+    cdef Pool pool
+
+    def __cinit__(self, Pool pool, int32_t expert_num, int32_t num_experts_per_tok,
+                  int32_t hidden_size, int32_t intermediate_size, int32_t lora_rank,
+                  float lora_alpha, int32_t max_len, int32_t max_cache_depth, str isa):
+        cdef kt_moe_config c
+        cdef kt_error err
+        c.expert_num = expert_num
+        c.num_experts_per_tok = num_experts_per_tok
+        c.hidden_size = hidden_size
+        c.intermediate_size = intermediate_size
+        c.lora_rank = lora_rank
+        c.lora_alpha = lora_alpha
+        c.max_len = max_len
+        c.max_cache_depth = max_cache_depth
+        c.isa = _resolve(isa)
+        self.pool = pool
+        cdef kt_status st = kt_moe_create(&c, pool.ptr, &self.ptr, &err)
+        if st != KT_OK:
+            _raise(st, &err)
+
+    def __dealloc__(self):
+        if self.ptr is not NULL:
+            kt_moe_destroy(self.ptr)
+            self.ptr = NULL
+
+    def load_weights(self, uintptr_t gate, uintptr_t up, uintptr_t down):
+        cdef kt_error err
+        cdef kt_status st
+        with nogil:
+            st = kt_moe_load_weights(self.ptr, <const uint16_t *>gate, <const uint16_t *>up,
+                                     <const uint16_t *>down, &err)
+        if st != KT_OK:
+            _raise(st, &err)
+
+    def forward(self, int64_t num_tokens, int32_t k, uintptr_t expert_ids, uintptr_t weights,
+                uintptr_t x, uintptr_t out, bint out_bf16, tuple lora, bint save_for_backward):
+        cdef kt_forward_args a
+        cdef kt_error err
+        cdef kt_status st
+        a.num_tokens = num_tokens
+        a.k = k
+        a.expert_ids = <const int64_t *>expert_ids
+        a.weights = <const float *>weights
+        a.input = <const uint16_t *>x
+        a.output = <void *>out
+        a.output_dtype = KT_DTYPE_BF16 if out_bf16 else KT_DTYPE_F32
+        a.lora = _lora(lora)
+        a.save_for_backward = save_for_backward
+        with nogil:
+            st = kt_moe_forward(self.ptr, &a, &err)
+        if st != KT_OK:
+            _raise(st, &err)
+
+    def backward(self, int64_t num_tokens, uintptr_t grad_output, bint grad_output_f32,
+                 uintptr_t grad_input, tuple grads, uintptr_t grad_weights, bint accumulate,
+                 tuple lora):
+        cdef kt_backward_args a
+        cdef kt_error err
+        cdef kt_status st
+        a.num_tokens = num_tokens
+        a.grad_output = <const void *>grad_output
+        a.grad_output_dtype = KT_DTYPE_F32 if grad_output_f32 else KT_DTYPE_BF16
+        a.grad_input = <uint16_t *>grad_input
+        a.grads.gate_a = <uint16_t *><uintptr_t>grads[0]
+        a.grads.gate_b = <uint16_t *><uintptr_t>grads[1]
+        a.grads.up_a = <uint16_t *><uintptr_t>grads[2]
+        a.grads.up_b = <uint16_t *><uintptr_t>grads[3]
+        a.grads.down_a = <uint16_t *><uintptr_t>grads[4]
+        a.grads.down_b = <uint16_t *><uintptr_t>grads[5]
+        a.grad_weights = <float *>grad_weights
+        a.accumulate = accumulate
+        a.lora = _lora(lora)
+        with nogil:
+            st = kt_moe_backward(self.ptr, &a, &err)
+        if st != KT_OK:
+            _raise(st, &err)
+
+    def cache_clear(self):
+        kt_moe_cache_clear(self.ptr)
+
+    @property
+    def cache_depth(self):
+        return kt_moe_cache_depth(self.ptr)
+
+    @property
+    def cache_top_tokens(self):
+        return kt_moe_cache_top_tokens(self.ptr)
+
+    @property
+    def weights_loaded(self):
+        return bool(kt_moe_weights_loaded(self.ptr))
+
+    @property
+    def packed_bytes(self):
+        return kt_moe_packed_bytes(self.ptr)
+
+    @property
+    def isa(self):
+        return kt_isa_name(kt_moe_isa(self.ptr)).decode()

@@ -1,0 +1,86 @@
+"""The layer's sizes and options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUANT_MODES = ("bf16", "int8")
+
+
+@dataclass(frozen=True)
+class MoESFTConfig:
+    """Sizes and options of one MoE layer (spec section 8.2).
+
+    Parameters
+    ----------
+    expert_num : int
+        E, the number of routed experts.
+    num_experts_per_tok : int
+        k, the experts each token is routed to (columns of ``expert_ids``).
+    hidden_size : int
+        H, the model width (rows of ``down_proj``, columns of ``gate_proj``/``up_proj``).
+    intermediate_size : int
+        I, each expert's intermediate size.
+    lora_rank : int, default 16
+        r, the LoRA rank.
+    lora_alpha : float, default 32.0
+        LoRA scale numerator; the adapters are scaled by ``lora_alpha / lora_rank``.
+    max_len : int, default 4096
+        The most tokens one forward may take.
+    max_cache_depth : int, default 1
+        How many forwards saved for backward may be pending at once.
+    quant : {"bf16", "int8"}, default "bf16"
+        Storage of the frozen base weights.
+    """
+
+    expert_num: int
+    num_experts_per_tok: int
+    hidden_size: int
+    intermediate_size: int
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    max_len: int = 4096
+    max_cache_depth: int = 1
+    quant: str = "bf16"
+
+    def __post_init__(self):
+        for name in (
+            "expert_num",
+            "num_experts_per_tok",
+            "hidden_size",
+            "intermediate_size",
+            "lora_rank",
+            "max_len",
+            "max_cache_depth",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+            if value >= 2**31:
+                raise ValueError(f"{name} must be < 2**31, got {value}")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha != self.lora_alpha:
+            raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {QUANT_MODES}, got {self.quant!r}")
+
+    @property
+    def scale(self) -> float:
+        """The LoRA scale ``lora_alpha / lora_rank``."""
+        return self.lora_alpha / self.lora_rank
+
+    def shapes(self) -> dict:
+        """Expected shape of each base weight and LoRA tensor, keyed by name."""
+        E, H, I, r = self.expert_num, self.hidden_size, self.intermediate_size, self.lora_rank
+        return {
+            "gate_proj": (E, I, H),
+            "up_proj": (E, I, H),
+            "down_proj": (E, H, I),
+            "gate_lora_a": (E, r, H),
+            "gate_lora_b": (E, I, r),
+            "up_lora_a": (E, r, H),
+            "up_lora_b": (E, I, r),
+            "down_lora_a": (E, r, I),
+            "down_lora_b": (E, H, r),
+        }

@@ -1,0 +1,317 @@
+"""The Python API: one MoE layer's forward and backward over the native engine."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from typing import Any, Mapping
+
+from . import _arrays, _core
+from .config import MoESFTConfig
+from .gradients import BASE_NAMES, LORA_NAMES, Gradients
+from .pool import ThreadPool
+
+_BF16 = ("bfloat16",)
+
+
+class MoESFT:
+    """Routed SwiGLU experts with LoRA on gate, up and down, on the CPU.
+
+    The base weights are packed once, here, into the engine's own layout (the caller may free
+    them afterwards). The six LoRA tensors are *not* copied: the engine reads them from the
+    caller's memory at every call, so an in-place optimizer step is seen by the next call with
+    no sync of any kind.
+
+    Parameters
+    ----------
+    config : MoESFTConfig
+        Sizes and options.
+    gate_proj, up_proj : array, bf16, shape [E, I, H]
+    down_proj : array, bf16, shape [E, H, I]
+        Frozen base weights (NumPy ``ml_dtypes.bfloat16`` or ``uint16`` bits, or torch bf16).
+    gate_lora_a, up_lora_a : array, bf16, shape [E, r, H]
+    gate_lora_b, up_lora_b : array, bf16, shape [E, I, r]
+    down_lora_a : array, bf16, shape [E, r, I]
+    down_lora_b : array, bf16, shape [E, H, r]
+        Trainable LoRA tensors, C-contiguous; ``requires_grad`` parameters are fine.
+    pool : ThreadPool, optional
+        Threads to run on; default: a new pool of :func:`~ktsft.pool.default_num_threads`.
+    isa : str, optional
+        Kernel family ("auto", "avx512", "generic", ...); default ``KTSFT_ISA`` or "auto".
+    """
+
+    def __init__(
+        self,
+        config: MoESFTConfig,
+        *,
+        gate_proj: Any,
+        up_proj: Any,
+        down_proj: Any,
+        gate_lora_a: Any,
+        gate_lora_b: Any,
+        up_lora_a: Any,
+        up_lora_b: Any,
+        down_lora_a: Any,
+        down_lora_b: Any,
+        pool: ThreadPool | None = None,
+        isa: str | None = None,
+    ):
+        if not isinstance(config, MoESFTConfig):
+            raise TypeError(f"config must be a ktsft.MoESFTConfig, got {type(config).__name__}")
+        if config.quant != "bf16":
+            raise NotImplementedError(
+                f"quant={config.quant!r}: INT8 base weights are not implemented yet; use 'bf16'"
+            )
+        self.config = config
+        self._shapes = config.shapes()
+        self.pool = pool if pool is not None else ThreadPool()
+        self._lora: dict = {}
+        self.set_lora(
+            gate_lora_a=gate_lora_a,
+            gate_lora_b=gate_lora_b,
+            up_lora_a=up_lora_a,
+            up_lora_b=up_lora_b,
+            down_lora_a=down_lora_a,
+            down_lora_b=down_lora_b,
+        )
+        base = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
+        ptrs = [_arrays.checked(base[n], n, self._shapes[n], _BF16).ptr for n in BASE_NAMES]
+        if isa is None:
+            isa = os.environ.get("KTSFT_ISA", "auto")
+        c = config
+        self._engine = _core.Engine(
+            self.pool._native,
+            c.expert_num,
+            c.num_experts_per_tok,
+            c.hidden_size,
+            c.intermediate_size,
+            c.lora_rank,
+            float(c.lora_alpha),
+            c.max_len,
+            c.max_cache_depth,
+            isa,
+        )
+        self.pool.run(lambda: self._engine.load_weights(*ptrs))
+
+    # ---- LoRA: references, never copies ---------------------------------------------------
+
+    def set_lora(self, **tensors: Any) -> None:
+        """Points the engine at new LoRA tensors (only needed after replacing an allocation).
+
+        Parameters
+        ----------
+        **tensors
+            Any of the six LoRA names mapped to new arrays of the same shape and dtype.
+        """
+        for name, a in tensors.items():
+            if name not in LORA_NAMES:
+                raise TypeError(f"unknown LoRA tensor {name!r}; expected one of {LORA_NAMES}")
+            _arrays.checked(a, name, self._shapes[name], _BF16)
+        self._lora.update(tensors)
+
+    @property
+    def lora(self) -> dict:
+        """The six LoRA tensors the engine reads (the caller's own objects)."""
+        return dict(self._lora)
+
+    def _lora_ptrs(self) -> tuple:
+        # Re-read at every call: a torch parameter whose .data was replaced is followed too.
+        return tuple(
+            _arrays.checked(self._lora[n], n, self._shapes[n], _BF16).ptr for n in LORA_NAMES
+        )
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def submit_forward(
+        self,
+        x: Any,
+        expert_ids: Any,
+        weights: Any,
+        save_for_backward: bool = False,
+        out: Any = None,
+    ) -> Future:
+        """Queues a forward on the pool; returns a future of the output. Arguments as
+        :meth:`forward`; they are checked now, the LoRA tensors are read when it runs."""
+        c = self.config
+        xv = _arrays.view(x, "x")
+        if len(xv.shape) != 2:
+            raise ValueError(f"x must have shape [T, {c.hidden_size}], got {list(xv.shape)}")
+        T = xv.shape[0]
+        if not 1 <= T <= c.max_len:
+            raise ValueError(f"x has T = {T} tokens; expected 1 <= T <= max_len = {c.max_len}")
+        xv = _arrays.checked(x, "x", (T, c.hidden_size), _BF16)
+        ids_shape = _arrays.view(expert_ids, "expert_ids").shape
+        if len(ids_shape) == 2 and ids_shape[0] == T and ids_shape[1] != c.num_experts_per_tok:
+            raise ValueError(
+                f"k mismatch: expert_ids has {ids_shape[1]} columns, expected "
+                f"num_experts_per_tok = {c.num_experts_per_tok}"
+            )
+        k = c.num_experts_per_tok
+        ids, ids_ptr = _arrays.as_int64_ids(expert_ids, "expert_ids", (T, k))
+        wv = _arrays.checked(weights, "weights", (T, k), ("float32",))
+        if out is None:
+            out = _arrays.empty(xv.kind if xv.kind == "torch" else "numpy", (T, c.hidden_size),
+                                "float32")
+        ov = _arrays.checked(out, "out", (T, c.hidden_size), ("float32", "bfloat16"))
+        keep = (x, ids, weights, out)  # alive until the task has run
+
+        def task(keep=keep):  # the default argument keeps the arrays alive until it runs
+            self._engine.forward(T, k, ids_ptr, wv.ptr, xv.ptr, ov.ptr, ov.dtype == "bfloat16",
+                                 self._lora_ptrs(), bool(save_for_backward))
+            return out
+
+        return self.pool.submit(task)
+
+    def forward(
+        self,
+        x: Any,
+        expert_ids: Any,
+        weights: Any,
+        save_for_backward: bool = False,
+        out: Any = None,
+    ) -> Any:
+        """Runs the layer: ``out_t = sum_j weights[t, j] * expert_{ids[t, j]}(x_t)``.
+
+        Parameters
+        ----------
+        x : array, bf16, shape [T, H]
+            Input tokens, 1 <= T <= max_len.
+        expert_ids : array, int64 or int32, shape [T, k]
+            Routed experts; -1 means no expert for that slot.
+        weights : array, float32, shape [T, k]
+            Routing weights.
+        save_for_backward : bool, default False
+            Push what :meth:`backward` needs onto the saved-state stack (a private copy: x may
+            be overwritten afterwards).
+        out : array, float32 or bf16, shape [T, H], optional
+            Written in place and returned.
+
+        Returns
+        -------
+        array, shape [T, H]
+            ``out``, or a new float32 array of the kind of ``x`` (NumPy or torch).
+        """
+        return self._wait(self.submit_forward(x, expert_ids, weights, save_for_backward, out))
+
+    # ---- backward ---------------------------------------------------------------------------
+
+    def submit_backward(
+        self,
+        grad_output: Any,
+        grad_input: Any = None,
+        lora_grads: Mapping[str, Any] | None = None,
+        accumulate: bool = False,
+        need_grad_weights: bool = True,
+    ) -> Future:
+        """Queues a backward on the pool; returns a future of the :class:`Gradients`.
+        Arguments as :meth:`backward`."""
+        c = self.config
+        gv = _arrays.view(grad_output, "grad_output")
+        if len(gv.shape) != 2:
+            raise ValueError(
+                f"grad_output must have shape [T, {c.hidden_size}], got {list(gv.shape)}"
+            )
+        T = gv.shape[0]
+        gv = _arrays.checked(grad_output, "grad_output", (T, c.hidden_size),
+                             ("bfloat16", "float32"))
+        out_kind = "torch" if gv.kind == "torch" else "numpy"
+        bf16_kind = gv.kind if gv.dtype == "bfloat16" else out_kind
+        if grad_input is None:
+            grad_input = _arrays.empty(bf16_kind, (T, c.hidden_size), "bfloat16")
+        giv = _arrays.checked(grad_input, "grad_input", (T, c.hidden_size), _BF16)
+        lora_grads = dict(lora_grads or {})
+        unknown = set(lora_grads) - set(LORA_NAMES)
+        if unknown:
+            raise TypeError(f"unknown lora_grads keys {sorted(unknown)}; expected {LORA_NAMES}")
+        for n in LORA_NAMES:
+            if lora_grads.get(n) is None:
+                kind = _arrays.view(self._lora[n], n).kind
+                lora_grads[n] = _arrays.empty(kind, self._shapes[n], "bfloat16", zero=accumulate)
+        grad_ptrs = tuple(
+            _arrays.checked(lora_grads[n], f"lora_grads[{n!r}]", self._shapes[n], _BF16).ptr
+            for n in LORA_NAMES
+        )
+        k = c.num_experts_per_tok
+        grad_weights = None
+        gw_ptr = 0
+        if need_grad_weights:
+            grad_weights = _arrays.empty(out_kind, (T, k), "float32", zero=accumulate)
+            gw_ptr = _arrays.view(grad_weights, "grad_weights").ptr
+        result = Gradients(input=grad_input, weights=grad_weights, **lora_grads)
+        keep = (grad_output,)
+
+        def task(keep=keep):
+            self._engine.backward(T, gv.ptr, gv.dtype == "float32", giv.ptr, grad_ptrs, gw_ptr,
+                                  bool(accumulate), self._lora_ptrs())
+            return result
+
+        return self.pool.submit(task)
+
+    def backward(
+        self,
+        grad_output: Any,
+        grad_input: Any = None,
+        lora_grads: Mapping[str, Any] | None = None,
+        accumulate: bool = False,
+        need_grad_weights: bool = True,
+    ) -> Gradients:
+        """Gradients of the newest forward saved with ``save_for_backward=True`` (popped).
+
+        Parameters
+        ----------
+        grad_output : array, bf16 or float32, shape [T, H]
+            dL/d out of that forward (float32 is rounded to bf16 for the products).
+        grad_input : array, bf16, shape [T, H], optional
+            Buffer for dL/dx, written in place.
+        lora_grads : mapping, optional
+            LoRA name (``"gate_lora_a"``, ...) to a bf16 buffer of that tensor's shape, e.g.
+            each parameter's ``.grad``; missing names get new arrays.
+        accumulate : bool, default False
+            Add into the buffers instead of overwriting them (gradient accumulation).
+        need_grad_weights : bool, default True
+            Also compute dL/d routing weight.
+
+        Returns
+        -------
+        Gradients
+            ``.input`` [T, H] bf16, the six LoRA gradients (bf16, shapes of the LoRA tensors)
+            and ``.weights`` [T, k] float32 (None when ``need_grad_weights`` is False). Buffers
+            passed in are returned as they are.
+        """
+        return self._wait(self.submit_backward(grad_output, grad_input, lora_grads, accumulate,
+                                               need_grad_weights))
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _wait(self, future: Future) -> Any:
+        try:
+            return future.result()
+        finally:
+            self.pool._forget(future)
+
+    @property
+    def cache_depth(self) -> int:
+        """Saved forwards waiting for their backward."""
+        return self._engine.cache_depth
+
+    def clear_cache(self) -> None:
+        """Drops every saved forward (e.g. after an aborted step)."""
+        self.pool.run(self._engine.cache_clear)
+
+    @property
+    def isa(self) -> str:
+        """The kernel family this layer runs on."""
+        return self._engine.isa
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes held by the packed base weights (the only copy the library keeps)."""
+        return self._engine.packed_bytes
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"ktsft.MoESFT(E={c.expert_num}, k={c.num_experts_per_tok}, H={c.hidden_size}, "
+            f"I={c.intermediate_size}, r={c.lora_rank}, isa={self.isa!r}, "
+            f"threads={self.pool.num_threads})"
+        )

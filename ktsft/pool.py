@@ -1,0 +1,107 @@
+"""The thread pool: native workers for the math, one ordered queue of tasks in front of them."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+from . import _core
+
+
+def default_num_threads() -> int:
+    """``KTSFT_NUM_THREADS`` if set, else the CPUs this process may run on."""
+    env = os.environ.get("KTSFT_NUM_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"KTSFT_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"KTSFT_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class ThreadPool:
+    """Native worker threads that run ktsft's tasks, in submission order.
+
+    Each task is spread over all ``num_threads`` threads. :meth:`submit` returns at once;
+    :meth:`sync` waits for every submitted task and re-raises the first error. The pool stays
+    usable after an error.
+
+    Parameters
+    ----------
+    num_threads : int, optional
+        Threads doing the math. Default: ``KTSFT_NUM_THREADS``, else the CPUs this process may
+        use.
+    """
+
+    def __init__(self, num_threads: int | None = None):
+        if num_threads is None:
+            num_threads = default_num_threads()
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+            raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self._native = _core.Pool(num_threads)
+        # One dispatcher thread keeps tasks in order; the C calls it makes release the GIL.
+        self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktsft")
+        self._lock = threading.Lock()
+        self._pending: list[Future] = []
+
+    @property
+    def num_threads(self) -> int:
+        """Threads doing the math (the dispatcher plus ``num_threads - 1`` workers)."""
+        return self._native.num_threads
+
+    def submit(self, task: Callable[[], Any]) -> Future:
+        """Queues ``task()``; returns a future of its result at once."""
+        future = self._queue.submit(task)
+        with self._lock:
+            # Finished tasks without an error need no tracking: keep only what sync() reports.
+            self._pending = [f for f in self._pending if not f.done() or f.exception()]
+            self._pending.append(future)
+        return future
+
+    def sync(self) -> None:
+        """Waits for every task submitted so far; raises the first error among them."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        first = None
+        for future in pending:
+            error = future.exception()
+            if error is not None and first is None:
+                first = error
+        if first is not None:
+            raise first
+
+    def run(self, task: Callable[[], Any]) -> Any:
+        """Runs ``task`` in order after everything already submitted and returns its result."""
+        future = self.submit(task)
+        try:
+            return future.result()
+        finally:
+            self._forget(future)
+
+    def _forget(self, future: Future) -> None:
+        # A future whose result the caller collected itself: sync() does not re-raise it.
+        with self._lock:
+            if future in self._pending:
+                self._pending.remove(future)
+
+    def close(self) -> None:
+        """Waits for the queued tasks and stops the dispatcher."""
+        self._queue.shutdown(wait=True)
+
+    def __enter__(self) -> ThreadPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ktsft.ThreadPool(num_threads={self.num_threads})"

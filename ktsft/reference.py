@@ -1,0 +1,288 @@
+"""NumPy float64 reference of the MoE LoRA forward and backward (spec section 3).
+
+The test oracle for every kernel, and public for users who want to check results. All math runs
+in float64 on the given values (bf16 inputs are exact in float64), with no intermediate rounding.
+
+Arrays may be NumPy float arrays, NumPy ``ml_dtypes.bfloat16`` arrays, NumPy ``uint16`` arrays
+holding raw bf16 bits, or PyTorch CPU tensors of any dtype (``requires_grad`` included). PyTorch
+is optional: it is only touched when a tensor is passed.
+
+Shapes (spec section 2), with ``T`` tokens, ``k`` experts per token, ``E`` experts, ``H`` hidden
+size, ``I`` intermediate size, ``r`` LoRA rank and ``s = lora_alpha / r``:
+
+==========================================  ==========
+``x``                                       [T, H]
+``expert_ids``, ``weights``                 [T, k]
+``gate_proj``, ``up_proj``                  [E, I, H]
+``down_proj``                               [E, H, I]
+``gate_lora_a``, ``up_lora_a``              [E, r, H]
+``gate_lora_b``, ``up_lora_b``              [E, I, r]
+``down_lora_a``                             [E, r, I]
+``down_lora_b``                             [E, H, r]
+==========================================  ==========
+
+``expert_ids[t, j] == -1`` is padding: the route contributes nothing and its routing-weight
+gradient is 0. The same expert twice in one token's row is two independent routes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .gradients import BASE_NAMES, LORA_NAMES, Gradients
+
+__all__ = ["backward", "forward"]
+
+
+def _to_numpy(a):
+    """Any supported array object as a NumPy array (torch bf16 widened to float32)."""
+    if type(a).__module__.startswith("torch"):
+        import torch
+
+        t = a.detach().cpu()
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.float()  # bfloat16 and other dtypes NumPy lacks; exact for bf16
+        return t.numpy()
+    return np.asarray(a)
+
+
+def _as_f64(a):
+    """Convert a float array argument to a float64 NumPy array.
+
+    Parameters
+    ----------
+    a : array_like or torch.Tensor
+        NumPy float array, NumPy ``ml_dtypes.bfloat16`` array, NumPy ``uint16`` array of raw bf16
+        bits, or a PyTorch CPU tensor of any dtype (``requires_grad`` allowed).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 array of the same shape holding the exact values.
+    """
+    arr = _to_numpy(a)
+    if arr.dtype == np.uint16:  # raw bf16 bits: the high half of a float32
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float64)
+
+
+def _as_ids(expert_ids, num_experts):
+    """Expert ids as int64, checked to lie in [-1, num_experts)."""
+    ids = _to_numpy(expert_ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"expert_ids: expected an integer dtype, got {ids.dtype}")
+    ids = ids.astype(np.int64)
+    bad = (ids < -1) | (ids >= num_experts)
+    if bad.any():
+        raise ValueError(
+            f"expert_ids: ids must lie in [-1, {num_experts}) (-1 = padding), "
+            f"got {int(ids[bad].flat[0])}"
+        )
+    return ids
+
+
+def _sigmoid(z):
+    """Overflow-free logistic function, accurate in relative terms for both signs."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _prepare(x, expert_ids, weights, params, lora_alpha):
+    """Convert and shape-check all inputs; returns (x, ids, w, params as float64, s)."""
+    p = {name: _as_f64(v) for name, v in params.items()}
+    x = _as_f64(x)
+    w = _as_f64(weights)
+    E, I, H = p["gate_proj"].shape
+    r = p["gate_lora_a"].shape[1]
+    if r <= 0:
+        raise ValueError(f"gate_lora_a: rank must be > 0, got shape {p['gate_lora_a'].shape}")
+    expected = {
+        "gate_proj": (E, I, H),
+        "up_proj": (E, I, H),
+        "down_proj": (E, H, I),
+        "gate_lora_a": (E, r, H),
+        "gate_lora_b": (E, I, r),
+        "up_lora_a": (E, r, H),
+        "up_lora_b": (E, I, r),
+        "down_lora_a": (E, r, I),
+        "down_lora_b": (E, H, r),
+    }
+    for name, shape in expected.items():
+        if p[name].shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {p[name].shape}")
+    if x.ndim != 2 or x.shape[1] != H:
+        raise ValueError(f"x: expected shape [T, {H}], got {x.shape}")
+    ids = _as_ids(expert_ids, E)
+    T = x.shape[0]
+    if ids.ndim != 2 or ids.shape[0] != T:
+        raise ValueError(f"expert_ids: expected shape [{T}, k], got {ids.shape}")
+    if w.shape != ids.shape:
+        raise ValueError(f"weights: expected shape {ids.shape}, got {w.shape}")
+    return x, ids, w, p, float(lora_alpha) / r
+
+
+def _routes_by_expert(ids):
+    """Yield (e, tok, slot) for each expert with at least one route; padding skipped."""
+    k = ids.shape[1]
+    flat = ids.ravel()
+    order = np.argsort(flat, kind="stable")
+    sorted_ids = flat[order]
+    experts, starts = np.unique(sorted_ids, return_index=True)
+    ends = np.append(starts[1:], flat.size)
+    for e, lo, hi in zip(experts, starts, ends):
+        if e < 0:
+            continue
+        routes = order[lo:hi]
+        yield int(e), routes // k, routes % k
+
+
+def _expert_forward(xe, e, p, s):
+    """Forward intermediates for the routed rows ``xe`` [n, H] of expert ``e``."""
+    a_g = xe @ p["gate_lora_a"][e].T
+    g = xe @ p["gate_proj"][e].T + s * (a_g @ p["gate_lora_b"][e].T)
+    a_u = xe @ p["up_lora_a"][e].T
+    u = xe @ p["up_proj"][e].T + s * (a_u @ p["up_lora_b"][e].T)
+    sg = _sigmoid(g)
+    h = g * sg * u
+    a_d = h @ p["down_lora_a"][e].T
+    y = h @ p["down_proj"][e].T + s * (a_d @ p["down_lora_b"][e].T)
+    return a_g, g, a_u, u, sg, h, a_d, y
+
+
+def forward(
+    x,
+    expert_ids,
+    weights,
+    *,
+    gate_proj,
+    up_proj,
+    down_proj,
+    gate_lora_a,
+    gate_lora_b,
+    up_lora_a,
+    up_lora_b,
+    down_lora_a,
+    down_lora_b,
+    lora_alpha,
+):
+    """Forward of the routed SwiGLU experts with LoRA on gate, up and down (spec section 3).
+
+    Parameters
+    ----------
+    x : array, shape [T, H]
+        Input tokens.
+    expert_ids : integer array, shape [T, k]
+        Expert of each route; -1 is padding.
+    weights : array, shape [T, k]
+        Routing weights.
+    gate_proj, up_proj : array, shape [E, I, H]
+    down_proj : array, shape [E, H, I]
+        Frozen base weights.
+    gate_lora_a, up_lora_a : array, shape [E, r, H]
+    gate_lora_b, up_lora_b : array, shape [E, I, r]
+    down_lora_a : array, shape [E, r, I]
+    down_lora_b : array, shape [E, H, r]
+        LoRA adapters; the rank ``r`` is read from ``gate_lora_a``.
+    lora_alpha : float
+        LoRA scaling numerator; the scale is ``s = lora_alpha / r``.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape [T, H]
+        ``out_t = sum_j weights[t, j] * y_tj``.
+
+    Raises
+    ------
+    ValueError
+        An expert id outside [-1, E), or inconsistent shapes.
+    """
+    tensors = (gate_proj, up_proj, down_proj)
+    tensors += (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
+    params = dict(zip(BASE_NAMES + LORA_NAMES, tensors))
+    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha)
+    T, k = ids.shape
+    ys = np.zeros((T, k, x.shape[1]))  # y of every route, zero for padding
+    for e, tok, slot in _routes_by_expert(ids):
+        ys[tok, slot] = _expert_forward(x[tok], e, p, s)[-1]
+    return np.einsum("tk,tkh->th", w, ys)
+
+
+def backward(
+    grad_output,
+    x,
+    expert_ids,
+    weights,
+    *,
+    gate_proj,
+    up_proj,
+    down_proj,
+    gate_lora_a,
+    gate_lora_b,
+    up_lora_a,
+    up_lora_b,
+    down_lora_a,
+    down_lora_b,
+    lora_alpha,
+):
+    """Backward of :func:`forward`: gradients of input, LoRA tensors and routing weights.
+
+    The forward intermediates are recomputed from the arguments. Base weights get no gradient.
+
+    Parameters
+    ----------
+    grad_output : array, shape [T, H]
+        dL/d out.
+    x, expert_ids, weights, lora_alpha
+        As in :func:`forward`.
+    gate_proj, up_proj, down_proj
+        As in :func:`forward`.
+    gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b
+        As in :func:`forward`.
+
+    Returns
+    -------
+    ktsft.gradients.Gradients
+        Every field a float64 NumPy array: ``input`` [T, H], the six LoRA gradients in the
+        shapes of their tensors (zero for experts without routes), and ``weights`` [T, k] with
+        ``weights[t, j] = <grad_output[t], y_tj>`` (0 for padding routes).
+
+    Raises
+    ------
+    ValueError
+        An expert id outside [-1, E), or inconsistent shapes.
+    """
+    tensors = (gate_proj, up_proj, down_proj)
+    tensors += (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
+    params = dict(zip(BASE_NAMES + LORA_NAMES, tensors))
+    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha)
+    go = _as_f64(grad_output)
+    if go.shape != x.shape:
+        raise ValueError(f"grad_output: expected shape {x.shape}, got {go.shape}")
+    T, k = ids.shape
+    grads = {name: np.zeros_like(p[name]) for name in LORA_NAMES}
+    dxs = np.zeros((T, k, x.shape[1]))  # dx of every route, summed over k at the end
+    grad_w = np.zeros((T, k))
+    for e, tok, slot in _routes_by_expert(ids):
+        xe, goe = x[tok], go[tok]
+        a_g, g, a_u, u, sg, h, a_d, y = _expert_forward(xe, e, p, s)
+        grad_w[tok, slot] = np.einsum("nh,nh->n", goe, y)
+        dy = w[tok, slot][:, None] * goe
+        b_d = dy @ p["down_lora_b"][e]
+        dh = dy @ p["down_proj"][e] + s * (b_d @ p["down_lora_a"][e])
+        grads["down_lora_b"][e] = s * (dy.T @ a_d)
+        grads["down_lora_a"][e] = s * (b_d.T @ h)
+        dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+        du = dh * g * sg
+        b_g = dg @ p["gate_lora_b"][e]
+        b_u = du @ p["up_lora_b"][e]
+        dxs[tok, slot] = (
+            dg @ p["gate_proj"][e]
+            + du @ p["up_proj"][e]
+            + s * (b_g @ p["gate_lora_a"][e])
+            + s * (b_u @ p["up_lora_a"][e])
+        )
+        grads["gate_lora_b"][e] = s * (dg.T @ a_g)
+        grads["gate_lora_a"][e] = s * (b_g.T @ xe)
+        grads["up_lora_b"][e] = s * (du.T @ a_u)
+        grads["up_lora_a"][e] = s * (b_u.T @ xe)
+    return Gradients(input=dxs.sum(axis=1), weights=grad_w, **grads)

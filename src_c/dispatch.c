@@ -1,0 +1,86 @@
+/* dispatch.c - the kernel families this build holds and the choice among them (spec 9). */
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+
+typedef struct family {
+  const char *name;
+  uint32_t needs;           /* every one of these CPU features */
+  const kt_kernels *table;  /* NULL: not built into this library */
+} family;
+
+/* Ordered from the fastest to the slowest; auto picks the first available. amx-emu is never
+ * picked by auto: it is a slow software model for testing. */
+static const family families[KT_ISA_COUNT] = {
+    [KT_ISA_AMX] = {"amx", KT_CPU_AMX_TILE | KT_CPU_AMX_BF16 | KT_CPU_AMX_INT8, NULL},
+    [KT_ISA_AVX512] = {"avx512", KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL, NULL},
+    [KT_ISA_AVX2] = {"avx2", KT_CPU_AVX2 | KT_CPU_FMA, NULL},
+    [KT_ISA_GENERIC] = {"generic", 0, &kt_kernels_generic},
+    [KT_ISA_AMX_EMU] = {"amx-emu", 0, NULL},
+};
+
+static const kt_isa auto_order[] = {KT_ISA_AMX, KT_ISA_AVX512, KT_ISA_AVX2, KT_ISA_GENERIC};
+
+static int valid(kt_isa isa) { return (int)isa >= 0 && isa < KT_ISA_COUNT; }
+
+const char *kt_isa_name(kt_isa isa) { return valid(isa) ? families[isa].name : "unknown"; }
+
+int kt_isa_compiled(kt_isa isa) { return valid(isa) && families[isa].table != NULL; }
+
+int kt_isa_available(kt_isa isa) {
+  if (!kt_isa_compiled(isa)) return 0;
+  const uint32_t needs = families[isa].needs;
+  return (kt_cpu_features() & needs) == needs;
+}
+
+kt_isa kt_isa_best(void) {
+  for (size_t i = 0; i < sizeof auto_order / sizeof auto_order[0]; i++)
+    if (kt_isa_available(auto_order[i])) return auto_order[i];
+  return KT_ISA_GENERIC;
+}
+
+const kt_kernels *kt_kernels_for(kt_isa isa) {
+  return kt_isa_available(isa) ? families[isa].table : NULL;
+}
+
+kt_status kt_isa_resolve(const char *name, kt_isa *out, kt_error *err) {
+  if (name == NULL || name[0] == '\0' || strcmp(name, "auto") == 0) {
+    *out = kt_isa_best();
+    return KT_OK;
+  }
+  char list[128] = "";
+  size_t used = 0;
+  for (int i = 0; i < KT_ISA_COUNT; i++) {
+    if (!kt_isa_available((kt_isa)i)) continue;
+    used += (size_t)snprintf(list + used, sizeof list - used, "%s%s", used ? ", " : "",
+                             families[i].name);
+    if (used >= sizeof list) break;
+  }
+  for (int i = 0; i < KT_ISA_COUNT; i++) {
+    if (strcmp(name, families[i].name) != 0) continue;
+    if (kt_isa_available((kt_isa)i)) {
+      *out = (kt_isa)i;
+      return KT_OK;
+    }
+    return kt_fail(err, KT_ERR_ISA_UNAVAILABLE,
+                   "KTSFT_ISA=%s: kernel family '%s' is %s; available: auto, %s", name, name,
+                   kt_isa_compiled((kt_isa)i) ? "not supported by this CPU"
+                                              : "not built into this library",
+                   list);
+  }
+  return kt_fail(err, KT_ERR_ISA_UNAVAILABLE,
+                 "KTSFT_ISA=%s: unknown kernel family; expected one of auto, amx, avx512, avx2, "
+                 "generic, amx-emu; available: auto, %s",
+                 name, list);
+}
+
+void kt_vec_sigmoid(kt_isa isa, const float *x, float *y, int64_t n) {
+  const kt_kernels *k = kt_kernels_for(isa);
+  (k ? k : &kt_kernels_generic)->sigmoid(x, y, n);
+}
+
+void kt_vec_silu(kt_isa isa, const float *x, float *y, int64_t n) {
+  const kt_kernels *k = kt_kernels_for(isa);
+  (k ? k : &kt_kernels_generic)->silu(x, y, n);
+}

@@ -1,0 +1,178 @@
+/*
+ * ktsft.h - the one public C header of ktsft.
+ *
+ * Routed SwiGLU experts with LoRA on gate, up and down: forward, backward (grad input, the six
+ * LoRA gradients, the routing-weight gradient), a LIFO stack of saved forward state, and a
+ * native thread pool. Shapes and the math are those of the project's spec (sections 2 and 3):
+ *
+ *   gate_proj, up_proj [E, I, H]  down_proj [E, H, I]                    bf16, packed at load
+ *   gate/up_lora_a [E, r, H]  gate/up_lora_b [E, I, r]
+ *   down_lora_a [E, r, I]  down_lora_b [E, H, r]                        bf16, read at every call
+ *
+ * bf16 values travel as uint16_t bit patterns. Every function that can fail returns a kt_status
+ * and, when `err` is not NULL, writes a message that names the argument and what was expected.
+ */
+#ifndef KTSFT_H
+#define KTSFT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum kt_status {
+  KT_OK = 0,
+  KT_ERR_INVALID_ARGUMENT = 1, /* a size, a count or a pointer is wrong */
+  KT_ERR_OUT_OF_MEMORY = 2,
+  KT_ERR_WEIGHTS_NOT_LOADED = 3,
+  KT_ERR_CACHE_FULL = 4,      /* forward(save) with max_cache_depth entries already saved */
+  KT_ERR_CACHE_EMPTY = 5,     /* backward with no saved forward */
+  KT_ERR_EXPERT_ID = 6,       /* an expert id outside [-1, E) */
+  KT_ERR_ISA_UNAVAILABLE = 7, /* a kernel family this build or this CPU lacks */
+  KT_ERR_THREADS = 8          /* the pool's threads could not be started */
+} kt_status;
+
+typedef struct kt_error {
+  kt_status status;
+  char message[512];
+} kt_error;
+
+/* A stable one-line description of a status code. */
+const char *kt_status_string(kt_status status);
+
+/* ---- kernel families and dispatch (spec section 9) ---------------------------------------- */
+
+typedef enum kt_isa {
+  KT_ISA_GENERIC = 0,
+  KT_ISA_AVX2 = 1,
+  KT_ISA_AVX512 = 2,
+  KT_ISA_AMX = 3,
+  KT_ISA_AMX_EMU = 4,
+  KT_ISA_COUNT = 5
+} kt_isa;
+
+/* CPU feature bits reported by kt_cpu_features(): cpuid and the OS (XCR0) both agree. */
+enum {
+  KT_CPU_AVX2 = 1u << 0,
+  KT_CPU_FMA = 1u << 1,
+  KT_CPU_F16C = 1u << 2,
+  KT_CPU_AVX512F = 1u << 3,
+  KT_CPU_AVX512BW = 1u << 4,
+  KT_CPU_AVX512VL = 1u << 5,
+  KT_CPU_AVX512_BF16 = 1u << 6,
+  KT_CPU_AVX512_VNNI = 1u << 7,
+  KT_CPU_AMX_TILE = 1u << 8,
+  KT_CPU_AMX_BF16 = 1u << 9,
+  KT_CPU_AMX_INT8 = 1u << 10
+};
+
+uint32_t kt_cpu_features(void);
+/* Name of a feature bit ("avx512_bf16", ...), NULL for an unknown bit. */
+const char *kt_cpu_feature_name(uint32_t bit);
+
+const char *kt_isa_name(kt_isa isa);
+/* 1 when the family's kernels are built into this library. */
+int kt_isa_compiled(kt_isa isa);
+/* 1 when the family is compiled and this CPU and OS can run it. */
+int kt_isa_available(kt_isa isa);
+/* The best available family. */
+kt_isa kt_isa_best(void);
+/* Resolves "auto" or a family name to an available family; KT_ERR_ISA_UNAVAILABLE otherwise,
+ * with a message listing the available ones. */
+kt_status kt_isa_resolve(const char *name, kt_isa *out, kt_error *err);
+
+/* ---- thread pool --------------------------------------------------------------------------- */
+
+typedef struct kt_pool kt_pool;
+
+/* num_threads >= 1 threads in all: the calling thread and num_threads - 1 workers. */
+kt_status kt_pool_create(int32_t num_threads, kt_pool **out, kt_error *err);
+void kt_pool_destroy(kt_pool *pool);
+int32_t kt_pool_num_threads(const kt_pool *pool);
+
+/* ---- the MoE engine ------------------------------------------------------------------------ */
+
+typedef struct kt_moe_config {
+  int32_t expert_num;          /* E */
+  int32_t num_experts_per_tok; /* k */
+  int32_t hidden_size;         /* H */
+  int32_t intermediate_size;   /* I */
+  int32_t lora_rank;           /* r */
+  float lora_alpha;            /* scale s = lora_alpha / r */
+  int32_t max_len;             /* largest T of one call */
+  int32_t max_cache_depth;     /* saved forward states that may be pending at once */
+  kt_isa isa;                  /* kernel family; must be available */
+} kt_moe_config;
+
+/* The six LoRA tensors, in the caller's memory (contiguous, bf16, spec section 2 shapes). */
+typedef struct kt_lora {
+  const uint16_t *gate_a, *gate_b, *up_a, *up_b, *down_a, *down_b;
+} kt_lora;
+
+/* The six LoRA gradient buffers (same shapes as kt_lora, bf16). */
+typedef struct kt_lora_grads {
+  uint16_t *gate_a, *gate_b, *up_a, *up_b, *down_a, *down_b;
+} kt_lora_grads;
+
+typedef enum kt_dtype { KT_DTYPE_F32 = 0, KT_DTYPE_BF16 = 1 } kt_dtype;
+
+typedef struct kt_forward_args {
+  int64_t num_tokens;         /* T, 1..max_len */
+  int32_t k;                  /* must equal num_experts_per_tok */
+  const int64_t *expert_ids;  /* [T, k]; -1 = no expert */
+  const float *weights;       /* [T, k] routing weights */
+  const uint16_t *input;      /* [T, H] bf16 */
+  void *output;               /* [T, H], overwritten */
+  kt_dtype output_dtype;      /* F32 or BF16 */
+  kt_lora lora;
+  int save_for_backward;      /* push the state backward needs onto the stack */
+} kt_forward_args;
+
+typedef struct kt_backward_args {
+  int64_t num_tokens;         /* T of the popped forward (checked) */
+  const void *grad_output;    /* [T, H] */
+  kt_dtype grad_output_dtype; /* BF16 or F32 */
+  uint16_t *grad_input;       /* [T, H] bf16 */
+  kt_lora_grads grads;
+  float *grad_weights;        /* [T, k], or NULL when not wanted */
+  int accumulate;             /* 0: overwrite every element; 1: add into the buffers */
+  kt_lora lora;
+} kt_backward_args;
+
+typedef struct kt_moe kt_moe;
+
+/* The pool must outlive the engine. */
+kt_status kt_moe_create(const kt_moe_config *config, kt_pool *pool, kt_moe **out, kt_error *err);
+void kt_moe_destroy(kt_moe *moe);
+
+/* Packs the three base weights into the engine's own layout; the caller may free them after. */
+kt_status kt_moe_load_weights(kt_moe *moe, const uint16_t *gate_proj, const uint16_t *up_proj,
+                              const uint16_t *down_proj, kt_error *err);
+int kt_moe_weights_loaded(const kt_moe *moe);
+/* Bytes held by the packed base weights. */
+size_t kt_moe_packed_bytes(const kt_moe *moe);
+kt_isa kt_moe_isa(const kt_moe *moe);
+
+/* A failing call changes no state: nothing is pushed, popped or half-written. */
+kt_status kt_moe_forward(kt_moe *moe, const kt_forward_args *args, kt_error *err);
+/* Pops the newest saved forward. */
+kt_status kt_moe_backward(kt_moe *moe, const kt_backward_args *args, kt_error *err);
+
+/* Saved forward states now on the stack, and the token count of the newest (0 when empty). */
+int32_t kt_moe_cache_depth(const kt_moe *moe);
+int64_t kt_moe_cache_top_tokens(const kt_moe *moe);
+/* Drops every saved state. */
+void kt_moe_cache_clear(kt_moe *moe);
+
+/* ---- vector math, exposed for tests ------------------------------------------------------- */
+
+/* y[i] = sigmoid(x[i]) and y[i] = silu(x[i]) with the selected family's routines. */
+void kt_vec_sigmoid(kt_isa isa, const float *x, float *y, int64_t n);
+void kt_vec_silu(kt_isa isa, const float *x, float *y, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KTSFT_H */

@@ -1,0 +1,80 @@
+/* gemm_generic.c - the portable GEMMs and packing: the C-level oracle of every faster family.
+ *
+ * Layout: a packed matrix is plain row-major bf16, so caller-owned LoRA tensors are valid
+ * operands too. Each call converts its block of W to fp32 once, then reuses it for every row
+ * of A; sums use 16 independent partial accumulators, which compilers vectorize without
+ * reassociating anything themselves, so results do not depend on the compiler's choices. */
+#include "../internal.h"
+
+enum { ROWS_PER_CHUNK = 8, LANES = 16 };
+
+static void to_f32(const uint16_t *src, float *dst, int64_t n) {
+  for (int64_t i = 0; i < n; i++) dst[i] = kt_bf16_to_f32(src[i]);
+}
+
+static float dot_f32(const float *x, const float *y, int64_t n) {
+  float acc[LANES] = {0};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int l = 0; l < LANES; l++) acc[l] += x[i + l] * y[i + l];
+  for (int l = 0; i < n; i++, l++) acc[l] += x[i] * y[i];
+  float s = 0.0f;
+  for (int l = 0; l < LANES; l++) s += acc[l];
+  return s;
+}
+
+static size_t generic_packed_bytes(int64_t rows, int64_t cols) {
+  return (size_t)rows * (size_t)cols * sizeof(uint16_t);
+}
+
+static void generic_pack(void *dst, const uint16_t *src, int64_t rows, int64_t cols) {
+  memcpy(dst, src, generic_packed_bytes(rows, cols));
+}
+
+static size_t generic_gemm_scratch_bytes(int64_t n, int64_t k) {
+  const int64_t nt = (n + ROWS_PER_CHUNK) * k, nn = n * k;
+  return (size_t)(nt > nn ? nt : nn) * sizeof(float);
+}
+
+static void generic_gemm_nt(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                            float *c, int64_t ldc, void *scratch) {
+  const int64_t k = w->cols;
+  float *wf = scratch;
+  float *af = wf + n * k;
+  to_f32((const uint16_t *)w->data + n0 * k, wf, n * k);
+  for (int64_t m0 = 0; m0 < a->count; m0 += ROWS_PER_CHUNK) {
+    const int64_t mb = a->count - m0 < ROWS_PER_CHUNK ? a->count - m0 : ROWS_PER_CHUNK;
+    for (int64_t i = 0; i < mb; i++) to_f32(kt_row(a, m0 + i), af + i * k, k);
+    for (int64_t i = 0; i < mb; i++)
+      for (int64_t j = 0; j < n; j++) c[(m0 + i) * ldc + j] = dot_f32(af + i * k, wf + j * k, k);
+  }
+}
+
+static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                            float *c, int64_t ldc, void *scratch) {
+  const int64_t k = w->rows, cols = w->cols;
+  float *wf = scratch; /* W[:, n0:n0+n] as [k, n] */
+  const uint16_t *wsrc = (const uint16_t *)w->data + n0;
+  for (int64_t r = 0; r < k; r++) to_f32(wsrc + r * cols, wf + r * n, n);
+  for (int64_t m = 0; m < a->count; m++) {
+    const uint16_t *arow = kt_row(a, m);
+    float *crow = c + m * ldc;
+    for (int64_t j = 0; j < n; j++) crow[j] = 0.0f;
+    for (int64_t r = 0; r < k; r++) {
+      const float av = kt_bf16_to_f32(arow[r]);
+      const float *wrow = wf + r * n;
+      for (int64_t j = 0; j < n; j++) crow[j] += av * wrow[j];
+    }
+  }
+}
+
+const kt_kernels kt_kernels_generic = {
+    .isa = KT_ISA_GENERIC,
+    .packed_bytes = generic_packed_bytes,
+    .pack = generic_pack,
+    .gemm_scratch_bytes = generic_gemm_scratch_bytes,
+    .gemm_nt = generic_gemm_nt,
+    .gemm_nn = generic_gemm_nn,
+    .sigmoid = kt_act_generic_sigmoid,
+    .silu = kt_act_generic_silu,
+};

@@ -1,0 +1,303 @@
+/* moe_bwd.c - the backward pass (spec section 3) in five parallel phases, on the newest saved
+ * forward. go is grad_output; w the routing weight of a route; dy = w go is never formed:
+ *
+ *   B0  per token block       go as bf16 (only when the caller passes float32)
+ *   B1  per expert            q = go B_d                                            [R_e, r]
+ *   B2  per expert, I block   z = go W_d; h again from the saved g, u; grad_w parts <z, h>;
+ *                             dh = w (z + s q A_d); dg, du (bf16); dA_d, dB_g, dB_u blocks
+ *   B3  per expert            b_g = dg B_g, b_u = du B_u; grad_w = sum of parts + s <q, a_d>
+ *   B4  per H block           dx = sum over experts of dg W_g + du W_u + s (b_g A_g + b_u A_u);
+ *                             dA_g, dA_u, dB_d blocks
+ *
+ * Like the forward, each output element has one owner that sums in a fixed order. */
+#include <inttypes.h>
+#include <stdlib.h>
+
+#include "moe_internal.h"
+
+typedef struct bwd_ctx {
+  const kt_moe *m;
+  const kt_saved *st;
+  const kt_backward_args *args;
+  const uint16_t *go;       /* [T, H] bf16 */
+  uint16_t *go_converted;   /* [T, H] when grad_output is float32 */
+  float *q, *b_g, *b_u;     /* [R, r] */
+  float *gw_part;           /* [R, n_iblk] */
+  uint16_t *dg, *du;        /* [R, I] */
+  int64_t max_routes, n_iblk, n_hblk, n_tblk;
+  char *scratch;
+  size_t scratch_each;
+} bwd_ctx;
+
+static float *worker_scratch(const bwd_ctx *c, int32_t worker) {
+  return (float *)(c->scratch + (size_t)worker * c->scratch_each);
+}
+
+static int64_t block_len(int64_t total, int64_t start) {
+  return total - start < KT_BLOCK_N ? total - start : KT_BLOCK_N;
+}
+
+static void b0_convert_go(void *vc, int64_t item, int32_t worker) {
+  (void)worker;
+  const bwd_ctx *c = vc;
+  const int64_t H = c->m->cfg.hidden_size, T = c->st->rt.num_tokens;
+  const int64_t t0 = item * KT_BLOCK_N, nt = block_len(T, t0);
+  const float *src = (const float *)c->args->grad_output + t0 * H;
+  uint16_t *dst = c->go_converted + t0 * H;
+  for (int64_t i = 0; i < nt * H; i++) dst[i] = kt_f32_to_bf16(src[i]);
+}
+
+static void b1_q(void *vc, int64_t item, int32_t worker) {
+  const bwd_ctx *c = vc;
+  const kt_moe *m = c->m;
+  const kt_routing *rt = &c->st->rt;
+  const int64_t H = m->cfg.hidden_size, r = m->cfg.lora_rank;
+  const int32_t e = rt->active[item];
+  const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+  const kt_rows go = {c->go, H, rt->token + off, M};
+  const kt_packed bd = {c->args->lora.down_b + e * H * r, H, r};
+  kt_kernels_generic.gemm_nn(&go, &bd, 0, r, c->q + off * r, r, worker_scratch(c, worker));
+}
+
+static void b2_down_act(void *vc, int64_t item, int32_t worker) {
+  const bwd_ctx *c = vc;
+  const kt_moe *m = c->m;
+  const kt_saved *st = c->st;
+  const kt_routing *rt = &st->rt;
+  const kt_backward_args *a = c->args;
+  const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
+  const float s = m->scale;
+  const int32_t e = rt->active[item / c->n_iblk];
+  const int64_t ib = item % c->n_iblk, i0 = ib * KT_BLOCK_N, nb = block_len(I, i0);
+  const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off, tile = M * nb;
+  float *z = worker_scratch(c, worker), *g = z + tile, *u = g + tile, *sg = u + tile;
+  float *silu_g = sg + tile, *h = silu_g + tile, *small = h + tile;
+  void *gemm_scratch = small + KT_BLOCK_N * r;
+
+  const kt_rows go = {c->go, H, rt->token + off, M};
+  const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
+  m->kern->gemm_nn(&go, &wd, i0, nb, z, nb, gemm_scratch);
+  const kt_rows gr = {st->g + off * I, I, NULL, M}, ur = {st->u + off * I, I, NULL, M};
+  kt_rows_to_f32(&gr, i0, nb, g, nb);
+  kt_rows_to_f32(&ur, i0, nb, u, nb);
+  m->kern->silu(g, silu_g, tile);
+  m->kern->sigmoid(g, sg, tile);
+  for (int64_t i = 0; i < tile; i++) h[i] = kt_round_bf16(silu_g[i] * u[i]);
+  for (int64_t mm = 0; mm < M; mm++) {
+    float part = 0.0f;
+    for (int64_t j = 0; j < nb; j++) part += z[mm * nb + j] * h[mm * nb + j];
+    c->gw_part[(off + mm) * c->n_iblk + ib] = part;
+  }
+  /* dh = w (z + s q A_d[:, block]), kept in z */
+  const float *q = c->q + off * r;
+  kt_lora_add_nn(M, nb, r, q, a->lora.down_a + e * r * I, I, i0, s, z, nb);
+  for (int64_t mm = 0; mm < M; mm++) {
+    const float w = rt->weight[off + mm];
+    for (int64_t j = 0; j < nb; j++) {
+      const int64_t t = mm * nb + j;
+      const float dh = w * z[t];
+      const float dg = dh * u[t] * sg[t] * (1.0f + g[t] * (1.0f - sg[t]));
+      const uint16_t dgb = kt_f32_to_bf16(dg), dub = kt_f32_to_bf16(dh * silu_g[t]);
+      c->dg[(off + mm) * I + i0 + j] = dgb;
+      c->du[(off + mm) * I + i0 + j] = dub;
+      g[t] = kt_bf16_to_f32(dgb); /* g and u now hold dg and du */
+      u[t] = kt_bf16_to_f32(dub);
+    }
+  }
+  /* dA_d[e][:, block] = s sum_m w q^T h */
+  kt_outer_rn(M, r, nb, q, rt->weight + off, h, nb, s, small);
+  for (int64_t qq = 0; qq < r; qq++)
+    kt_store_bf16(a->grads.down_a + (e * r + qq) * I + i0, small + qq * nb, nb, a->accumulate);
+  /* dB_g[e][block, :] = s dg^T a_g, dB_u likewise: rows of the block are contiguous */
+  kt_outer_nr(M, nb, r, g, nb, st->a_g + off * r, s, small);
+  kt_store_bf16(a->grads.gate_b + (e * I + i0) * r, small, nb * r, a->accumulate);
+  kt_outer_nr(M, nb, r, u, nb, st->a_u + off * r, s, small);
+  kt_store_bf16(a->grads.up_b + (e * I + i0) * r, small, nb * r, a->accumulate);
+}
+
+static void b3_lora_b_and_weights(void *vc, int64_t item, int32_t worker) {
+  const bwd_ctx *c = vc;
+  const kt_moe *m = c->m;
+  const kt_saved *st = c->st;
+  const kt_routing *rt = &st->rt;
+  const kt_backward_args *a = c->args;
+  const int64_t I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
+  const int32_t e = rt->active[item];
+  const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+  const kt_rows dg = {c->dg + off * I, I, NULL, M}, du = {c->du + off * I, I, NULL, M};
+  const kt_packed bg = {a->lora.gate_b + e * I * r, I, r}, bu = {a->lora.up_b + e * I * r, I, r};
+  kt_kernels_generic.gemm_nn(&dg, &bg, 0, r, c->b_g + off * r, r, worker_scratch(c, worker));
+  kt_kernels_generic.gemm_nn(&du, &bu, 0, r, c->b_u + off * r, r, worker_scratch(c, worker));
+  if (!a->grad_weights) return;
+  for (int64_t mm = off; mm < off + M; mm++) {
+    float gw = 0.0f, lora = 0.0f;
+    for (int64_t ib = 0; ib < c->n_iblk; ib++) gw += c->gw_part[mm * c->n_iblk + ib];
+    for (int64_t qq = 0; qq < r; qq++) lora += c->q[mm * r + qq] * st->a_d[mm * r + qq];
+    gw += m->scale * lora;
+    float *dst = a->grad_weights + rt->slot[mm];
+    *dst = a->accumulate ? *dst + gw : gw;
+  }
+}
+
+static void b4_input(void *vc, int64_t item, int32_t worker) {
+  const bwd_ctx *c = vc;
+  const kt_moe *m = c->m;
+  const kt_saved *st = c->st;
+  const kt_routing *rt = &st->rt;
+  const kt_backward_args *a = c->args;
+  const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
+  const int64_t T = rt->num_tokens, Mx = c->max_routes;
+  const float s = m->scale;
+  const int64_t h0 = item * KT_BLOCK_N, nb = block_len(H, h0);
+  float *acc = worker_scratch(c, worker), *yt = acc + T * nb, *xt = yt + Mx * nb;
+  float *small = xt + Mx * nb;
+  void *gemm_scratch = small + KT_BLOCK_N * r;
+  for (int64_t i = 0; i < T * nb; i++) acc[i] = 0.0f;
+  for (int32_t ai = 0; ai < rt->n_active; ai++) {
+    const int32_t e = rt->active[ai];
+    const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+    const kt_rows dg = {c->dg + off * I, I, NULL, M}, du = {c->du + off * I, I, NULL, M};
+    const kt_packed wg = kt_moe_weight(m, KT_GATE, e), wu = kt_moe_weight(m, KT_UP, e);
+    const float *bg = c->b_g + off * r, *bu = c->b_u + off * r;
+    const uint16_t *ag = a->lora.gate_a + e * r * H, *au = a->lora.up_a + e * r * H;
+    m->kern->gemm_nn(&dg, &wg, h0, nb, yt, nb, gemm_scratch);
+    kt_lora_add_nn(M, nb, r, bg, ag, H, h0, s, yt, nb);
+    for (int64_t mm = 0; mm < M; mm++) {
+      float *dst = acc + (int64_t)rt->token[off + mm] * nb;
+      for (int64_t j = 0; j < nb; j++) dst[j] += yt[mm * nb + j];
+    }
+    m->kern->gemm_nn(&du, &wu, h0, nb, yt, nb, gemm_scratch);
+    kt_lora_add_nn(M, nb, r, bu, au, H, h0, s, yt, nb);
+    for (int64_t mm = 0; mm < M; mm++) {
+      float *dst = acc + (int64_t)rt->token[off + mm] * nb;
+      for (int64_t j = 0; j < nb; j++) dst[j] += yt[mm * nb + j];
+    }
+    /* dA_g[e][:, block] = s b_g^T x, dA_u likewise */
+    const kt_rows x = {st->x, H, rt->token + off, M};
+    kt_rows_to_f32(&x, h0, nb, xt, nb);
+    kt_outer_rn(M, r, nb, bg, NULL, xt, nb, s, small);
+    for (int64_t qq = 0; qq < r; qq++)
+      kt_store_bf16(a->grads.gate_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
+    kt_outer_rn(M, r, nb, bu, NULL, xt, nb, s, small);
+    for (int64_t qq = 0; qq < r; qq++)
+      kt_store_bf16(a->grads.up_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
+    /* dB_d[e][block, :] = s (w go)^T a_d */
+    const kt_rows go = {c->go, H, rt->token + off, M};
+    kt_rows_to_f32(&go, h0, nb, xt, nb);
+    for (int64_t mm = 0; mm < M; mm++)
+      for (int64_t j = 0; j < nb; j++) xt[mm * nb + j] *= rt->weight[off + mm];
+    kt_outer_nr(M, nb, r, xt, nb, st->a_d + off * r, s, small);
+    kt_store_bf16(a->grads.down_b + (e * H + h0) * r, small, nb * r, a->accumulate);
+  }
+  for (int64_t t = 0; t < T; t++)
+    kt_store_bf16(a->grad_input + t * H + h0, acc + t * nb, nb, a->accumulate);
+}
+
+/* Overwrite mode: experts without routes get zero gradients, padded routes a zero grad_w. */
+static void zero_unrouted(const kt_moe *m, const kt_routing *rt, const kt_backward_args *a) {
+  const size_t H = (size_t)m->cfg.hidden_size, I = (size_t)m->cfg.intermediate_size;
+  const size_t r = (size_t)m->cfg.lora_rank;
+  for (int32_t e = 0; e < m->cfg.expert_num; e++) {
+    if (rt->offset[e + 1] > rt->offset[e]) continue;
+    memset(a->grads.gate_a + e * r * H, 0, r * H * 2);
+    memset(a->grads.up_a + e * r * H, 0, r * H * 2);
+    memset(a->grads.gate_b + e * I * r, 0, I * r * 2);
+    memset(a->grads.up_b + e * I * r, 0, I * r * 2);
+    memset(a->grads.down_a + e * r * I, 0, r * I * 2);
+    memset(a->grads.down_b + e * H * r, 0, H * r * 2);
+  }
+  if (a->grad_weights)
+    memset(a->grad_weights, 0, (size_t)rt->num_tokens * (size_t)m->cfg.num_experts_per_tok * 4);
+}
+
+static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
+
+kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err) {
+  const kt_moe_config *cfg = &m->cfg;
+  const int64_t H = cfg->hidden_size, I = cfg->intermediate_size, r = cfg->lora_rank;
+  const kt_lora_grads *gr = &args->grads;
+  if (!args->grad_output || !args->grad_input || !gr->gate_a || !gr->gate_b || !gr->up_a ||
+      !gr->up_b || !gr->down_a || !gr->down_b)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                   "grad_output, grad_input and the six LoRA gradient buffers must all be set "
+                   "(got a null pointer)");
+  if (args->grad_output_dtype != KT_DTYPE_F32 && args->grad_output_dtype != KT_DTYPE_BF16)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "grad_output dtype must be bfloat16 or float32");
+  kt_status s = kt_lora_check(&args->lora, err);
+  if (s != KT_OK) return s;
+
+  pthread_mutex_lock(&m->lock);
+  if (!m->loaded || m->depth == 0) {
+    pthread_mutex_unlock(&m->lock);
+    if (!m->loaded)
+      return kt_fail(err, KT_ERR_WEIGHTS_NOT_LOADED,
+                     "Weights not loaded: call load_weights before backward");
+    return kt_fail(err, KT_ERR_CACHE_EMPTY,
+                   "backward without a saved forward: the saved-state stack is empty "
+                   "(max_cache_depth = %d); run forward with save_for_backward=True first",
+                   (int)cfg->max_cache_depth);
+  }
+  const kt_saved *st = m->stack[m->depth - 1];
+  const kt_routing *rt = &st->rt;
+  const int64_t T = rt->num_tokens, R = rt->num_routes;
+  if (args->num_tokens != T) {
+    pthread_mutex_unlock(&m->lock);
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                   "grad_output has %" PRId64 " rows but the saved forward it pairs with had %"
+                   PRId64 " tokens: expected shape [%" PRId64 ", %" PRId64 "]",
+                   args->num_tokens, T, T, H);
+  }
+  bwd_ctx c = {.m = m, .st = st, .args = args, .n_iblk = (I + KT_BLOCK_N - 1) / KT_BLOCK_N,
+               .n_hblk = (H + KT_BLOCK_N - 1) / KT_BLOCK_N,
+               .n_tblk = (T + KT_BLOCK_N - 1) / KT_BLOCK_N};
+  for (int32_t a = 0; a < rt->n_active; a++) {
+    const int32_t e = rt->active[a];
+    const int64_t n = rt->offset[e + 1] - rt->offset[e];
+    if (n > c.max_routes) c.max_routes = n;
+  }
+  const int64_t K = H > I ? H : I, Mx = c.max_routes, NB = KT_BLOCK_N;
+  size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K);                      /* B1, B3 */
+  each = max_size(each, (size_t)(6 * Mx * NB + NB * r) * sizeof(float) +
+                            m->kern->gemm_scratch_bytes(NB, H));                /* B2 */
+  each = max_size(each, (size_t)((T + 2 * Mx) * NB + NB * r) * sizeof(float) +
+                            m->kern->gemm_scratch_bytes(NB, I));                /* B4 */
+  c.scratch_each = kt_align_up(each);
+  const int32_t nthreads = kt_pool_num_threads(m->pool);
+  const int go_f32 = args->grad_output_dtype == KT_DTYPE_F32;
+
+  kt_arena wa = {NULL, 0};
+  for (int pass = 0; pass < 2; pass++) {
+    c.go_converted = go_f32 ? kt_arena_take(&wa, (size_t)(T * H) * 2) : NULL;
+    c.q = kt_arena_take(&wa, (size_t)(R * r) * 4);
+    c.b_g = kt_arena_take(&wa, (size_t)(R * r) * 4);
+    c.b_u = kt_arena_take(&wa, (size_t)(R * r) * 4);
+    c.gw_part = kt_arena_take(&wa, (size_t)(R * c.n_iblk) * 4);
+    c.dg = kt_arena_take(&wa, (size_t)(R * I) * 2);
+    c.du = kt_arena_take(&wa, (size_t)(R * I) * 2);
+    c.scratch = kt_arena_take(&wa, c.scratch_each * (size_t)nthreads);
+    if (pass == 0) {
+      wa.base = kt_alloc(wa.used);
+      if (!wa.base) {
+        pthread_mutex_unlock(&m->lock);
+        return kt_fail(err, KT_ERR_OUT_OF_MEMORY,
+                       "out of memory for the backward of %" PRId64 " tokens (%zu bytes)", T,
+                       wa.used);
+      }
+      wa.used = 0;
+    }
+  }
+  c.go = go_f32 ? c.go_converted : (const uint16_t *)args->grad_output;
+
+  if (!args->accumulate) zero_unrouted(m, rt, args);
+  const int64_t n_active = rt->n_active;
+  if (go_f32) kt_pool_parallel(m->pool, c.n_tblk, b0_convert_go, &c);
+  kt_pool_parallel(m->pool, n_active, b1_q, &c);
+  kt_pool_parallel(m->pool, n_active * c.n_iblk, b2_down_act, &c);
+  kt_pool_parallel(m->pool, n_active, b3_lora_b_and_weights, &c);
+  kt_pool_parallel(m->pool, c.n_hblk, b4_input, &c);
+
+  kt_free(wa.base);
+  kt_saved_free(m->stack[--m->depth]);
+  pthread_mutex_unlock(&m->lock);
+  return KT_OK;
+}

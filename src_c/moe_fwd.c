@@ -1,0 +1,237 @@
+/* moe_fwd.c - the forward pass (spec section 3) in four parallel phases:
+ *
+ *   F0  per expert            a_g = x A_g^T, a_u = x A_u^T                    [R_e, r]
+ *   F1  per expert, I block   g, u = x W^T + s a B^T (bf16); h = silu(g) u (bf16)
+ *   F2  per expert            a_d = h A_d^T                                    [R_e, r]
+ *   F3  per H block           out[t] = sum over routes of w * (h W_d^T + s a_d B_d^T)
+ *
+ * Every output element is written by exactly one work item, which sums in a fixed order (F3
+ * walks the experts in ascending order), so results do not depend on the number of threads. */
+#include <inttypes.h>
+#include <stdlib.h>
+
+#include "moe_internal.h"
+
+typedef struct fwd_ctx {
+  const kt_moe *m;
+  const kt_saved *st;
+  const kt_lora *lora;
+  uint16_t *h;        /* [R, I] */
+  void *out;
+  kt_dtype out_dtype;
+  int64_t max_routes; /* largest R_e */
+  int64_t n_iblk, n_hblk;
+  char *scratch;
+  size_t scratch_each;
+} fwd_ctx;
+
+static float *worker_scratch(const fwd_ctx *c, int32_t worker) {
+  return (float *)(c->scratch + (size_t)worker * c->scratch_each);
+}
+
+static void f0_lora_a(void *vc, int64_t item, int32_t worker) {
+  const fwd_ctx *c = vc;
+  const kt_moe *m = c->m;
+  const kt_routing *rt = &c->st->rt;
+  const int64_t H = m->cfg.hidden_size, r = m->cfg.lora_rank;
+  const int32_t e = rt->active[item];
+  const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+  const kt_rows x = {c->st->x, H, rt->token + off, M};
+  const kt_packed ag = {c->lora->gate_a + e * r * H, r, H}, au = {c->lora->up_a + e * r * H, r, H};
+  kt_kernels_generic.gemm_nt(&x, &ag, 0, r, c->st->a_g + off * r, r, worker_scratch(c, worker));
+  kt_kernels_generic.gemm_nt(&x, &au, 0, r, c->st->a_u + off * r, r, worker_scratch(c, worker));
+}
+
+static void f1_gate_up(void *vc, int64_t item, int32_t worker) {
+  const fwd_ctx *c = vc;
+  const kt_moe *m = c->m;
+  const kt_saved *st = c->st;
+  const kt_routing *rt = &st->rt;
+  const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
+  const int32_t e = rt->active[item / c->n_iblk];
+  const int64_t i0 = (item % c->n_iblk) * KT_BLOCK_N;
+  const int64_t nb = I - i0 < KT_BLOCK_N ? I - i0 : KT_BLOCK_N;
+  const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+  const kt_rows x = {st->x, H, rt->token + off, M};
+  float *gt = worker_scratch(c, worker), *ut = gt + M * nb, *ht = ut + M * nb;
+  void *gemm_scratch = ht + M * nb;
+  const kt_packed wg = kt_moe_weight(m, KT_GATE, e), wu = kt_moe_weight(m, KT_UP, e);
+  m->kern->gemm_nt(&x, &wg, i0, nb, gt, nb, gemm_scratch);
+  m->kern->gemm_nt(&x, &wu, i0, nb, ut, nb, gemm_scratch);
+  kt_lora_add_nt(M, nb, r, st->a_g + off * r, c->lora->gate_b + e * I * r, i0, m->scale, gt, nb);
+  kt_lora_add_nt(M, nb, r, st->a_u + off * r, c->lora->up_b + e * I * r, i0, m->scale, ut, nb);
+  for (int64_t i = 0; i < M * nb; i++) {
+    gt[i] = kt_round_bf16(gt[i]);
+    ut[i] = kt_round_bf16(ut[i]);
+  }
+  m->kern->silu(gt, ht, M * nb);
+  for (int64_t mm = 0; mm < M; mm++) {
+    const int64_t row = (off + mm) * I + i0;
+    for (int64_t j = 0; j < nb; j++) {
+      const int64_t t = mm * nb + j;
+      st->g[row + j] = kt_f32_to_bf16(gt[t]);
+      st->u[row + j] = kt_f32_to_bf16(ut[t]);
+      c->h[row + j] = kt_f32_to_bf16(ht[t] * ut[t]);
+    }
+  }
+}
+
+static void f2_lora_down_a(void *vc, int64_t item, int32_t worker) {
+  const fwd_ctx *c = vc;
+  const kt_moe *m = c->m;
+  const kt_routing *rt = &c->st->rt;
+  const int64_t I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
+  const int32_t e = rt->active[item];
+  const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+  const kt_rows h = {c->h + off * I, I, NULL, M};
+  const kt_packed ad = {c->lora->down_a + e * r * I, r, I};
+  kt_kernels_generic.gemm_nt(&h, &ad, 0, r, c->st->a_d + off * r, r, worker_scratch(c, worker));
+}
+
+static void f3_down(void *vc, int64_t item, int32_t worker) {
+  const fwd_ctx *c = vc;
+  const kt_moe *m = c->m;
+  const kt_saved *st = c->st;
+  const kt_routing *rt = &st->rt;
+  const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
+  const int64_t T = rt->num_tokens;
+  const int64_t h0 = item * KT_BLOCK_N, nb = H - h0 < KT_BLOCK_N ? H - h0 : KT_BLOCK_N;
+  float *acc = worker_scratch(c, worker), *yt = acc + T * nb;
+  void *gemm_scratch = yt + c->max_routes * nb;
+  for (int64_t i = 0; i < T * nb; i++) acc[i] = 0.0f;
+  for (int32_t a = 0; a < rt->n_active; a++) {
+    const int32_t e = rt->active[a];
+    const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+    const kt_rows h = {c->h + off * I, I, NULL, M};
+    const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
+    m->kern->gemm_nt(&h, &wd, h0, nb, yt, nb, gemm_scratch);
+    kt_lora_add_nt(M, nb, r, st->a_d + off * r, c->lora->down_b + e * H * r, h0, m->scale, yt,
+                   nb);
+    for (int64_t mm = 0; mm < M; mm++) {
+      const float w = rt->weight[off + mm];
+      float *dst = acc + (int64_t)rt->token[off + mm] * nb;
+      for (int64_t j = 0; j < nb; j++) dst[j] += w * yt[mm * nb + j];
+    }
+  }
+  for (int64_t t = 0; t < T; t++) {
+    if (c->out_dtype == KT_DTYPE_F32) {
+      float *o = (float *)c->out + t * H + h0;
+      for (int64_t j = 0; j < nb; j++) o[j] = acc[t * nb + j];
+    } else {
+      kt_store_bf16((uint16_t *)c->out + t * H + h0, acc + t * nb, nb, 0);
+    }
+  }
+}
+
+static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
+
+kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) {
+  const kt_moe_config *cfg = &m->cfg;
+  const int64_t T = args->num_tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+  const int64_t r = cfg->lora_rank;
+  if (!m->loaded)
+    return kt_fail(err, KT_ERR_WEIGHTS_NOT_LOADED,
+                   "Weights not loaded: call load_weights before forward");
+  if (T < 1 || T > cfg->max_len)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                   "number of tokens must be in 1..max_len (max_len = %d), got %" PRId64,
+                   (int)cfg->max_len, T);
+  if (args->k != cfg->num_experts_per_tok)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                   "k mismatch: expert_ids has %d columns, expected num_experts_per_tok = %d",
+                   (int)args->k, (int)cfg->num_experts_per_tok);
+  if (!args->expert_ids || !args->weights || !args->input || !args->output)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "%s is a null pointer",
+                   !args->expert_ids ? "expert_ids"
+                   : !args->weights  ? "weights"
+                   : !args->input    ? "input"
+                                     : "output");
+  if (args->output_dtype != KT_DTYPE_F32 && args->output_dtype != KT_DTYPE_BF16)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "output dtype must be float32 or bfloat16");
+  kt_status s = kt_lora_check(&args->lora, err);
+  if (s != KT_OK) return s;
+
+  pthread_mutex_lock(&m->lock);
+  const int save = args->save_for_backward != 0;
+  if (save && m->depth >= cfg->max_cache_depth) {
+    pthread_mutex_unlock(&m->lock);
+    return kt_fail(err, KT_ERR_CACHE_FULL,
+                   "saved-state stack is full: %d forward(s) saved for backward and "
+                   "max_cache_depth = %d; run backward first or raise max_cache_depth",
+                   (int)m->depth, (int)cfg->max_cache_depth);
+  }
+  kt_saved *st = calloc(1, sizeof *st);
+  if (st) st->routing_block = kt_alloc(kt_routing_bytes(T, args->k, cfg->expert_num));
+  if (!st || !st->routing_block) {
+    kt_saved_free(st);
+    pthread_mutex_unlock(&m->lock);
+    return kt_fail(err, KT_ERR_OUT_OF_MEMORY, "out of memory routing %" PRId64 " tokens", T);
+  }
+  s = kt_routing_build(&st->rt, st->routing_block, args->expert_ids, args->weights, T, args->k,
+                       cfg->expert_num, err);
+  if (s != KT_OK) {
+    kt_saved_free(st);
+    pthread_mutex_unlock(&m->lock);
+    return s;
+  }
+  const kt_routing *rt = &st->rt;
+  const int64_t R = rt->num_routes;
+  fwd_ctx c = {.m = m, .st = st, .lora = &args->lora, .out = args->output,
+               .out_dtype = args->output_dtype, .n_iblk = (I + KT_BLOCK_N - 1) / KT_BLOCK_N,
+               .n_hblk = (H + KT_BLOCK_N - 1) / KT_BLOCK_N};
+  for (int32_t a = 0; a < rt->n_active; a++) {
+    const int32_t e = rt->active[a];
+    const int64_t n = rt->offset[e + 1] - rt->offset[e];
+    if (n > c.max_routes) c.max_routes = n;
+  }
+  const int64_t K = H > I ? H : I, Mx = c.max_routes;
+  size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K);                   /* F0, F2 */
+  each = max_size(each, 3 * (size_t)(Mx * KT_BLOCK_N) * sizeof(float) +
+                            m->kern->gemm_scratch_bytes(KT_BLOCK_N, H));     /* F1 */
+  each = max_size(each, (size_t)((T + Mx) * KT_BLOCK_N) * sizeof(float) +
+                            m->kern->gemm_scratch_bytes(KT_BLOCK_N, I));     /* F3 */
+  c.scratch_each = kt_align_up(each);
+  const int32_t nthreads = kt_pool_num_threads(m->pool);
+
+  /* The state block: (x copy when saving), g, u, a_g, a_u, a_d; then a temporary: h, scratch. */
+  kt_arena sa = {NULL, 0}, ta = {NULL, 0};
+  for (int pass = 0; pass < 2; pass++) {
+    uint16_t *x = save ? kt_arena_take(&sa, (size_t)(T * H) * 2) : NULL;
+    st->g = kt_arena_take(&sa, (size_t)(R * I) * 2);
+    st->u = kt_arena_take(&sa, (size_t)(R * I) * 2);
+    st->a_g = kt_arena_take(&sa, (size_t)(R * r) * 4);
+    st->a_u = kt_arena_take(&sa, (size_t)(R * r) * 4);
+    st->a_d = kt_arena_take(&sa, (size_t)(R * r) * 4);
+    c.h = kt_arena_take(&ta, (size_t)(R * I) * 2);
+    c.scratch = kt_arena_take(&ta, c.scratch_each * (size_t)nthreads);
+    st->x = save ? x : args->input;
+    if (pass == 0) {
+      st->state_block = sa.base = kt_alloc(sa.used);
+      ta.base = kt_alloc(ta.used);
+      if ((sa.used && !sa.base) || !ta.base) {
+        kt_free(ta.base);
+        kt_saved_free(st);
+        pthread_mutex_unlock(&m->lock);
+        return kt_fail(err, KT_ERR_OUT_OF_MEMORY,
+                       "out of memory for the forward of %" PRId64 " tokens (%zu bytes)", T,
+                       sa.used + ta.used);
+      }
+      sa.used = ta.used = 0;
+    }
+  }
+  if (save) memcpy((void *)st->x, args->input, (size_t)(T * H) * 2);
+
+  const int64_t n_active = rt->n_active;
+  kt_pool_parallel(m->pool, n_active, f0_lora_a, &c);
+  kt_pool_parallel(m->pool, n_active * c.n_iblk, f1_gate_up, &c);
+  kt_pool_parallel(m->pool, n_active, f2_lora_down_a, &c);
+  kt_pool_parallel(m->pool, c.n_hblk, f3_down, &c);
+
+  kt_free(ta.base);
+  if (save)
+    m->stack[m->depth++] = st;
+  else
+    kt_saved_free(st);
+  pthread_mutex_unlock(&m->lock);
+  return KT_OK;
+}

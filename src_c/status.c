@@ -1,0 +1,41 @@
+/* status.c - status strings, error messages and aligned memory. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+const char *kt_status_string(kt_status status) {
+  switch (status) {
+    case KT_OK: return "success";
+    case KT_ERR_INVALID_ARGUMENT: return "invalid argument";
+    case KT_ERR_OUT_OF_MEMORY: return "out of memory";
+    case KT_ERR_WEIGHTS_NOT_LOADED: return "Weights not loaded";
+    case KT_ERR_CACHE_FULL: return "saved-state stack full (max_cache_depth)";
+    case KT_ERR_CACHE_EMPTY: return "saved-state stack empty (max_cache_depth)";
+    case KT_ERR_EXPERT_ID: return "expert id out of range";
+    case KT_ERR_ISA_UNAVAILABLE: return "kernel family unavailable";
+    case KT_ERR_THREADS: return "threads could not be started";
+  }
+  return "unknown status";
+}
+
+kt_status kt_fail(kt_error *err, kt_status status, const char *fmt, ...) {
+  if (err) {
+    va_list ap;
+    va_start(ap, fmt);
+    err->status = status;
+    vsnprintf(err->message, sizeof err->message, fmt, ap);
+    va_end(ap);
+  }
+  return status;
+}
+
+void *kt_alloc(size_t bytes) {
+  if (bytes == 0) return NULL;
+  void *p = NULL;
+  if (posix_memalign(&p, KT_CACHE_LINE, kt_align_up(bytes)) != 0) return NULL;
+  return p;
+}
+
+void kt_free(void *p) { free(p); }
