@@ -28,8 +28,8 @@ DEMO_CONFIG = {
 }
 """The embedded layer shape of the demo (a small Qwen3-MoE-like layer)."""
 DEMO_TOKENS = 128
-DEMO_STEPS = 60
-DEMO_LR = 4e-3
+DEMO_STEPS = 100
+DEMO_LR = 3e-3
 
 
 def _bf16(a: np.ndarray) -> np.ndarray:
@@ -92,8 +92,11 @@ def run_demo(steps=None, tokens=None, threads=None, seed=0, lr=DEMO_LR) -> int:
     rng = np.random.default_rng(seed)
     pool = ThreadPool(threads)
     base = _make_layer(cfg, rng)
-    teacher = MoESFT(cfg, **base, **_lora(cfg, rng, b_std=0.5 / np.sqrt(cfg.lora_rank)), pool=pool)
+    # The teacher shares the student's initial A factors: its adapter is reachable by training.
     student_lora = _lora(cfg, rng, b_std=0.0)
+    teacher_lora = _lora(cfg, rng, b_std=0.5 / np.sqrt(cfg.lora_rank))
+    teacher_lora.update({n: a.copy() for n, a in student_lora.items() if n.endswith("_a")})
+    teacher = MoESFT(cfg, **base, **teacher_lora, pool=pool)
     student = MoESFT(cfg, **base, **student_lora, pool=pool)
     print(
         f"ktsft demo: E={cfg.expert_num} k={cfg.num_experts_per_tok} H={cfg.hidden_size} "

@@ -1,0 +1,62 @@
+"""Sphinx configuration of the ktsft documentation.
+
+Build (from the repository root, with the package installed)::
+
+    pip install ".[docs]"
+    sphinx-build -W --keep-going -b html docs docs/_build/html
+"""
+
+import ktsft
+
+project = "ktsft"
+author = "ktsft contributors"
+copyright = "ktsft contributors"  # noqa: A001 - the name Sphinx reads
+version = ".".join(ktsft.__version__.split(".")[:2])
+release = ktsft.__version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "numpydoc",
+]
+
+# No intersphinx: the docs build without network access.
+
+templates_path = ["_templates"]
+exclude_patterns = ["_build", "generated/*.rst~", "Thumbs.db", ".DS_Store"]
+root_doc = "index"
+
+# ---- autodoc / autosummary -----------------------------------------------------------------
+# Stubs go to docs/generated/ (git-ignored) and are rebuilt on every run.
+autosummary_generate = True
+autosummary_imported_members = False
+autodoc_typehints = "none"  # numpydoc's Parameters sections state types, shapes and dtypes
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": True, "inherited-members": False}
+
+# ---- numpydoc ------------------------------------------------------------------------------
+# Class pages list their methods and properties through the autosummary template in
+# _templates/autosummary/class.rst, so numpydoc need not add its own member tables.
+numpydoc_show_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_xref_param_type = False
+
+# Every unresolved reference is a warning and, with -W, an error.
+nitpicky = True
+nitpick_ignore = [
+    # Python / NumPy / PyTorch names that appear in signatures and docstrings; no intersphinx.
+    ("py:class", "concurrent.futures._base.Future"),
+    ("py:class", "concurrent.futures.Future"),
+    ("py:class", "Future"),
+    ("py:class", "numpy.ndarray"),
+    ("py:class", "torch.Tensor"),
+]
+
+# ---- HTML ----------------------------------------------------------------------------------
+html_theme = "alabaster"
+html_title = f"ktsft {release}"
+html_static_path = []
+html_theme_options = {
+    "description": "LoRA fine-tuning of Mixture-of-Experts layers on the CPU",
+    "fixed_sidebar": True,
+}
