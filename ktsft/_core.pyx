@@ -9,6 +9,7 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
 from ktsft._c_api cimport (
     KT_DTYPE_BF16, KT_DTYPE_F32, KT_ERR_EXPERT_ID, KT_ERR_INVALID_ARGUMENT,
     KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY, KT_ISA_COUNT, KT_OK, kt_backward_args,
+    kt_status_string,
     kt_cpu_feature_name, kt_cpu_features, kt_error, kt_forward_args, kt_isa, kt_isa_available,
     kt_isa_best, kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_lora, kt_lora_grads, kt_moe,
     kt_moe_backward, kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens,
@@ -22,8 +23,11 @@ class ISAUnavailableError(ValueError):
     """A kernel family that this build or this CPU lacks was requested."""
 
 
-cdef object _raise(kt_status status, const kt_error *err):
-    msg = err.message.decode("utf-8", "replace")
+cdef object _raise(kt_status status, kt_error *err):
+    if err.status == status:
+        msg = err.message.decode("utf-8", "replace")
+    else:  # a path that set no message: the stable status string still says what failed
+        msg = kt_status_string(status).decode()
     if status == KT_ERR_INVALID_ARGUMENT or status == KT_ERR_EXPERT_ID:
         raise ValueError(msg)
     if status == KT_ERR_ISA_UNAVAILABLE:
