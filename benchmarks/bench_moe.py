@@ -28,8 +28,9 @@ CONFIGS = {  # name: experts, hidden, intermediate, top_k (the same as the PyTor
     "dsv3": (256, 7168, 2048, 8),
     "tiny": (16, 512, 256, 4),
 }
-BASELINE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench",
-                        "torch_baseline.py")
+BASELINE = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "bench", "torch_baseline.py"
+)
 
 
 def make_layer(name: str, qlen: int, rank: int, pool: ktsft.ThreadPool, seed: int = 0):
@@ -62,17 +63,29 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--peak-gflops", type=float, default=400.0,
-                   help="arithmetic ceiling (2 cores: bf16 GEMM via oneDNN reaches ~400)")
-    p.add_argument("--bandwidth-gbs", type=float, default=33.0,
-                   help="memory read bandwidth ceiling (2 cores: ~33 GB/s)")
+    p.add_argument(
+        "--peak-gflops",
+        type=float,
+        default=400.0,
+        help="arithmetic ceiling (2 cores: bf16 GEMM via oneDNN reaches ~400)",
+    )
+    p.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=33.0,
+        help="memory read bandwidth ceiling (2 cores: ~33 GB/s)",
+    )
     p.add_argument("--torch", action="store_true", help="also run the PyTorch eager baseline")
     a = p.parse_args()
 
     pool = ktsft.ThreadPool(a.threads)
     cfg, moe = make_layer(a.config, a.qlen, a.rank, pool)
-    E, H, I, k, r = (cfg.expert_num, cfg.hidden_size, cfg.intermediate_size,
-                     cfg.num_experts_per_tok, cfg.lora_rank)
+    H, I, k, r = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_experts_per_tok,
+        cfg.lora_rank,
+    )
     rng = np.random.default_rng(1)
     times, active = [], []
     for i in range(a.repeats + 1):  # the first step warms up
@@ -90,10 +103,12 @@ def main() -> int:
     weight_bytes = float(np.mean(active)) * 3 * H * I * 2 * 2  # active experts, read twice
     roof = max(flops / (a.peak_gflops * 1e9), weight_bytes / (a.bandwidth_gbs * 1e9))
     bound = "arithmetic" if flops / (a.peak_gflops * 1e9) >= roof else "memory"
-    print(f"ktsft {a.config} qlen={a.qlen} isa={moe.isa} threads={pool.num_threads}: "
-          f"median {t * 1e3:.1f} ms, {a.qlen / t:.1f} tok/s, {flops / t / 1e9:.1f} GFLOP/s, "
-          f"roofline {roof * 1e3:.1f} ms ({bound}-bound) -> {roof / t:.1%} of roofline; "
-          f"packed weights {moe.packed_bytes / 2**20:.0f} MiB")
+    print(
+        f"ktsft {a.config} qlen={a.qlen} isa={moe.isa} threads={pool.num_threads}: "
+        f"median {t * 1e3:.1f} ms, {a.qlen / t:.1f} tok/s, {flops / t / 1e9:.1f} GFLOP/s, "
+        f"roofline {roof * 1e3:.1f} ms ({bound}-bound) -> {roof / t:.1%} of roofline; "
+        f"packed weights {moe.packed_bytes / 2**20:.0f} MiB"
+    )
     if a.torch:
         if not os.path.exists(BASELINE):
             print(f"PyTorch baseline not found at {BASELINE}", file=sys.stderr)

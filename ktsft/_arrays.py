@@ -53,9 +53,7 @@ def view(a: Any, name: str) -> View:
     )
 
 
-def checked(
-    a: Any, name: str, shape: tuple, dtypes: tuple, *, contiguous: bool = True
-) -> View:
+def checked(a: Any, name: str, shape: tuple, dtypes: tuple, *, contiguous: bool = True) -> View:
     """``view(a)`` after checking dtype, shape and layout; the message names the argument."""
     v = view(a, name)
     if v.dtype not in dtypes:

@@ -11,7 +11,7 @@ from ktsft._c_api cimport (
     KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY, KT_ISA_COUNT, KT_OK, kt_backward_args,
     kt_status_string,
     kt_cpu_feature_name, kt_cpu_features, kt_error, kt_forward_args, kt_isa, kt_isa_available,
-    kt_isa_best, kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_lora, kt_lora_grads, kt_moe,
+    kt_isa_best, kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_lora, kt_moe,
     kt_moe_backward, kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens,
     kt_moe_config, kt_moe_create, kt_moe_destroy, kt_moe_forward, kt_moe_isa,
     kt_moe_load_weights, kt_moe_packed_bytes, kt_moe_weights_loaded, kt_pool, kt_pool_create,

@@ -37,7 +37,7 @@ def _bf16(a: np.ndarray) -> np.ndarray:
 
 
 def _make_layer(cfg: MoESFTConfig, rng: np.random.Generator) -> dict:
-    E, H, I, r = cfg.expert_num, cfg.hidden_size, cfg.intermediate_size, cfg.lora_rank
+    E, H, I = cfg.expert_num, cfg.hidden_size, cfg.intermediate_size
     return {
         "gate_proj": _bf16(rng.standard_normal((E, I, H)) / np.sqrt(H)),
         "up_proj": _bf16(rng.standard_normal((E, I, H)) / np.sqrt(H)),
@@ -126,7 +126,7 @@ def run_demo(steps=None, tokens=None, threads=None, seed=0, lr=DEMO_LR) -> int:
             master[n] -= lr * update
             student_lora[n][...] = master[n].astype(BF16)
         progress.update(step, f"loss {losses[-1]:.3e}  {tokens * step / busy:,.0f} tok/s")
-    first, last = losses[0], float(np.mean(losses[-max(1, steps // 10):]))
+    first, last = losses[0], float(np.mean(losses[-max(1, steps // 10) :]))
     print(
         f"loss {first:.4e} -> {last:.4e} ({first / max(last, 1e-30):.1f}x lower); "
         f"{tokens * steps / busy:,.0f} tokens/s forward+backward on '{student.isa}'"

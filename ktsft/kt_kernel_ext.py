@@ -125,8 +125,15 @@ class AMXBF16_SFT_MOE:  # noqa: N801 - the predecessor's name
             raise TypeError("config.pool must be set to CPUInfer.backend_")
         c = {
             n: _int(getattr(config, n), n)
-            for n in ("expert_num", "num_experts_per_tok", "hidden_size", "intermediate_size",
-                      "lora_rank", "max_len", "max_cache_depth")
+            for n in (
+                "expert_num",
+                "num_experts_per_tok",
+                "hidden_size",
+                "intermediate_size",
+                "lora_rank",
+                "max_len",
+                "max_cache_depth",
+            )
         }
         self._config = config
         self._k = c["num_experts_per_tok"]
@@ -143,8 +150,9 @@ class AMXBF16_SFT_MOE:  # noqa: N801 - the predecessor's name
             os.environ.get("KTSFT_ISA", "auto"),
         )
         self._lora = tuple(_int(getattr(config, n), n) for n in LORA_NAMES)
-        self._base = tuple(_int(getattr(config, n), n) for n in ("gate_proj", "up_proj",
-                                                                 "down_proj"))
+        self._base = tuple(
+            _int(getattr(config, n), n) for n in ("gate_proj", "up_proj", "down_proj")
+        )
 
     def load_weights_task(self) -> _Task:
         """Packs the base weights from ``config.gate_proj``/``up_proj``/``down_proj``."""
@@ -162,46 +170,105 @@ class AMXBF16_SFT_MOE:  # noqa: N801 - the predecessor's name
             w = np.full((1, k), 1.0 / k, dtype=np.float32)
             x = np.zeros((1, H), dtype=np.uint16)
             out = np.empty((1, H), dtype=np.float32)
-            self._engine.forward(1, k, ids.ctypes.data, w.ctypes.data, x.ctypes.data,
-                                 out.ctypes.data, False, self._lora, False)
+            self._engine.forward(
+                1,
+                k,
+                ids.ctypes.data,
+                w.ctypes.data,
+                x.ctypes.data,
+                out.ctypes.data,
+                False,
+                self._lora,
+                False,
+            )
 
         return _Task("warm_up_task", run)
 
-    def forward_sft_task(self, bsz_ptr: int, k: int, expert_ids_ptr: int, weights_ptr: int,
-                         input_ptr: int, output_ptr: int, save_for_backward: bool) -> _Task:
+    def forward_sft_task(
+        self,
+        bsz_ptr: int,
+        k: int,
+        expert_ids_ptr: int,
+        weights_ptr: int,
+        input_ptr: int,
+        output_ptr: int,
+        save_for_backward: bool,
+    ) -> _Task:
         """Forward of T = ``*bsz_ptr`` (int64) tokens into a float32 [T, H] output."""
 
         def run():
             T = ctypes.c_int64.from_address(bsz_ptr).value if bsz_ptr else 0
-            self._engine.forward(T, int(k), expert_ids_ptr, weights_ptr, input_ptr, output_ptr,
-                                 False, self._lora, bool(save_for_backward))
+            self._engine.forward(
+                T,
+                int(k),
+                expert_ids_ptr,
+                weights_ptr,
+                input_ptr,
+                output_ptr,
+                False,
+                self._lora,
+                bool(save_for_backward),
+            )
 
         return _Task("forward_sft_task", run)
 
-    def backward_task(self, grad_output_ptr: int, grad_input_ptr: int,
-                      grad_gate_lora_a_ptr: int, grad_gate_lora_b_ptr: int,
-                      grad_up_lora_a_ptr: int, grad_up_lora_b_ptr: int,
-                      grad_down_lora_a_ptr: int, grad_down_lora_b_ptr: int,
-                      grad_weights_ptr: int = 0) -> _Task:
+    def backward_task(
+        self,
+        grad_output_ptr: int,
+        grad_input_ptr: int,
+        grad_gate_lora_a_ptr: int,
+        grad_gate_lora_b_ptr: int,
+        grad_up_lora_a_ptr: int,
+        grad_up_lora_b_ptr: int,
+        grad_down_lora_a_ptr: int,
+        grad_down_lora_b_ptr: int,
+        grad_weights_ptr: int = 0,
+    ) -> _Task:
         """Backward of the newest saved forward; bf16 grads overwritten, ``grad_weights_ptr``
         (float32 [T, k]) 0 when not wanted."""
-        grads = (grad_gate_lora_a_ptr, grad_gate_lora_b_ptr, grad_up_lora_a_ptr,
-                 grad_up_lora_b_ptr, grad_down_lora_a_ptr, grad_down_lora_b_ptr)
+        grads = (
+            grad_gate_lora_a_ptr,
+            grad_gate_lora_b_ptr,
+            grad_up_lora_a_ptr,
+            grad_up_lora_b_ptr,
+            grad_down_lora_a_ptr,
+            grad_down_lora_b_ptr,
+        )
 
         def run():
             T = self._engine.cache_top_tokens
-            self._engine.backward(T, grad_output_ptr, False, grad_input_ptr, grads,
-                                  grad_weights_ptr, False, self._lora)
+            self._engine.backward(
+                T,
+                grad_output_ptr,
+                False,
+                grad_input_ptr,
+                grads,
+                grad_weights_ptr,
+                False,
+                self._lora,
+            )
 
         return _Task("backward_task", run)
 
-    def update_lora_weights_task(self, gate_lora_a_ptr: int, gate_lora_b_ptr: int,
-                                 up_lora_a_ptr: int, up_lora_b_ptr: int, down_lora_a_ptr: int,
-                                 down_lora_b_ptr: int) -> _Task:
+    def update_lora_weights_task(
+        self,
+        gate_lora_a_ptr: int,
+        gate_lora_b_ptr: int,
+        up_lora_a_ptr: int,
+        up_lora_b_ptr: int,
+        down_lora_a_ptr: int,
+        down_lora_b_ptr: int,
+    ) -> _Task:
         """Re-points the six LoRA tensors (only for new allocations: in-place updates are seen
         without it)."""
-        ptrs = (gate_lora_a_ptr, gate_lora_b_ptr, up_lora_a_ptr, up_lora_b_ptr,
-                down_lora_a_ptr, down_lora_b_ptr)
+        ptrs = (
+            gate_lora_a_ptr,
+            gate_lora_b_ptr,
+            up_lora_a_ptr,
+            up_lora_b_ptr,
+            down_lora_a_ptr,
+            down_lora_b_ptr,
+        )
 
         def run():
             self._lora = tuple(_int(p, n) for p, n in zip(ptrs, LORA_NAMES))

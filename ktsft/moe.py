@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from concurrent.futures import Future
-from typing import Any, Mapping
+from typing import Any
 
 from . import _arrays, _core
 from .config import MoESFTConfig
@@ -150,14 +151,24 @@ class MoESFT:
         ids, ids_ptr = _arrays.as_int64_ids(expert_ids, "expert_ids", (T, k))
         wv = _arrays.checked(weights, "weights", (T, k), ("float32",))
         if out is None:
-            out = _arrays.empty(xv.kind if xv.kind == "torch" else "numpy", (T, c.hidden_size),
-                                "float32")
+            out = _arrays.empty(
+                xv.kind if xv.kind == "torch" else "numpy", (T, c.hidden_size), "float32"
+            )
         ov = _arrays.checked(out, "out", (T, c.hidden_size), ("float32", "bfloat16"))
         keep = (x, ids, weights, out)  # alive until the task has run
 
         def task(keep=keep):  # the default argument keeps the arrays alive until it runs
-            self._engine.forward(T, k, ids_ptr, wv.ptr, xv.ptr, ov.ptr, ov.dtype == "bfloat16",
-                                 self._lora_ptrs(), bool(save_for_backward))
+            self._engine.forward(
+                T,
+                k,
+                ids_ptr,
+                wv.ptr,
+                xv.ptr,
+                ov.ptr,
+                ov.dtype == "bfloat16",
+                self._lora_ptrs(),
+                bool(save_for_backward),
+            )
             return out
 
         return self.pool.submit(task)
@@ -212,8 +223,9 @@ class MoESFT:
                 f"grad_output must have shape [T, {c.hidden_size}], got {list(gv.shape)}"
             )
         T = gv.shape[0]
-        gv = _arrays.checked(grad_output, "grad_output", (T, c.hidden_size),
-                             ("bfloat16", "float32"))
+        gv = _arrays.checked(
+            grad_output, "grad_output", (T, c.hidden_size), ("bfloat16", "float32")
+        )
         out_kind = "torch" if gv.kind == "torch" else "numpy"
         bf16_kind = gv.kind if gv.dtype == "bfloat16" else out_kind
         if grad_input is None:
@@ -241,8 +253,16 @@ class MoESFT:
         keep = (grad_output,)
 
         def task(keep=keep):
-            self._engine.backward(T, gv.ptr, gv.dtype == "float32", giv.ptr, grad_ptrs, gw_ptr,
-                                  bool(accumulate), self._lora_ptrs())
+            self._engine.backward(
+                T,
+                gv.ptr,
+                gv.dtype == "float32",
+                giv.ptr,
+                grad_ptrs,
+                gw_ptr,
+                bool(accumulate),
+                self._lora_ptrs(),
+            )
             return result
 
         return self.pool.submit(task)
@@ -278,8 +298,9 @@ class MoESFT:
             and ``.weights`` [T, k] float32 (None when ``need_grad_weights`` is False). Buffers
             passed in are returned as they are.
         """
-        return self._wait(self.submit_backward(grad_output, grad_input, lora_grads, accumulate,
-                                               need_grad_weights))
+        return self._wait(
+            self.submit_backward(grad_output, grad_input, lora_grads, accumulate, need_grad_weights)
+        )
 
     # ---- state ------------------------------------------------------------------------------
 
