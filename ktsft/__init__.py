@@ -9,7 +9,7 @@ interface); :func:`runtime_info`.
 """
 
 from . import kt_kernel_ext, reference
-from ._core import ISAUnavailableError
+from ._core import EngineStateError, ISAUnavailableError
 from .config import MoESFTConfig
 from .gradients import Gradients
 from .moe import MoESFT
@@ -19,6 +19,7 @@ from .runtime import runtime_info
 __version__ = "0.1.0"
 
 __all__ = [
+    "EngineStateError",
     "Gradients",
     "ISAUnavailableError",
     "MoESFT",

@@ -7,20 +7,26 @@ pointers and C status codes into Python exceptions.
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
 
 from ktsft._c_api cimport (
-    KT_DTYPE_BF16, KT_DTYPE_F32, KT_ERR_EXPERT_ID, KT_ERR_INVALID_ARGUMENT,
-    KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY, KT_ISA_COUNT, KT_OK, kt_backward_args,
-    kt_status_string,
+    KT_DTYPE_BF16, KT_DTYPE_F32, KT_ERR_CACHE_EMPTY, KT_ERR_CACHE_FULL, KT_ERR_EXPERT_ID,
+    KT_ERR_INVALID_ARGUMENT, KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY,
+    KT_ERR_WEIGHTS_NOT_LOADED, KT_ISA_COUNT, KT_OK, kt_backward_args, kt_status_string,
     kt_cpu_feature_name, kt_cpu_features, kt_error, kt_forward_args, kt_isa, kt_isa_available,
-    kt_isa_best, kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_lora, kt_moe,
-    kt_moe_backward, kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens,
-    kt_moe_config, kt_moe_create, kt_moe_destroy, kt_moe_forward, kt_moe_isa,
-    kt_moe_load_weights, kt_moe_packed_bytes, kt_moe_weights_loaded, kt_pool, kt_pool_create,
-    kt_pool_destroy, kt_pool_num_threads, kt_status, kt_vec_sigmoid, kt_vec_silu,
+    kt_isa_best, kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_lora, kt_moe, kt_moe_backward,
+    kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens, kt_moe_config, kt_moe_create,
+    kt_moe_destroy, kt_moe_forward, kt_moe_isa, kt_moe_load_weights, kt_moe_packed_bytes,
+    kt_moe_weights_loaded, kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_status,
+    kt_vec_sigmoid, kt_vec_silu,
 )
 
 
 class ISAUnavailableError(ValueError):
     """A kernel family that this build or this CPU lacks was requested."""
+
+
+class EngineStateError(ValueError, RuntimeError):
+    """A call the engine's state does not allow: weights not loaded, saved-state stack full
+    (forward with ``save_for_backward``) or empty (backward). A ValueError as spec section 7
+    asks of the Python API, and a RuntimeError as the predecessor raised."""
 
 
 cdef object _raise(kt_status status, kt_error *err):
@@ -34,6 +40,8 @@ cdef object _raise(kt_status status, kt_error *err):
         raise ISAUnavailableError(msg)
     if status == KT_ERR_OUT_OF_MEMORY:
         raise MemoryError(msg)
+    if status in (KT_ERR_WEIGHTS_NOT_LOADED, KT_ERR_CACHE_FULL, KT_ERR_CACHE_EMPTY):
+        raise EngineStateError(msg)
     raise RuntimeError(msg)
 
 

@@ -46,5 +46,5 @@ class Gradients:
     weights: Any = None
 
     def lora(self) -> dict:
-        """The six LoRA gradients as a dict keyed by :data:`LORA_NAMES`."""
+        """The six LoRA gradients as a dict keyed by :data:`~ktsft.gradients.LORA_NAMES`."""
         return {name: getattr(self, name) for name in LORA_NAMES}

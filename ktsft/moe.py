@@ -229,7 +229,7 @@ class MoESFT:
         out_kind = "torch" if gv.kind == "torch" else "numpy"
         bf16_kind = gv.kind if gv.dtype == "bfloat16" else out_kind
         if grad_input is None:
-            grad_input = _arrays.empty(bf16_kind, (T, c.hidden_size), "bfloat16")
+            grad_input = _arrays.empty(bf16_kind, (T, c.hidden_size), "bfloat16", zero=accumulate)
         giv = _arrays.checked(grad_input, "grad_input", (T, c.hidden_size), _BF16)
         lora_grads = dict(lora_grads or {})
         unknown = set(lora_grads) - set(LORA_NAMES)
