@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 QUANT_MODES = ("bf16", "int8")
@@ -54,14 +55,18 @@ class MoESFTConfig:
             "max_cache_depth",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            value = int(value)  # NumPy integers too
+            object.__setattr__(self, name, value)
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
             if value >= 2**31:
                 raise ValueError(f"{name} must be < 2**31, got {value}")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha != self.lora_alpha:
-            raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or alpha != alpha:
+            raise TypeError(f"lora_alpha must be a number, got {alpha!r}")
+        object.__setattr__(self, "lora_alpha", float(alpha))
         if self.quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {self.quant!r}")
 

@@ -17,9 +17,7 @@ from ktsft.gradients import BASE_NAMES, LORA_NAMES
 
 # ---- Hypothesis profiles ----------------------------------------------------------------------
 
-settings.register_profile(
-    "ci", derandomize=True, deadline=None, max_examples=25, print_blob=True
-)
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=25)
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
@@ -146,8 +144,9 @@ def assert_grads_close(got, ref, tol: float = BWD_TOL, names=GRAD_NAMES, where: 
 # ---- running the engine and the reference -----------------------------------------------------
 
 
-def make_moe(params: dict, k: int, *, lora_alpha: float, pool=None, lora=None, **cfg):
-    """A ktsft.MoESFT over ``params`` (LoRA tensors may be overridden by ``lora``)."""
+def make_moe(params: dict, k: int, *, lora_alpha: float, pool=None, isa=None, lora=None, **cfg):
+    """A ktsft.MoESFT over ``params`` (LoRA tensors may be overridden by ``lora``); ``cfg``:
+    further MoESFTConfig options (max_cache_depth, max_len, ...)."""
     import ktsft
 
     E, I, H = params["gate_proj"].shape
@@ -158,7 +157,7 @@ def make_moe(params: dict, k: int, *, lora_alpha: float, pool=None, lora=None, *
     tensors = dict(params)
     if lora is not None:
         tensors.update(lora)
-    return ktsft.MoESFT(config, pool=pool, **tensors)
+    return ktsft.MoESFT(config, pool=pool, isa=isa, **tensors)
 
 
 def ref_forward(params: dict, x, ids, w, lora_alpha: float) -> np.ndarray:
