@@ -14,6 +14,13 @@
 /* Columns of one work item: experts are split into blocks of this many output features. */
 #define KT_BLOCK_N 64
 
+/* Columns in the block of KT_BLOCK_N that starts at `start` of `total`. */
+static inline int64_t kt_block_len(int64_t total, int64_t start) {
+  return total - start < KT_BLOCK_N ? total - start : KT_BLOCK_N;
+}
+
+static inline size_t kt_max_size(size_t a, size_t b) { return a > b ? a : b; }
+
 /* ---- bf16 --------------------------------------------------------------------------------- */
 
 static inline float kt_bf16_to_f32(uint16_t b) {

@@ -33,15 +33,11 @@ static float *worker_scratch(const bwd_ctx *c, int32_t worker) {
   return (float *)(c->scratch + (size_t)worker * c->scratch_each);
 }
 
-static int64_t block_len(int64_t total, int64_t start) {
-  return total - start < KT_BLOCK_N ? total - start : KT_BLOCK_N;
-}
-
 static void b0_convert_go(void *vc, int64_t item, int32_t worker) {
   (void)worker;
   const bwd_ctx *c = vc;
   const int64_t H = c->m->cfg.hidden_size, T = c->st->rt.num_tokens;
-  const int64_t t0 = item * KT_BLOCK_N, nt = block_len(T, t0);
+  const int64_t t0 = item * KT_BLOCK_N, nt = kt_block_len(T, t0);
   const float *src = (const float *)c->args->grad_output + t0 * H;
   uint16_t *dst = c->go_converted + t0 * H;
   for (int64_t i = 0; i < nt * H; i++) dst[i] = kt_f32_to_bf16(src[i]);
@@ -68,7 +64,7 @@ static void b2_down_act(void *vc, int64_t item, int32_t worker) {
   const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
   const float s = m->scale;
   const int32_t e = rt->active[item / c->n_iblk];
-  const int64_t ib = item % c->n_iblk, i0 = ib * KT_BLOCK_N, nb = block_len(I, i0);
+  const int64_t ib = item % c->n_iblk, i0 = ib * KT_BLOCK_N, nb = kt_block_len(I, i0);
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off, tile = M * nb;
   float *z = worker_scratch(c, worker), *g = z + tile, *u = g + tile, *sg = u + tile;
   float *silu_g = sg + tile, *h = silu_g + tile, *small = h + tile;
@@ -148,7 +144,7 @@ static void b4_input(void *vc, int64_t item, int32_t worker) {
   const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
   const int64_t T = rt->num_tokens, Mx = c->max_routes;
   const float s = m->scale;
-  const int64_t h0 = item * KT_BLOCK_N, nb = block_len(H, h0);
+  const int64_t h0 = item * KT_BLOCK_N, nb = kt_block_len(H, h0);
   float *acc = worker_scratch(c, worker), *yt = acc + T * nb, *xt = yt + Mx * nb;
   float *small = xt + Mx * nb;
   void *gemm_scratch = small + KT_BLOCK_N * r;
@@ -210,8 +206,6 @@ static void zero_unrouted(const kt_moe *m, const kt_routing *rt, const kt_backwa
     memset(a->grad_weights, 0, (size_t)rt->num_tokens * (size_t)m->cfg.num_experts_per_tok * 4);
 }
 
-static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
-
 kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err) {
   const kt_moe_config *cfg = &m->cfg;
   const int64_t H = cfg->hidden_size, I = cfg->intermediate_size, r = cfg->lora_rank;
@@ -257,9 +251,9 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   }
   const int64_t K = H > I ? H : I, Mx = c.max_routes, NB = KT_BLOCK_N;
   size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K);                      /* B1, B3 */
-  each = max_size(each, (size_t)(6 * Mx * NB + NB * r) * sizeof(float) +
+  each = kt_max_size(each, (size_t)(6 * Mx * NB + NB * r) * sizeof(float) +
                             m->kern->gemm_scratch_bytes(NB, H));                /* B2 */
-  each = max_size(each, (size_t)((T + 2 * Mx) * NB + NB * r) * sizeof(float) +
+  each = kt_max_size(each, (size_t)((T + 2 * Mx) * NB + NB * r) * sizeof(float) +
                             m->kern->gemm_scratch_bytes(NB, I));                /* B4 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);

@@ -50,7 +50,7 @@ static void f1_gate_up(void *vc, int64_t item, int32_t worker) {
   const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
   const int32_t e = rt->active[item / c->n_iblk];
   const int64_t i0 = (item % c->n_iblk) * KT_BLOCK_N;
-  const int64_t nb = I - i0 < KT_BLOCK_N ? I - i0 : KT_BLOCK_N;
+  const int64_t nb = kt_block_len(I, i0);
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   const kt_rows x = {st->x, H, rt->token + off, M};
   float *gt = worker_scratch(c, worker), *ut = gt + M * nb, *ht = ut + M * nb;
@@ -95,7 +95,7 @@ static void f3_down(void *vc, int64_t item, int32_t worker) {
   const kt_routing *rt = &st->rt;
   const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
   const int64_t T = rt->num_tokens;
-  const int64_t h0 = item * KT_BLOCK_N, nb = H - h0 < KT_BLOCK_N ? H - h0 : KT_BLOCK_N;
+  const int64_t h0 = item * KT_BLOCK_N, nb = kt_block_len(H, h0);
   float *acc = worker_scratch(c, worker), *yt = acc + T * nb;
   void *gemm_scratch = yt + c->max_routes * nb;
   for (int64_t i = 0; i < T * nb; i++) acc[i] = 0.0f;
@@ -122,8 +122,6 @@ static void f3_down(void *vc, int64_t item, int32_t worker) {
     }
   }
 }
-
-static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
 kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) {
   const kt_moe_config *cfg = &m->cfg;
@@ -186,9 +184,9 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   }
   const int64_t K = H > I ? H : I, Mx = c.max_routes;
   size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K);                   /* F0, F2 */
-  each = max_size(each, 3 * (size_t)(Mx * KT_BLOCK_N) * sizeof(float) +
+  each = kt_max_size(each, 3 * (size_t)(Mx * KT_BLOCK_N) * sizeof(float) +
                             m->kern->gemm_scratch_bytes(KT_BLOCK_N, H));     /* F1 */
-  each = max_size(each, (size_t)((T + Mx) * KT_BLOCK_N) * sizeof(float) +
+  each = kt_max_size(each, (size_t)((T + Mx) * KT_BLOCK_N) * sizeof(float) +
                             m->kern->gemm_scratch_bytes(KT_BLOCK_N, I));     /* F3 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);
