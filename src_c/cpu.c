@@ -30,9 +30,9 @@ uint32_t kt_cpu_detect(void) {
   const int osxsave = (c >> 27) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
   if (!osxsave) return 0;
   const uint64_t xcr0 = read_xcr0();
-  const int os_avx = (xcr0 & 0x6) == 0x6;           /* XMM and YMM state */
+  const int os_avx = (xcr0 & 0x6) == 0x6;                /* XMM and YMM state */
   const int os_avx512 = os_avx && (xcr0 & 0xe0) == 0xe0; /* opmask, ZMM hi256, hi16 ZMM */
-  const int os_amx = (xcr0 & 0x60000) == 0x60000;   /* XTILECFG, XTILEDATA */
+  const int os_amx = (xcr0 & 0x60000) == 0x60000;        /* XTILECFG, XTILEDATA */
   if (__get_cpuid_max(0, NULL) < 7) return 0;
   __cpuid_count(7, 0, a, b, c, d);
   const uint32_t b7 = b, c7 = c, d7 = d;

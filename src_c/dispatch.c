@@ -6,8 +6,8 @@
 
 typedef struct family {
   const char *name;
-  uint32_t needs;           /* every one of these CPU features */
-  const kt_kernels *table;  /* NULL: not built into this library */
+  uint32_t needs;          /* every one of these CPU features */
+  const kt_kernels *table; /* NULL: not built into this library */
 } family;
 
 /* Ordered from the fastest to the slowest; auto picks the first available. amx-emu is never
@@ -63,11 +63,11 @@ kt_status kt_isa_resolve(const char *name, kt_isa *out, kt_error *err) {
       *out = (kt_isa)i;
       return KT_OK;
     }
-    return kt_fail(err, KT_ERR_ISA_UNAVAILABLE,
-                   "KTSFT_ISA=%s: kernel family '%s' is %s; available: auto, %s", name, name,
-                   kt_isa_compiled((kt_isa)i) ? "not supported by this CPU"
-                                              : "not built into this library",
-                   list);
+    return kt_fail(
+        err, KT_ERR_ISA_UNAVAILABLE, "KTSFT_ISA=%s: kernel family '%s' is %s; available: auto, %s",
+        name, name,
+        kt_isa_compiled((kt_isa)i) ? "not supported by this CPU" : "not built into this library",
+        list);
   }
   return kt_fail(err, KT_ERR_ISA_UNAVAILABLE,
                  "KTSFT_ISA=%s: unknown kernel family; expected one of auto, amx, avx512, avx2, "

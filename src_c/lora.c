@@ -2,8 +2,8 @@
  * r / H of the base GEMMs; every sum runs over its index in one fixed order. */
 #include "moe_internal.h"
 
-void kt_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
-                    int64_t n0, float s, float *c, int64_t ldc) {
+void kt_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b, int64_t n0,
+                    float s, float *c, int64_t ldc) {
   for (int64_t m = 0; m < M; m++) {
     const float *am = a + m * r;
     for (int64_t j = 0; j < n; j++) {
@@ -15,8 +15,8 @@ void kt_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint1
   }
 }
 
-void kt_lora_add_nn(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
-                    int64_t ldb, int64_t n0, float s, float *c, int64_t ldc) {
+void kt_lora_add_nn(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b, int64_t ldb,
+                    int64_t n0, float s, float *c, int64_t ldc) {
   for (int64_t m = 0; m < M; m++) {
     const float *am = a + m * r;
     float *cm = c + m * ldc;
@@ -43,8 +43,8 @@ void kt_outer_rn(int64_t M, int64_t r, int64_t n, const float *coef, const float
   for (int64_t i = 0; i < r * n; i++) out[i] *= s;
 }
 
-void kt_outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd,
-                 const float *coef, float s, float *out) {
+void kt_outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd, const float *coef,
+                 float s, float *out) {
   for (int64_t i = 0; i < n * r; i++) out[i] = 0.0f;
   for (int64_t m = 0; m < M; m++) {
     const float *dm = d + m * ldd, *cm = coef + m * r;

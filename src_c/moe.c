@@ -82,13 +82,15 @@ kt_status kt_moe_load_weights(kt_moe *m, const uint16_t *gate, const uint16_t *u
   if (!gate || !up || !down)
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
                    "gate_proj, up_proj and down_proj must all be set (got a null pointer for %s)",
-                   !gate ? "gate_proj" : !up ? "up_proj" : "down_proj");
+                   !gate ? "gate_proj"
+                   : !up ? "up_proj"
+                         : "down_proj");
   const int64_t E = m->cfg.expert_num, H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
   pack_ctx ctx = {.m = m, .src = {gate, up, down}};
   size_t stride[3];
   for (int p = 0; p < 3; p++) {
-    stride[p] = kt_align_up(p == KT_DOWN ? m->kern->packed_bytes(H, I)
-                                         : m->kern->packed_bytes(I, H));
+    stride[p] =
+        kt_align_up(p == KT_DOWN ? m->kern->packed_bytes(H, I) : m->kern->packed_bytes(I, H));
     ctx.dst[p] = kt_alloc(stride[p] * (size_t)E);
     if (!ctx.dst[p]) {
       for (int q = 0; q < p; q++) kt_free(ctx.dst[q]);

@@ -19,11 +19,11 @@ typedef struct bwd_ctx {
   const kt_moe *m;
   const kt_saved *st;
   const kt_backward_args *args;
-  const uint16_t *go;       /* [T, H] bf16 */
-  uint16_t *go_converted;   /* [T, H] when grad_output is float32 */
-  float *q, *b_g, *b_u;     /* [R, r] */
-  float *gw_part;           /* [R, n_iblk] */
-  uint16_t *dg, *du;        /* [R, I] */
+  const uint16_t *go;     /* [T, H] bf16 */
+  uint16_t *go_converted; /* [T, H] when grad_output is float32 */
+  float *q, *b_g, *b_u;   /* [R, r] */
+  float *gw_part;         /* [R, n_iblk] */
+  uint16_t *dg, *du;      /* [R, I] */
   int64_t max_routes, n_iblk, n_hblk, n_tblk;
   char *scratch;
   size_t scratch_each;
@@ -237,11 +237,15 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   if (args->num_tokens != T) {
     pthread_mutex_unlock(&m->lock);
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
-                   "grad_output has %" PRId64 " rows but the saved forward it pairs with had %"
-                   PRId64 " tokens: expected shape [%" PRId64 ", %" PRId64 "]",
+                   "grad_output has %" PRId64
+                   " rows but the saved forward it pairs with had %" PRId64
+                   " tokens: expected shape [%" PRId64 ", %" PRId64 "]",
                    args->num_tokens, T, T, H);
   }
-  bwd_ctx c = {.m = m, .st = st, .args = args, .n_iblk = (I + KT_BLOCK_N - 1) / KT_BLOCK_N,
+  bwd_ctx c = {.m = m,
+               .st = st,
+               .args = args,
+               .n_iblk = (I + KT_BLOCK_N - 1) / KT_BLOCK_N,
                .n_hblk = (H + KT_BLOCK_N - 1) / KT_BLOCK_N,
                .n_tblk = (T + KT_BLOCK_N - 1) / KT_BLOCK_N};
   for (int32_t a = 0; a < rt->n_active; a++) {
@@ -250,11 +254,11 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
     if (n > c.max_routes) c.max_routes = n;
   }
   const int64_t K = H > I ? H : I, Mx = c.max_routes, NB = KT_BLOCK_N;
-  size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K);                      /* B1, B3 */
+  size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K); /* B1, B3 */
   each = kt_max_size(each, (size_t)(6 * Mx * NB + NB * r) * sizeof(float) +
-                            m->kern->gemm_scratch_bytes(NB, H));                /* B2 */
+                               m->kern->gemm_scratch_bytes(NB, H)); /* B2 */
   each = kt_max_size(each, (size_t)((T + 2 * Mx) * NB + NB * r) * sizeof(float) +
-                            m->kern->gemm_scratch_bytes(NB, I));                /* B4 */
+                               m->kern->gemm_scratch_bytes(NB, I)); /* B4 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);
   const int go_f32 = args->grad_output_dtype == KT_DTYPE_F32;

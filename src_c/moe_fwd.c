@@ -16,7 +16,7 @@ typedef struct fwd_ctx {
   const kt_moe *m;
   const kt_saved *st;
   const kt_lora *lora;
-  uint16_t *h;        /* [R, I] */
+  uint16_t *h; /* [R, I] */
   void *out;
   kt_dtype out_dtype;
   int64_t max_routes; /* largest R_e */
@@ -105,8 +105,7 @@ static void f3_down(void *vc, int64_t item, int32_t worker) {
     const kt_rows h = {c->h + off * I, I, NULL, M};
     const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
     m->kern->gemm_nt(&h, &wd, h0, nb, yt, nb, gemm_scratch);
-    kt_lora_add_nt(M, nb, r, st->a_d + off * r, c->lora->down_b + e * H * r, h0, m->scale, yt,
-                   nb);
+    kt_lora_add_nt(M, nb, r, st->a_d + off * r, c->lora->down_b + e * H * r, h0, m->scale, yt, nb);
     for (int64_t mm = 0; mm < M; mm++) {
       const float w = rt->weight[off + mm];
       float *dst = acc + (int64_t)rt->token[off + mm] * nb;
@@ -174,8 +173,12 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   }
   const kt_routing *rt = &st->rt;
   const int64_t R = rt->num_routes;
-  fwd_ctx c = {.m = m, .st = st, .lora = &args->lora, .out = args->output,
-               .out_dtype = args->output_dtype, .n_iblk = (I + KT_BLOCK_N - 1) / KT_BLOCK_N,
+  fwd_ctx c = {.m = m,
+               .st = st,
+               .lora = &args->lora,
+               .out = args->output,
+               .out_dtype = args->output_dtype,
+               .n_iblk = (I + KT_BLOCK_N - 1) / KT_BLOCK_N,
                .n_hblk = (H + KT_BLOCK_N - 1) / KT_BLOCK_N};
   for (int32_t a = 0; a < rt->n_active; a++) {
     const int32_t e = rt->active[a];
@@ -183,11 +186,11 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
     if (n > c.max_routes) c.max_routes = n;
   }
   const int64_t K = H > I ? H : I, Mx = c.max_routes;
-  size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K);                   /* F0, F2 */
+  size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K); /* F0, F2 */
   each = kt_max_size(each, 3 * (size_t)(Mx * KT_BLOCK_N) * sizeof(float) +
-                            m->kern->gemm_scratch_bytes(KT_BLOCK_N, H));     /* F1 */
+                               m->kern->gemm_scratch_bytes(KT_BLOCK_N, H)); /* F1 */
   each = kt_max_size(each, (size_t)((T + Mx) * KT_BLOCK_N) * sizeof(float) +
-                            m->kern->gemm_scratch_bytes(KT_BLOCK_N, I));     /* F3 */
+                               m->kern->gemm_scratch_bytes(KT_BLOCK_N, I)); /* F3 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);
 

@@ -26,9 +26,9 @@ kt_status kt_routing_build(kt_routing *rt, void *mem, const int64_t *ids, const 
 /* What backward needs from one forward; owns two allocations. */
 typedef struct kt_saved {
   kt_routing rt;
-  const uint16_t *x;        /* [T, H]: a private copy when saved, the caller's otherwise */
-  uint16_t *g, *u;          /* [R, I] gate and up after the LoRA add, bf16 */
-  float *a_g, *a_u, *a_d;   /* [R, r] LoRA down-projections x A_g^T, x A_u^T, h A_d^T */
+  const uint16_t *x;      /* [T, H]: a private copy when saved, the caller's otherwise */
+  uint16_t *g, *u;        /* [R, I] gate and up after the LoRA add, bf16 */
+  float *a_g, *a_u, *a_d; /* [R, r] LoRA down-projections x A_g^T, x A_u^T, h A_d^T */
   void *routing_block, *state_block;
 } kt_saved;
 
@@ -41,12 +41,12 @@ struct kt_moe {
   float scale; /* lora_alpha / r */
   kt_pool *pool;
   const kt_kernels *kern;
-  void *packed[3];        /* gate, up, down: E packed matrices each */
+  void *packed[3];         /* gate, up, down: E packed matrices each */
   size_t packed_stride[3]; /* bytes between two experts' matrices */
   int loaded;
-  kt_saved **stack;       /* [max_cache_depth] */
+  kt_saved **stack; /* [max_cache_depth] */
   int32_t depth;
-  pthread_mutex_t lock;   /* one call at a time on an engine */
+  pthread_mutex_t lock; /* one call at a time on an engine */
 };
 
 /* Expert e's matrix of projection p (KT_GATE, KT_UP: [I, H]; KT_DOWN: [H, I]). */
@@ -65,17 +65,17 @@ kt_status kt_lora_check(const kt_lora *l, kt_error *err);
 /* ---- small LoRA products (portable; K or N is the rank r) -------------------------------- */
 
 /* C[m, j] += s * sum_c a[m, c] * B[n0 + j, c]   (a: [M, r] fp32, B: [*, r] bf16) */
-void kt_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
-                    int64_t n0, float s, float *c, int64_t ldc);
+void kt_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b, int64_t n0,
+                    float s, float *c, int64_t ldc);
 /* C[m, j] += s * sum_c a[m, c] * B[c, n0 + j]   (a: [M, r] fp32, B: [r, ldb] bf16) */
-void kt_lora_add_nn(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
-                    int64_t ldb, int64_t n0, float s, float *c, int64_t ldc);
+void kt_lora_add_nn(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b, int64_t ldb,
+                    int64_t n0, float s, float *c, int64_t ldc);
 /* out[c, j] = s * sum_m coef[m, c] * rowscale[m] * X[m, j]  -> [r, n]; rowscale may be NULL */
 void kt_outer_rn(int64_t M, int64_t r, int64_t n, const float *coef, const float *rowscale,
                  const float *x, int64_t ldx, float s, float *out);
 /* out[j, c] = s * sum_m D[m, j] * coef[m, c]  -> [n, r] */
-void kt_outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd,
-                 const float *coef, float s, float *out);
+void kt_outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd, const float *coef,
+                 float s, float *out);
 /* dst[i] = bf16(v[i]) or bf16(dst[i] + v[i]) */
 void kt_store_bf16(uint16_t *dst, const float *v, int64_t n, int accumulate);
 /* Rows of bf16 to fp32: out[m, j] = A[m, c0 + j] */

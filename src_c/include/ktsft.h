@@ -119,15 +119,15 @@ typedef struct kt_lora_grads {
 typedef enum kt_dtype { KT_DTYPE_F32 = 0, KT_DTYPE_BF16 = 1 } kt_dtype;
 
 typedef struct kt_forward_args {
-  int64_t num_tokens;         /* T, 1..max_len */
-  int32_t k;                  /* must equal num_experts_per_tok */
-  const int64_t *expert_ids;  /* [T, k]; -1 = no expert */
-  const float *weights;       /* [T, k] routing weights */
-  const uint16_t *input;      /* [T, H] bf16 */
-  void *output;               /* [T, H], overwritten */
-  kt_dtype output_dtype;      /* F32 or BF16 */
+  int64_t num_tokens;        /* T, 1..max_len */
+  int32_t k;                 /* must equal num_experts_per_tok */
+  const int64_t *expert_ids; /* [T, k]; -1 = no expert */
+  const float *weights;      /* [T, k] routing weights */
+  const uint16_t *input;     /* [T, H] bf16 */
+  void *output;              /* [T, H], overwritten */
+  kt_dtype output_dtype;     /* F32 or BF16 */
   kt_lora lora;
-  int save_for_backward;      /* push the state backward needs onto the stack */
+  int save_for_backward; /* push the state backward needs onto the stack */
 } kt_forward_args;
 
 typedef struct kt_backward_args {
@@ -136,8 +136,8 @@ typedef struct kt_backward_args {
   kt_dtype grad_output_dtype; /* BF16 or F32 */
   uint16_t *grad_input;       /* [T, H] bf16 */
   kt_lora_grads grads;
-  float *grad_weights;        /* [T, k], or NULL when not wanted */
-  int accumulate;             /* 0: overwrite every element; 1: add into the buffers */
+  float *grad_weights; /* [T, k], or NULL when not wanted */
+  int accumulate;      /* 0: overwrite every element; 1: add into the buffers */
   kt_lora lora;
 } kt_backward_args;
 

@@ -36,8 +36,8 @@ static size_t generic_gemm_scratch_bytes(int64_t n, int64_t k) {
   return (size_t)(nt > nn ? nt : nn) * sizeof(float);
 }
 
-static void generic_gemm_nt(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
-                            float *c, int64_t ldc, void *scratch) {
+static void generic_gemm_nt(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                            int64_t ldc, void *scratch) {
   const int64_t k = w->cols;
   float *wf = scratch;
   float *af = wf + n * k;
@@ -50,8 +50,8 @@ static void generic_gemm_nt(const kt_rows *a, const kt_packed *w, int64_t n0, in
   }
 }
 
-static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
-                            float *c, int64_t ldc, void *scratch) {
+static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                            int64_t ldc, void *scratch) {
   const int64_t k = w->rows, cols = w->cols;
   float *wf = scratch; /* W[:, n0:n0+n] as [k, n] */
   const uint16_t *wsrc = (const uint16_t *)w->data + n0;
