@@ -26,10 +26,21 @@ import os
 import types
 from typing import Callable
 
+from .config import MoESFTConfig
 from .gradients import LORA_NAMES
 from .pool import ThreadPool
 
 __all__ = ["CPUInfer", "moe"]
+
+_SIZE_FIELDS = (
+    "expert_num",
+    "num_experts_per_tok",
+    "hidden_size",
+    "intermediate_size",
+    "lora_rank",
+    "max_len",
+    "max_cache_depth",
+)
 
 
 class _Task:
@@ -123,30 +134,22 @@ class AMXBF16_SFT_MOE:  # noqa: N801 - the predecessor's name
         pool = config.pool
         if not isinstance(pool, ThreadPool):
             raise TypeError("config.pool must be set to CPUInfer.backend_")
-        c = {
-            n: _int(getattr(config, n), n)
-            for n in (
-                "expert_num",
-                "num_experts_per_tok",
-                "hidden_size",
-                "intermediate_size",
-                "lora_rank",
-                "max_len",
-                "max_cache_depth",
-            )
-        }
+        # The sizes get the Python API's checks (positive ints, < 2**31, a numeric alpha).
+        c = MoESFTConfig(
+            **{n: getattr(config, n) for n in _SIZE_FIELDS}, lora_alpha=config.lora_alpha
+        )
         self._config = config
-        self._k = c["num_experts_per_tok"]
+        self._k = c.num_experts_per_tok
         self._engine = _core.Engine(
             pool._native,
-            c["expert_num"],
-            c["num_experts_per_tok"],
-            c["hidden_size"],
-            c["intermediate_size"],
-            c["lora_rank"],
-            float(config.lora_alpha),
-            c["max_len"],
-            c["max_cache_depth"],
+            c.expert_num,
+            c.num_experts_per_tok,
+            c.hidden_size,
+            c.intermediate_size,
+            c.lora_rank,
+            c.lora_alpha,
+            c.max_len,
+            c.max_cache_depth,
             os.environ.get("KTSFT_ISA", "auto"),
         )
         self._lora = tuple(_int(getattr(config, n), n) for n in LORA_NAMES)
