@@ -189,21 +189,21 @@ static void b4_input(void *vc, int64_t item, int32_t worker) {
     kt_store_bf16(a->grad_input + t * H + h0, acc + t * nb, nb, a->accumulate);
 }
 
-/* Overwrite mode: experts without routes get zero gradients, padded routes a zero grad_w. */
-static void zero_unrouted(const kt_moe *m, const kt_routing *rt, const kt_backward_args *a) {
-  const size_t H = (size_t)m->cfg.hidden_size, I = (size_t)m->cfg.intermediate_size;
-  const size_t r = (size_t)m->cfg.lora_rank;
-  for (int32_t e = 0; e < m->cfg.expert_num; e++) {
-    if (rt->offset[e + 1] > rt->offset[e]) continue;
-    memset(a->grads.gate_a + e * r * H, 0, r * H * 2);
-    memset(a->grads.up_a + e * r * H, 0, r * H * 2);
-    memset(a->grads.gate_b + e * I * r, 0, I * r * 2);
-    memset(a->grads.up_b + e * I * r, 0, I * r * 2);
-    memset(a->grads.down_a + e * r * I, 0, r * I * 2);
-    memset(a->grads.down_b + e * H * r, 0, H * r * 2);
-  }
-  if (a->grad_weights)
-    memset(a->grad_weights, 0, (size_t)rt->num_tokens * (size_t)m->cfg.num_experts_per_tok * 4);
+/* Overwrite mode: an expert without routes gets zero gradients (one item per expert). */
+static void zero_unrouted(void *vc, int64_t e, int32_t worker) {
+  (void)worker;
+  const bwd_ctx *c = vc;
+  const kt_routing *rt = &c->st->rt;
+  if (rt->offset[e + 1] > rt->offset[e]) return;
+  const kt_lora_grads *g = &c->args->grads;
+  const size_t H = (size_t)c->m->cfg.hidden_size, I = (size_t)c->m->cfg.intermediate_size;
+  const size_t r = (size_t)c->m->cfg.lora_rank;
+  memset(g->gate_a + e * r * H, 0, r * H * 2);
+  memset(g->up_a + e * r * H, 0, r * H * 2);
+  memset(g->gate_b + e * I * r, 0, I * r * 2);
+  memset(g->up_b + e * I * r, 0, I * r * 2);
+  memset(g->down_a + e * r * I, 0, r * I * 2);
+  memset(g->down_b + e * H * r, 0, H * r * 2);
 }
 
 kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err) {
@@ -286,7 +286,11 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   }
   c.go = go_f32 ? c.go_converted : (const uint16_t *)args->grad_output;
 
-  if (!args->accumulate) zero_unrouted(m, rt, args);
+  if (!args->accumulate) {
+    kt_pool_parallel(m->pool, cfg->expert_num, zero_unrouted, &c);
+    if (args->grad_weights) /* padded routes keep 0; routed ones are written in B3 */
+      memset(args->grad_weights, 0, (size_t)(T * cfg->num_experts_per_tok) * sizeof(float));
+  }
   const int64_t n_active = rt->n_active;
   if (go_f32) kt_pool_parallel(m->pool, c.n_tblk, b0_convert_go, &c);
   kt_pool_parallel(m->pool, n_active, b1_q, &c);
