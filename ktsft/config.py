@@ -6,6 +6,16 @@ import numbers
 from dataclasses import dataclass
 
 QUANT_MODES = ("bf16", "int8")
+SIZE_FIELDS = (
+    "expert_num",
+    "num_experts_per_tok",
+    "hidden_size",
+    "intermediate_size",
+    "lora_rank",
+    "max_len",
+    "max_cache_depth",
+)
+"""The integer sizes of a layer, each checked to be in [1, 2**31)."""
 
 
 @dataclass(frozen=True)
@@ -45,15 +55,7 @@ class MoESFTConfig:
     quant: str = "bf16"
 
     def __post_init__(self):
-        for name in (
-            "expert_num",
-            "num_experts_per_tok",
-            "hidden_size",
-            "intermediate_size",
-            "lora_rank",
-            "max_len",
-            "max_cache_depth",
-        ):
+        for name in SIZE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -26,21 +26,11 @@ import os
 import types
 from typing import Callable
 
-from .config import MoESFTConfig
+from .config import SIZE_FIELDS, MoESFTConfig
 from .gradients import LORA_NAMES
 from .pool import ThreadPool
 
 __all__ = ["CPUInfer", "moe"]
-
-_SIZE_FIELDS = (
-    "expert_num",
-    "num_experts_per_tok",
-    "hidden_size",
-    "intermediate_size",
-    "lora_rank",
-    "max_len",
-    "max_cache_depth",
-)
 
 
 class _Task:
@@ -136,7 +126,7 @@ class AMXBF16_SFT_MOE:  # noqa: N801 - the predecessor's name
             raise TypeError("config.pool must be set to CPUInfer.backend_")
         # The sizes get the Python API's checks (positive ints, < 2**31, a numeric alpha).
         c = MoESFTConfig(
-            **{n: getattr(config, n) for n in _SIZE_FIELDS}, lora_alpha=config.lora_alpha
+            **{n: getattr(config, n) for n in SIZE_FIELDS}, lora_alpha=config.lora_alpha
         )
         self._config = config
         self._k = c.num_experts_per_tok
