@@ -1,5 +1,5 @@
 # Mirrors src_c/include/ktsft.h, the one public C header.
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t, uint32_t
 
 
 cdef extern from "ktsft.h" nogil:
@@ -42,6 +42,10 @@ cdef extern from "ktsft.h" nogil:
     void kt_pool_destroy(kt_pool *pool)
     int32_t kt_pool_num_threads(const kt_pool *pool)
 
+    ctypedef enum kt_quant:
+        KT_QUANT_BF16
+        KT_QUANT_INT8
+
     ctypedef struct kt_moe_config:
         int32_t expert_num
         int32_t num_experts_per_tok
@@ -52,6 +56,7 @@ cdef extern from "ktsft.h" nogil:
         int32_t max_len
         int32_t max_cache_depth
         kt_isa isa
+        kt_quant quant
 
     ctypedef struct kt_lora:
         const uint16_t *gate_a
@@ -72,6 +77,12 @@ cdef extern from "ktsft.h" nogil:
     ctypedef enum kt_dtype:
         KT_DTYPE_F32
         KT_DTYPE_BF16
+        KT_DTYPE_INT8
+
+    ctypedef struct kt_saved:
+        pass
+    void kt_saved_release(kt_saved *saved)
+    int64_t kt_saved_num_tokens(const kt_saved *saved)
 
     ctypedef struct kt_forward_args:
         int64_t num_tokens
@@ -83,6 +94,7 @@ cdef extern from "ktsft.h" nogil:
         kt_dtype output_dtype
         kt_lora lora
         int save_for_backward
+        kt_saved **saved_out
 
     ctypedef struct kt_backward_args:
         int64_t num_tokens
@@ -93,6 +105,24 @@ cdef extern from "ktsft.h" nogil:
         float *grad_weights
         int accumulate
         kt_lora lora
+        const kt_saved *saved
+
+    ctypedef struct kt_expert_weights:
+        kt_dtype dtype
+        const void *gate_proj
+        const void *up_proj
+        const void *down_proj
+        const float *gate_scale
+        const float *up_scale
+        const float *down_scale
+
+    ctypedef struct kt_expert_buffers:
+        void *gate_proj
+        void *up_proj
+        void *down_proj
+        float *gate_scale
+        float *up_scale
+        float *down_scale
 
     ctypedef struct kt_moe:
         pass
@@ -102,7 +132,12 @@ cdef extern from "ktsft.h" nogil:
     kt_status kt_moe_load_weights(kt_moe *moe, const uint16_t *gate_proj,
                                   const uint16_t *up_proj, const uint16_t *down_proj,
                                   kt_error *err)
+    kt_status kt_moe_load_experts(kt_moe *moe, int32_t first, int32_t count,
+                                  const kt_expert_weights *weights, kt_error *err)
+    kt_status kt_moe_read_experts(kt_moe *moe, int32_t first, int32_t count,
+                                  const kt_expert_buffers *out, kt_error *err)
     int kt_moe_weights_loaded(const kt_moe *moe)
+    int32_t kt_moe_experts_loaded(const kt_moe *moe)
     size_t kt_moe_packed_bytes(const kt_moe *moe)
     kt_isa kt_moe_isa(const kt_moe *moe)
     kt_status kt_moe_forward(kt_moe *moe, const kt_forward_args *args, kt_error *err)

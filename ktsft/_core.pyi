@@ -13,6 +13,15 @@ class Pool:
     @property
     def num_threads(self) -> int: ...
 
+class SavedState:
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def released(self) -> bool: ...
+    @property
+    def num_tokens(self) -> int: ...
+    def release(self) -> None: ...
+
 class Engine:
     def __init__(
         self,
@@ -26,8 +35,32 @@ class Engine:
         max_len: int,
         max_cache_depth: int,
         isa: str,
+        quant: str = "bf16",
     ) -> None: ...
     def load_weights(self, gate: int, up: int, down: int) -> None: ...
+    def load_experts(
+        self,
+        first: int,
+        count: int,
+        int8: bool,
+        gate: int,
+        up: int,
+        down: int,
+        gate_scale: int = 0,
+        up_scale: int = 0,
+        down_scale: int = 0,
+    ) -> None: ...
+    def read_experts(
+        self,
+        first: int,
+        count: int,
+        gate: int,
+        up: int,
+        down: int,
+        gate_scale: int = 0,
+        up_scale: int = 0,
+        down_scale: int = 0,
+    ) -> None: ...
     def forward(
         self,
         num_tokens: int,
@@ -39,7 +72,8 @@ class Engine:
         out_bf16: bool,
         lora: tuple[int, ...],
         save_for_backward: bool,
-    ) -> None: ...
+        handle: bool = False,
+    ) -> SavedState | None: ...
     def backward(
         self,
         num_tokens: int,
@@ -50,6 +84,7 @@ class Engine:
         grad_weights: int,
         accumulate: bool,
         lora: tuple[int, ...],
+        saved: SavedState | None = None,
     ) -> None: ...
     def cache_clear(self) -> None: ...
     @property
@@ -58,6 +93,8 @@ class Engine:
     def cache_top_tokens(self) -> int: ...
     @property
     def weights_loaded(self) -> bool: ...
+    @property
+    def experts_loaded(self) -> int: ...
     @property
     def packed_bytes(self) -> int: ...
     @property

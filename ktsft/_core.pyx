@@ -7,14 +7,15 @@ pointers and C status codes into Python exceptions.
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
 
 from ktsft._c_api cimport (
-    KT_DTYPE_BF16, KT_DTYPE_F32, KT_ERR_CACHE_EMPTY, KT_ERR_CACHE_FULL, KT_ERR_EXPERT_ID,
+    KT_DTYPE_BF16, KT_DTYPE_F32, KT_DTYPE_INT8, KT_QUANT_BF16, KT_QUANT_INT8, KT_ERR_CACHE_EMPTY, KT_ERR_CACHE_FULL, KT_ERR_EXPERT_ID,
     KT_ERR_INVALID_ARGUMENT, KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY,
     KT_ERR_WEIGHTS_NOT_LOADED, KT_ISA_COUNT, KT_OK, kt_backward_args, kt_status_string,
     kt_cpu_feature_name, kt_cpu_features, kt_error, kt_forward_args, kt_isa, kt_isa_available,
     kt_isa_best, kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_lora, kt_moe, kt_moe_backward,
     kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens, kt_moe_config, kt_moe_create,
     kt_moe_destroy, kt_moe_forward, kt_moe_isa, kt_moe_load_weights, kt_moe_packed_bytes,
-    kt_moe_weights_loaded, kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_status,
+    kt_moe_weights_loaded, kt_moe_experts_loaded, kt_moe_load_experts, kt_moe_read_experts,
+    kt_expert_weights, kt_expert_buffers, kt_saved, kt_saved_release, kt_saved_num_tokens, kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_status,
     kt_vec_sigmoid, kt_vec_silu,
 )
 
@@ -126,6 +127,30 @@ cdef kt_lora _lora(tuple p):
     return l
 
 
+cdef class SavedState:
+    """What one forward saved for its backward, owned by the caller instead of the engine's
+    stack; freed when released or garbage-collected."""
+    cdef kt_saved *ptr
+    cdef readonly Engine engine
+
+    def __dealloc__(self):
+        kt_saved_release(self.ptr)
+        self.ptr = NULL
+
+    def release(self):
+        """Frees the saved state now; later backward calls with it raise."""
+        kt_saved_release(self.ptr)
+        self.ptr = NULL
+
+    @property
+    def released(self):
+        return self.ptr is NULL
+
+    @property
+    def num_tokens(self):
+        return kt_saved_num_tokens(self.ptr)
+
+
 cdef class Engine:
     """One MoE layer's engine: packed base weights and the saved-state stack."""
     cdef kt_moe *ptr
@@ -133,7 +158,8 @@ cdef class Engine:
 
     def __cinit__(self, Pool pool, int32_t expert_num, int32_t num_experts_per_tok,
                   int32_t hidden_size, int32_t intermediate_size, int32_t lora_rank,
-                  float lora_alpha, int32_t max_len, int32_t max_cache_depth, str isa):
+                  float lora_alpha, int32_t max_len, int32_t max_cache_depth, str isa,
+                  str quant="bf16"):
         cdef kt_moe_config c
         cdef kt_error err
         c.expert_num = expert_num
@@ -145,6 +171,7 @@ cdef class Engine:
         c.max_len = max_len
         c.max_cache_depth = max_cache_depth
         c.isa = _resolve(isa)
+        c.quant = KT_QUANT_INT8 if quant == "int8" else KT_QUANT_BF16
         self.pool = pool
         cdef kt_status st = kt_moe_create(&c, pool.ptr, &self.ptr, &err)
         if st != KT_OK:
@@ -164,11 +191,52 @@ cdef class Engine:
         if st != KT_OK:
             _raise(st, &err)
 
+    def load_experts(self, int32_t first, int32_t count, bint int8, uintptr_t gate,
+                     uintptr_t up, uintptr_t down, uintptr_t gate_scale=0, uintptr_t up_scale=0,
+                     uintptr_t down_scale=0):
+        """Packs experts [first, first + count) from bf16 or int8 (+ per-row scales) arrays."""
+        cdef kt_expert_weights w
+        cdef kt_error err
+        cdef kt_status st
+        w.dtype = KT_DTYPE_INT8 if int8 else KT_DTYPE_BF16
+        w.gate_proj = <const void *>gate
+        w.up_proj = <const void *>up
+        w.down_proj = <const void *>down
+        w.gate_scale = <const float *>gate_scale
+        w.up_scale = <const float *>up_scale
+        w.down_scale = <const float *>down_scale
+        with nogil:
+            st = kt_moe_load_experts(self.ptr, first, count, &w, &err)
+        if st != KT_OK:
+            _raise(st, &err)
+
+    def read_experts(self, int32_t first, int32_t count, uintptr_t gate, uintptr_t up,
+                     uintptr_t down, uintptr_t gate_scale=0, uintptr_t up_scale=0,
+                     uintptr_t down_scale=0):
+        """Reads experts [first, first + count) back from the packed copy."""
+        cdef kt_expert_buffers b
+        cdef kt_error err
+        cdef kt_status st
+        b.gate_proj = <void *>gate
+        b.up_proj = <void *>up
+        b.down_proj = <void *>down
+        b.gate_scale = <float *>gate_scale
+        b.up_scale = <float *>up_scale
+        b.down_scale = <float *>down_scale
+        with nogil:
+            st = kt_moe_read_experts(self.ptr, first, count, &b, &err)
+        if st != KT_OK:
+            _raise(st, &err)
+
     def forward(self, int64_t num_tokens, int32_t k, uintptr_t expert_ids, uintptr_t weights,
-                uintptr_t x, uintptr_t out, bint out_bf16, tuple lora, bint save_for_backward):
+                uintptr_t x, uintptr_t out, bint out_bf16, tuple lora, bint save_for_backward,
+                bint handle=False):
+        """Runs one forward. With save_for_backward and handle, returns a SavedState instead of
+        pushing onto the engine's stack."""
         cdef kt_forward_args a
         cdef kt_error err
         cdef kt_status st
+        cdef kt_saved *saved = NULL
         a.num_tokens = num_tokens
         a.k = k
         a.expert_ids = <const int64_t *>expert_ids
@@ -178,14 +246,24 @@ cdef class Engine:
         a.output_dtype = KT_DTYPE_BF16 if out_bf16 else KT_DTYPE_F32
         a.lora = _lora(lora)
         a.save_for_backward = save_for_backward
+        a.saved_out = &saved if handle else NULL
         with nogil:
             st = kt_moe_forward(self.ptr, &a, &err)
         if st != KT_OK:
             _raise(st, &err)
+        if saved is NULL:
+            return None
+        cdef SavedState state = SavedState.__new__(SavedState)
+        state.ptr = saved
+        state.engine = self
+        return state
 
     def backward(self, int64_t num_tokens, uintptr_t grad_output, bint grad_output_f32,
                  uintptr_t grad_input, tuple grads, uintptr_t grad_weights, bint accumulate,
-                 tuple lora):
+                 tuple lora, SavedState saved=None):
+        """Runs one backward on ``saved``, or on the newest state of the stack (popped)."""
+        if saved is not None and saved.ptr is NULL:
+            raise ValueError("saved: this saved state was released")
         cdef kt_backward_args a
         cdef kt_error err
         cdef kt_status st
@@ -202,6 +280,7 @@ cdef class Engine:
         a.grad_weights = <float *>grad_weights
         a.accumulate = accumulate
         a.lora = _lora(lora)
+        a.saved = saved.ptr if saved is not None else NULL
         with nogil:
             st = kt_moe_backward(self.ptr, &a, &err)
         if st != KT_OK:
@@ -221,6 +300,10 @@ cdef class Engine:
     @property
     def weights_loaded(self):
         return bool(kt_moe_weights_loaded(self.ptr))
+
+    @property
+    def experts_loaded(self):
+        return kt_moe_experts_loaded(self.ptr)
 
     @property
     def packed_bytes(self):

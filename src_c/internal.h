@@ -89,23 +89,53 @@ static inline const uint16_t *kt_row(const kt_rows *a, int64_t m) {
   return a->base + (a->index ? (int64_t)a->index[m] : m) * a->ld;
 }
 
-/* A frozen [rows, cols] bf16 matrix in a family's packed layout. */
+/* Rows of per-row quantized int8 activations: row m is base + i * ld and its scale is
+ * scale[i], with i = index ? index[m] : m (value = int8 * scale). */
+typedef struct kt_rows_q8 {
+  const int8_t *base;
+  int64_t ld;
+  const int32_t *index;
+  int64_t count;
+  const float *scale;
+} kt_rows_q8;
+
+typedef enum kt_wtype { KT_WTYPE_BF16 = 0, KT_WTYPE_INT8 = 1 } kt_wtype;
+
+/* A frozen [rows, cols] matrix in a family's packed layout: bf16, or int8 with one fp32 scale
+ * per row (W[n, c] = q[n, c] * scale[n]). */
 typedef struct kt_packed {
   const void *data;
   int64_t rows, cols;
+  kt_wtype wtype;
+  const float *scale; /* [rows] for INT8; NULL for BF16 */
 } kt_packed;
+
+/* A row-major bf16 matrix in the caller's memory (LoRA tensors), as a GEMM operand of the generic
+ * family. */
+static inline kt_packed kt_bf16_matrix(const uint16_t *data, int64_t rows, int64_t cols) {
+  const kt_packed w = {data, rows, cols, KT_WTYPE_BF16, NULL};
+  return w;
+}
 
 typedef struct kt_kernels {
   kt_isa isa;
-  /* Bytes of one packed [rows, cols] matrix, and the packing itself. */
-  size_t (*packed_bytes)(int64_t rows, int64_t cols);
-  void (*pack)(void *dst, const uint16_t *src, int64_t rows, int64_t cols);
-  /* Scratch the two GEMMs need for outputs of at most n columns and reductions of length k. */
+  /* Bytes of one packed [rows, cols] matrix; packing from, and unpacking to, a row-major one
+   * (bf16 for KT_WTYPE_BF16, int8 for KT_WTYPE_INT8; scales are kept by the caller). */
+  size_t (*packed_bytes)(int64_t rows, int64_t cols, kt_wtype wtype);
+  void (*pack)(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype wtype);
+  void (*unpack)(void *dst, const void *packed, int64_t rows, int64_t cols, kt_wtype wtype);
+  /* Scratch any of the GEMMs needs for outputs of at most n columns and reductions of length
+   * k. */
   size_t (*gemm_scratch_bytes)(int64_t n, int64_t k);
-  /* "x W^T": C[m, j] = sum_c A[m, c] * W[n0 + j, c], m < A.count, j < n, c < W.cols. */
+  /* "x W^T", W bf16: C[m, j] = sum_c A[m, c] * W[n0 + j, c], m < A.count, j < n, c < W.cols. */
   void (*gemm_nt)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                   int64_t ldc, void *scratch);
-  /* "x W": C[m, j] = sum_c A[m, c] * W[c, n0 + j], m < A.count, j < n, c < W.rows. */
+  /* "x W^T", both int8: C[m, j] = sa[m] sw[n0 + j] sum_c qa[m, c] qw[n0 + j, c], the sum in
+   * int32. */
+  void (*gemm_nt_q8)(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                     int64_t ldc, void *scratch);
+  /* "x W", W bf16 or int8: C[m, j] = sum_c A[m, c] * W[c, n0 + j], m < A.count, j < n,
+   * c < W.rows. For int8, the row scale folds into A in fp32: sum_c (A[m, c] sw[c]) qw[c, n0+j]. */
   void (*gemm_nn)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                   int64_t ldc, void *scratch);
   void (*sigmoid)(const float *x, float *y, int64_t n);
@@ -120,6 +150,13 @@ const kt_kernels *kt_kernels_for(kt_isa isa);
 extern const kt_kernels kt_kernels_generic;
 void kt_act_generic_sigmoid(const float *x, float *y, int64_t n);
 void kt_act_generic_silu(const float *x, float *y, int64_t n);
+
+/* ---- int8 quantization (spec section 5) ------------------------------------------------ */
+
+/* One row, symmetric: scale = max|v| / 127, q = round_half_even(v / scale) clamped to +-127.
+ * A zero row gets scale 0 and q 0; a row holding NaN or Inf gets scale NaN (and q 0), so that the
+ * non-finite value propagates to every product with the row. Returns the scale. */
+float kt_quantize_row_bf16(const uint16_t *src, int64_t n, int8_t *q);
 
 /* ---- CPU ----------------------------------------------------------------------------------- */
 

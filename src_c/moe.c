@@ -22,6 +22,9 @@ kt_status kt_moe_create(const kt_moe_config *c, kt_pool *pool, kt_moe **out, kt_
     if (sizes[i].value <= 0)
       return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "%s must be > 0, got %d", sizes[i].name,
                      (int)sizes[i].value);
+  if (c->quant != KT_QUANT_BF16 && c->quant != KT_QUANT_INT8)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "quant must be bf16 or int8, got code %d",
+                   (int)c->quant);
   if (!(c->lora_alpha == c->lora_alpha))
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "lora_alpha must be a number, got NaN");
   /* Route and token indices are int32 in the engine. */
@@ -44,6 +47,7 @@ kt_status kt_moe_create(const kt_moe_config *c, kt_pool *pool, kt_moe **out, kt_
   m->scale = c->lora_alpha / (float)c->lora_rank;
   m->pool = pool;
   m->kern = kern;
+  m->wtype = c->quant == KT_QUANT_INT8 ? KT_WTYPE_INT8 : KT_WTYPE_BF16;
   m->stack = stack;
   pthread_mutex_init(&m->lock, NULL);
   *out = m;
@@ -53,70 +57,194 @@ kt_status kt_moe_create(const kt_moe_config *c, kt_pool *pool, kt_moe **out, kt_
 void kt_moe_destroy(kt_moe *m) {
   if (!m) return;
   drop_saved(m);
-  for (int p = 0; p < 3; p++) kt_free(m->packed[p]);
+  for (int p = 0; p < 3; p++) {
+    kt_free(m->packed[p]);
+    kt_free(m->scales[p]);
+  }
+  free(m->expert_loaded);
   pthread_mutex_destroy(&m->lock);
   free(m->stack);
   free(m);
 }
 
+static int64_t proj_rows(const kt_moe *m, int p) {
+  return p == KT_DOWN ? m->cfg.hidden_size : m->cfg.intermediate_size;
+}
+static int64_t proj_cols(const kt_moe *m, int p) {
+  return p == KT_DOWN ? m->cfg.intermediate_size : m->cfg.hidden_size;
+}
+static const char *const proj_name[3] = {"gate_proj", "up_proj", "down_proj"};
+
+/* The packed storage of all E experts, made at the first load. */
+static kt_status alloc_packed(kt_moe *m, kt_error *err) {
+  const size_t E = (size_t)m->cfg.expert_num;
+  size_t total = E;
+  for (int p = 0; p < 3; p++) {
+    m->packed_stride[p] =
+        kt_align_up(m->kern->packed_bytes(proj_rows(m, p), proj_cols(m, p), m->wtype));
+    m->packed[p] = kt_alloc(m->packed_stride[p] * E);
+    total += m->packed_stride[p] * E;
+    if (m->wtype == KT_WTYPE_INT8) {
+      m->scales[p] = kt_alloc(E * (size_t)proj_rows(m, p) * sizeof(float));
+      total += E * (size_t)proj_rows(m, p) * sizeof(float);
+    }
+  }
+  m->expert_loaded = calloc(E, 1);
+  int ok = m->expert_loaded != NULL;
+  for (int p = 0; p < 3; p++) ok &= m->packed[p] && (m->wtype != KT_WTYPE_INT8 || m->scales[p]);
+  if (ok) return KT_OK;
+  for (int p = 0; p < 3; p++) {
+    kt_free(m->packed[p]);
+    kt_free(m->scales[p]);
+    m->packed[p] = NULL;
+    m->scales[p] = NULL;
+  }
+  free(m->expert_loaded);
+  m->expert_loaded = NULL;
+  return kt_fail(err, KT_ERR_OUT_OF_MEMORY,
+                 "out of memory packing the base weights of %zu experts (%zu bytes)", E, total);
+}
+
 typedef struct pack_ctx {
   kt_moe *m;
-  void *dst[3];
-  const uint16_t *src[3];
+  int32_t first;
+  const kt_expert_weights *w;
+  int8_t *q8; /* bf16 into int8: one matrix per worker */
+  size_t q8_each;
 } pack_ctx;
 
 static void pack_one(void *vctx, int64_t item, int32_t worker) {
-  (void)worker;
   pack_ctx *ctx = vctx;
-  const kt_moe *m = ctx->m;
+  kt_moe *m = ctx->m;
   const int p = (int)(item % 3);
-  const int64_t e = item / 3;
-  const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
-  const int64_t rows = p == KT_DOWN ? H : I, cols = p == KT_DOWN ? I : H;
-  m->kern->pack((char *)ctx->dst[p] + (size_t)e * m->packed_stride[p],
-                ctx->src[p] + (size_t)e * (size_t)(rows * cols), rows, cols);
+  const int64_t i = item / 3, e = ctx->first + i;
+  const int64_t rows = proj_rows(m, p), cols = proj_cols(m, p);
+  const size_t n = (size_t)(rows * cols);
+  void *dst = (char *)m->packed[p] + (size_t)e * m->packed_stride[p];
+  const void *src[3] = {ctx->w->gate_proj, ctx->w->up_proj, ctx->w->down_proj};
+  if (m->wtype == KT_WTYPE_BF16) {
+    m->kern->pack(dst, (const uint16_t *)src[p] + (size_t)i * n, rows, cols, KT_WTYPE_BF16);
+    return;
+  }
+  float *scale = m->scales[p] + (size_t)e * (size_t)rows;
+  if (ctx->w->dtype == KT_DTYPE_INT8) {
+    const float *s[3] = {ctx->w->gate_scale, ctx->w->up_scale, ctx->w->down_scale};
+    memcpy(scale, s[p] + (size_t)i * (size_t)rows, (size_t)rows * sizeof(float));
+    m->kern->pack(dst, (const int8_t *)src[p] + (size_t)i * n, rows, cols, KT_WTYPE_INT8);
+    return;
+  }
+  int8_t *q = ctx->q8 + (size_t)worker * ctx->q8_each;
+  const uint16_t *w = (const uint16_t *)src[p] + (size_t)i * n;
+  for (int64_t r = 0; r < rows; r++)
+    scale[r] = kt_quantize_row_bf16(w + r * cols, cols, q + r * cols);
+  m->kern->pack(dst, q, rows, cols, KT_WTYPE_INT8);
+}
+
+kt_status kt_moe_load_experts(kt_moe *m, int32_t first, int32_t count, const kt_expert_weights *w,
+                              kt_error *err) {
+  const int32_t E = m->cfg.expert_num;
+  if (!w) return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "weights must be set");
+  if (first < 0 || count < 1 || first > E - count)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                   "experts [%d, %d) are outside [0, expert_num = %d) or empty", (int)first,
+                   (int)first + (int)count, (int)E);
+  const void *src[3] = {w->gate_proj, w->up_proj, w->down_proj};
+  for (int p = 0; p < 3; p++)
+    if (!src[p])
+      return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                     "gate_proj, up_proj and down_proj must all be set (got a null pointer for %s)",
+                     proj_name[p]);
+  if (w->dtype == KT_DTYPE_INT8) {
+    if (m->wtype != KT_WTYPE_INT8)
+      return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                     "int8 base weights need quant = int8; this engine stores bf16");
+    const float *sc[3] = {w->gate_scale, w->up_scale, w->down_scale};
+    for (int p = 0; p < 3; p++)
+      if (!sc[p])
+        return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                       "int8 %s needs its per-row scales (got a null pointer)", proj_name[p]);
+  } else if (w->dtype != KT_DTYPE_BF16) {
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "base weights must be bfloat16 or int8");
+  }
+  pack_ctx ctx = {.m = m, .first = first, .w = w};
+  if (m->wtype == KT_WTYPE_INT8 && w->dtype == KT_DTYPE_BF16) {
+    const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
+    ctx.q8_each = kt_align_up((size_t)(H * I));
+    ctx.q8 = kt_alloc(ctx.q8_each * (size_t)kt_pool_num_threads(m->pool));
+    if (!ctx.q8)
+      return kt_fail(err, KT_ERR_OUT_OF_MEMORY, "out of memory quantizing the base weights");
+  }
+  pthread_mutex_lock(&m->lock);
+  kt_status s = m->packed[0] ? KT_OK : alloc_packed(m, err);
+  if (s == KT_OK) {
+    kt_pool_parallel(m->pool, 3 * (int64_t)count, pack_one, &ctx);
+    for (int32_t e = first; e < first + count; e++) {
+      m->n_loaded += !m->expert_loaded[e];
+      m->expert_loaded[e] = 1;
+    }
+  }
+  pthread_mutex_unlock(&m->lock);
+  kt_free(ctx.q8);
+  return s;
 }
 
 kt_status kt_moe_load_weights(kt_moe *m, const uint16_t *gate, const uint16_t *up,
                               const uint16_t *down, kt_error *err) {
-  if (!gate || !up || !down)
+  const kt_expert_weights w = {
+      .dtype = KT_DTYPE_BF16, .gate_proj = gate, .up_proj = up, .down_proj = down};
+  return kt_moe_load_experts(m, 0, m->cfg.expert_num, &w, err);
+}
+
+kt_status kt_moe_read_experts(kt_moe *m, int32_t first, int32_t count, const kt_expert_buffers *out,
+                              kt_error *err) {
+  const int32_t E = m->cfg.expert_num;
+  if (!out) return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "output buffers must be set");
+  if (first < 0 || count < 1 || first > E - count)
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
-                   "gate_proj, up_proj and down_proj must all be set (got a null pointer for %s)",
-                   !gate ? "gate_proj"
-                   : !up ? "up_proj"
-                         : "down_proj");
-  const int64_t E = m->cfg.expert_num, H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
-  pack_ctx ctx = {.m = m, .src = {gate, up, down}};
-  size_t stride[3];
+                   "experts [%d, %d) are outside [0, expert_num = %d) or empty", (int)first,
+                   (int)first + (int)count, (int)E);
+  void *dst[3] = {out->gate_proj, out->up_proj, out->down_proj};
+  float *sc[3] = {out->gate_scale, out->up_scale, out->down_scale};
+  for (int p = 0; p < 3; p++)
+    if (!dst[p] || (m->wtype == KT_WTYPE_INT8 && !sc[p]))
+      return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "the buffer for %s%s is a null pointer",
+                     proj_name[p], dst[p] ? " scales" : "");
+  pthread_mutex_lock(&m->lock);
+  for (int32_t e = first; e < first + count; e++) {
+    if (m->expert_loaded && m->expert_loaded[e]) continue;
+    pthread_mutex_unlock(&m->lock);
+    return kt_fail(err, KT_ERR_WEIGHTS_NOT_LOADED, "Weights not loaded: expert %d has no weights",
+                   (int)e);
+  }
+  const size_t elt = m->wtype == KT_WTYPE_INT8 ? 1 : 2;
   for (int p = 0; p < 3; p++) {
-    stride[p] =
-        kt_align_up(p == KT_DOWN ? m->kern->packed_bytes(H, I) : m->kern->packed_bytes(I, H));
-    ctx.dst[p] = kt_alloc(stride[p] * (size_t)E);
-    if (!ctx.dst[p]) {
-      for (int q = 0; q < p; q++) kt_free(ctx.dst[q]);
-      return kt_fail(err, KT_ERR_OUT_OF_MEMORY,
-                     "out of memory packing the base weights: %zu bytes per projection",
-                     stride[p] * (size_t)E);
+    const int64_t rows = proj_rows(m, p), cols = proj_cols(m, p);
+    for (int32_t i = 0; i < count; i++) {
+      const size_t e = (size_t)(first + i);
+      m->kern->unpack((char *)dst[p] + (size_t)i * (size_t)(rows * cols) * elt,
+                      (const char *)m->packed[p] + e * m->packed_stride[p], rows, cols, m->wtype);
+      if (m->wtype == KT_WTYPE_INT8)
+        memcpy(sc[p] + (size_t)i * (size_t)rows, m->scales[p] + e * (size_t)rows,
+               (size_t)rows * sizeof(float));
     }
   }
-  pthread_mutex_lock(&m->lock);
-  for (int p = 0; p < 3; p++) {
-    kt_free(m->packed[p]);
-    m->packed[p] = ctx.dst[p];
-    m->packed_stride[p] = stride[p];
-  }
-  kt_pool_parallel(m->pool, 3 * E, pack_one, &ctx);
-  m->loaded = 1;
   pthread_mutex_unlock(&m->lock);
   return KT_OK;
 }
 
-int kt_moe_weights_loaded(const kt_moe *m) { return m->loaded; }
+int kt_moe_weights_loaded(const kt_moe *m) { return m->n_loaded == m->cfg.expert_num; }
+
+int32_t kt_moe_experts_loaded(const kt_moe *m) { return m->n_loaded; }
 
 size_t kt_moe_packed_bytes(const kt_moe *m) {
-  return m->loaded ? (m->packed_stride[0] + m->packed_stride[1] + m->packed_stride[2]) *
-                         (size_t)m->cfg.expert_num
-                   : 0;
+  if (!m->packed[0]) return 0;
+  const size_t E = (size_t)m->cfg.expert_num;
+  size_t bytes = 0;
+  for (int p = 0; p < 3; p++) {
+    bytes += m->packed_stride[p] * E;
+    if (m->scales[p]) bytes += E * (size_t)proj_rows(m, p) * sizeof(float);
+  }
+  return bytes;
 }
 
 kt_isa kt_moe_isa(const kt_moe *m) { return m->cfg.isa; }
@@ -134,7 +262,9 @@ kt_status kt_lora_check(const kt_lora *l, kt_error *err) {
   return KT_OK;
 }
 
-void kt_saved_free(kt_saved *s) {
+int64_t kt_saved_num_tokens(const kt_saved *s) { return s ? s->rt.num_tokens : 0; }
+
+void kt_saved_release(kt_saved *s) {
   if (!s) return;
   kt_free(s->routing_block);
   kt_free(s->state_block);
@@ -148,7 +278,7 @@ int64_t kt_moe_cache_top_tokens(const kt_moe *m) {
 }
 
 static void drop_saved(kt_moe *m) {
-  while (m->depth > 0) kt_saved_free(m->stack[--m->depth]);
+  while (m->depth > 0) kt_saved_release(m->stack[--m->depth]);
 }
 
 void kt_moe_cache_clear(kt_moe *m) {

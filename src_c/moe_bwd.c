@@ -51,7 +51,7 @@ static void b1_q(void *vc, int64_t item, int32_t worker) {
   const int32_t e = rt->active[item];
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   const kt_rows go = {c->go, H, rt->token + off, M};
-  const kt_packed bd = {c->args->lora.down_b + e * H * r, H, r};
+  const kt_packed bd = kt_bf16_matrix(c->args->lora.down_b + e * H * r, H, r);
   kt_kernels_generic.gemm_nn(&go, &bd, 0, r, c->q + off * r, r, worker_scratch(c, worker));
 }
 
@@ -121,7 +121,8 @@ static void b3_lora_b_and_weights(void *vc, int64_t item, int32_t worker) {
   const int32_t e = rt->active[item];
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   const kt_rows dg = {c->dg + off * I, I, NULL, M}, du = {c->du + off * I, I, NULL, M};
-  const kt_packed bg = {a->lora.gate_b + e * I * r, I, r}, bu = {a->lora.up_b + e * I * r, I, r};
+  const kt_packed bg = kt_bf16_matrix(a->lora.gate_b + e * I * r, I, r),
+                  bu = kt_bf16_matrix(a->lora.up_b + e * I * r, I, r);
   kt_kernels_generic.gemm_nn(&dg, &bg, 0, r, c->b_g + off * r, r, worker_scratch(c, worker));
   kt_kernels_generic.gemm_nn(&du, &bu, 0, r, c->b_u + off * r, r, worker_scratch(c, worker));
   if (!a->grad_weights) return;
@@ -220,18 +221,23 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   kt_status s = kt_lora_check(&args->lora, err);
   if (s != KT_OK) return s;
 
+  if (args->saved && args->saved->owner != m)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                   "saved: the saved state comes from the forward of another engine");
   pthread_mutex_lock(&m->lock);
-  if (!m->loaded || m->depth == 0) {
+  if (!kt_moe_weights_loaded(m) || (!args->saved && m->depth == 0)) {
     pthread_mutex_unlock(&m->lock);
-    if (!m->loaded)
+    if (!kt_moe_weights_loaded(m))
       return kt_fail(err, KT_ERR_WEIGHTS_NOT_LOADED,
-                     "Weights not loaded: call load_weights before backward");
+                     "Weights not loaded: %d of %d experts loaded; load the base weights before "
+                     "backward",
+                     (int)m->n_loaded, (int)cfg->expert_num);
     return kt_fail(err, KT_ERR_CACHE_EMPTY,
                    "backward without a saved forward: the saved-state stack is empty "
                    "(max_cache_depth = %d); run forward with save_for_backward=True first",
                    (int)cfg->max_cache_depth);
   }
-  const kt_saved *st = m->stack[m->depth - 1];
+  const kt_saved *st = args->saved ? args->saved : m->stack[m->depth - 1];
   const kt_routing *rt = &st->rt;
   const int64_t T = rt->num_tokens, R = rt->num_routes;
   if (args->num_tokens != T) {
@@ -299,7 +305,7 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   kt_pool_parallel(m->pool, c.n_hblk, b4_input, &c);
 
   kt_free(wa.base);
-  kt_saved_free(m->stack[--m->depth]);
+  if (!args->saved) kt_saved_release(m->stack[--m->depth]);
   pthread_mutex_unlock(&m->lock);
   return KT_OK;
 }

@@ -1,10 +1,13 @@
 /* moe_fwd.c - the forward pass (spec section 3) in four parallel phases:
  *
  *   F0  per expert            a_g = x A_g^T, a_u = x A_u^T                    [R_e, r]
+ *                             (int8: x quantized per token first, per token block)
  *   F1  per expert, I block   g, u = x W^T + s a B^T (bf16); h = silu(g) u (bf16)
  *   F2  per expert            a_d = h A_d^T                                    [R_e, r]
+ *                             (int8: h quantized per route)
  *   F3  per H block           out[t] = sum over routes of w * (h W_d^T + s a_d B_d^T)
  *
+ * In int8 mode the base-weight GEMMs take the per-row quantized x and h (spec section 5).
  * Every output element is written by exactly one work item, which sums in a fixed order (F3
  * walks the experts in ascending order), so results do not depend on the number of threads. */
 #include <inttypes.h>
@@ -16,17 +19,28 @@ typedef struct fwd_ctx {
   const kt_moe *m;
   const kt_saved *st;
   const kt_lora *lora;
-  uint16_t *h; /* [R, I] */
+  uint16_t *h;     /* [R, I] */
+  int8_t *xq, *hq; /* int8 mode: [T, H] and [R, I], one scale per row in xs, hs */
+  float *xs, *hs;
   void *out;
   kt_dtype out_dtype;
   int64_t max_routes; /* largest R_e */
-  int64_t n_iblk, n_hblk;
+  int64_t n_iblk, n_hblk, n_tblk;
   char *scratch;
   size_t scratch_each;
 } fwd_ctx;
 
 static float *worker_scratch(const fwd_ctx *c, int32_t worker) {
   return (float *)(c->scratch + (size_t)worker * c->scratch_each);
+}
+
+static void fq_quantize_x(void *vc, int64_t item, int32_t worker) {
+  (void)worker;
+  const fwd_ctx *c = vc;
+  const int64_t H = c->m->cfg.hidden_size, T = c->st->rt.num_tokens;
+  const int64_t t0 = item * KT_BLOCK_N, nt = kt_block_len(T, t0);
+  for (int64_t t = t0; t < t0 + nt; t++)
+    c->xs[t] = kt_quantize_row_bf16(c->st->x + t * H, H, c->xq + t * H);
 }
 
 static void f0_lora_a(void *vc, int64_t item, int32_t worker) {
@@ -37,7 +51,8 @@ static void f0_lora_a(void *vc, int64_t item, int32_t worker) {
   const int32_t e = rt->active[item];
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   const kt_rows x = {c->st->x, H, rt->token + off, M};
-  const kt_packed ag = {c->lora->gate_a + e * r * H, r, H}, au = {c->lora->up_a + e * r * H, r, H};
+  const kt_packed ag = kt_bf16_matrix(c->lora->gate_a + e * r * H, r, H),
+                  au = kt_bf16_matrix(c->lora->up_a + e * r * H, r, H);
   kt_kernels_generic.gemm_nt(&x, &ag, 0, r, c->st->a_g + off * r, r, worker_scratch(c, worker));
   kt_kernels_generic.gemm_nt(&x, &au, 0, r, c->st->a_u + off * r, r, worker_scratch(c, worker));
 }
@@ -56,8 +71,14 @@ static void f1_gate_up(void *vc, int64_t item, int32_t worker) {
   float *gt = worker_scratch(c, worker), *ut = gt + M * nb, *ht = ut + M * nb;
   void *gemm_scratch = ht + M * nb;
   const kt_packed wg = kt_moe_weight(m, KT_GATE, e), wu = kt_moe_weight(m, KT_UP, e);
-  m->kern->gemm_nt(&x, &wg, i0, nb, gt, nb, gemm_scratch);
-  m->kern->gemm_nt(&x, &wu, i0, nb, ut, nb, gemm_scratch);
+  if (c->xq) {
+    const kt_rows_q8 xq = {c->xq, H, rt->token + off, M, c->xs};
+    m->kern->gemm_nt_q8(&xq, &wg, i0, nb, gt, nb, gemm_scratch);
+    m->kern->gemm_nt_q8(&xq, &wu, i0, nb, ut, nb, gemm_scratch);
+  } else {
+    m->kern->gemm_nt(&x, &wg, i0, nb, gt, nb, gemm_scratch);
+    m->kern->gemm_nt(&x, &wu, i0, nb, ut, nb, gemm_scratch);
+  }
   kt_lora_add_nt(M, nb, r, st->a_g + off * r, c->lora->gate_b + e * I * r, i0, m->scale, gt, nb);
   kt_lora_add_nt(M, nb, r, st->a_u + off * r, c->lora->up_b + e * I * r, i0, m->scale, ut, nb);
   for (int64_t i = 0; i < M * nb; i++) {
@@ -84,8 +105,11 @@ static void f2_lora_down_a(void *vc, int64_t item, int32_t worker) {
   const int32_t e = rt->active[item];
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   const kt_rows h = {c->h + off * I, I, NULL, M};
-  const kt_packed ad = {c->lora->down_a + e * r * I, r, I};
+  const kt_packed ad = kt_bf16_matrix(c->lora->down_a + e * r * I, r, I);
   kt_kernels_generic.gemm_nt(&h, &ad, 0, r, c->st->a_d + off * r, r, worker_scratch(c, worker));
+  if (c->hq)
+    for (int64_t i = off; i < off + M; i++)
+      c->hs[i] = kt_quantize_row_bf16(c->h + i * I, I, c->hq + i * I);
 }
 
 static void f3_down(void *vc, int64_t item, int32_t worker) {
@@ -104,7 +128,12 @@ static void f3_down(void *vc, int64_t item, int32_t worker) {
     const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
     const kt_rows h = {c->h + off * I, I, NULL, M};
     const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
-    m->kern->gemm_nt(&h, &wd, h0, nb, yt, nb, gemm_scratch);
+    if (c->hq) {
+      const kt_rows_q8 hq = {c->hq + off * I, I, NULL, M, c->hs + off};
+      m->kern->gemm_nt_q8(&hq, &wd, h0, nb, yt, nb, gemm_scratch);
+    } else {
+      m->kern->gemm_nt(&h, &wd, h0, nb, yt, nb, gemm_scratch);
+    }
     kt_lora_add_nt(M, nb, r, st->a_d + off * r, c->lora->down_b + e * H * r, h0, m->scale, yt, nb);
     for (int64_t mm = 0; mm < M; mm++) {
       const float w = rt->weight[off + mm];
@@ -126,9 +155,11 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   const kt_moe_config *cfg = &m->cfg;
   const int64_t T = args->num_tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
   const int64_t r = cfg->lora_rank;
-  if (!m->loaded)
+  if (!kt_moe_weights_loaded(m))
     return kt_fail(err, KT_ERR_WEIGHTS_NOT_LOADED,
-                   "Weights not loaded: call load_weights before forward");
+                   "Weights not loaded: %d of %d experts loaded; load the base weights before "
+                   "forward",
+                   (int)m->n_loaded, (int)cfg->expert_num);
   if (T < 1 || T > cfg->max_len)
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
                    "number of tokens must be in 1..max_len (max_len = %d), got %" PRId64,
@@ -150,7 +181,8 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
 
   pthread_mutex_lock(&m->lock);
   const int save = args->save_for_backward != 0;
-  if (save && m->depth >= cfg->max_cache_depth) {
+  const int to_stack = save && !args->saved_out;
+  if (to_stack && m->depth >= cfg->max_cache_depth) {
     pthread_mutex_unlock(&m->lock);
     return kt_fail(err, KT_ERR_CACHE_FULL,
                    "saved-state stack is full: %d forward(s) saved for backward and "
@@ -158,16 +190,17 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
                    (int)m->depth, (int)cfg->max_cache_depth);
   }
   kt_saved *st = calloc(1, sizeof *st);
+  if (st) st->owner = m;
   if (st) st->routing_block = kt_alloc(kt_routing_bytes(T, args->k, cfg->expert_num));
   if (!st || !st->routing_block) {
-    kt_saved_free(st);
+    kt_saved_release(st);
     pthread_mutex_unlock(&m->lock);
     return kt_fail(err, KT_ERR_OUT_OF_MEMORY, "out of memory routing %" PRId64 " tokens", T);
   }
   s = kt_routing_build(&st->rt, st->routing_block, args->expert_ids, args->weights, T, args->k,
                        cfg->expert_num, err);
   if (s != KT_OK) {
-    kt_saved_free(st);
+    kt_saved_release(st);
     pthread_mutex_unlock(&m->lock);
     return s;
   }
@@ -179,7 +212,9 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
                .out = args->output,
                .out_dtype = args->output_dtype,
                .n_iblk = (I + KT_BLOCK_N - 1) / KT_BLOCK_N,
-               .n_hblk = (H + KT_BLOCK_N - 1) / KT_BLOCK_N};
+               .n_hblk = (H + KT_BLOCK_N - 1) / KT_BLOCK_N,
+               .n_tblk = (T + KT_BLOCK_N - 1) / KT_BLOCK_N};
+  const int q8 = m->wtype == KT_WTYPE_INT8;
   for (int32_t a = 0; a < rt->n_active; a++) {
     const int32_t e = rt->active[a];
     const int64_t n = rt->offset[e + 1] - rt->offset[e];
@@ -204,6 +239,10 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
     st->a_u = kt_arena_take(&sa, (size_t)(R * r) * 4);
     st->a_d = kt_arena_take(&sa, (size_t)(R * r) * 4);
     c.h = kt_arena_take(&ta, (size_t)(R * I) * 2);
+    c.xq = q8 ? kt_arena_take(&ta, (size_t)(T * H)) : NULL;
+    c.xs = q8 ? kt_arena_take(&ta, (size_t)T * 4) : NULL;
+    c.hq = q8 ? kt_arena_take(&ta, (size_t)(R * I)) : NULL;
+    c.hs = q8 ? kt_arena_take(&ta, (size_t)R * 4) : NULL;
     c.scratch = kt_arena_take(&ta, c.scratch_each * (size_t)nthreads);
     st->x = save ? x : args->input;
     if (pass == 0) {
@@ -211,7 +250,7 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
       ta.base = kt_alloc(ta.used);
       if ((sa.used && !sa.base) || !ta.base) {
         kt_free(ta.base);
-        kt_saved_free(st);
+        kt_saved_release(st);
         pthread_mutex_unlock(&m->lock);
         return kt_fail(err, KT_ERR_OUT_OF_MEMORY,
                        "out of memory for the forward of %" PRId64 " tokens (%zu bytes)", T,
@@ -223,16 +262,19 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   if (save) memcpy((void *)st->x, args->input, (size_t)(T * H) * 2);
 
   const int64_t n_active = rt->n_active;
+  if (q8) kt_pool_parallel(m->pool, c.n_tblk, fq_quantize_x, &c);
   kt_pool_parallel(m->pool, n_active, f0_lora_a, &c);
   kt_pool_parallel(m->pool, n_active * c.n_iblk, f1_gate_up, &c);
   kt_pool_parallel(m->pool, n_active, f2_lora_down_a, &c);
   kt_pool_parallel(m->pool, c.n_hblk, f3_down, &c);
 
   kt_free(ta.base);
-  if (save)
+  if (to_stack)
     m->stack[m->depth++] = st;
+  else if (save)
+    *args->saved_out = st;
   else
-    kt_saved_free(st);
+    kt_saved_release(st);
   pthread_mutex_unlock(&m->lock);
   return KT_OK;
 }

@@ -24,15 +24,14 @@ kt_status kt_routing_build(kt_routing *rt, void *mem, const int64_t *ids, const 
                            int64_t num_tokens, int32_t k, int32_t expert_num, kt_error *err);
 
 /* What backward needs from one forward; owns two allocations. */
-typedef struct kt_saved {
+struct kt_saved {
+  const kt_moe *owner;
   kt_routing rt;
   const uint16_t *x;      /* [T, H]: a private copy when saved, the caller's otherwise */
   uint16_t *g, *u;        /* [R, I] gate and up after the LoRA add, bf16 */
   float *a_g, *a_u, *a_d; /* [R, r] LoRA down-projections x A_g^T, x A_u^T, h A_d^T */
   void *routing_block, *state_block;
-} kt_saved;
-
-void kt_saved_free(kt_saved *s);
+};
 
 enum { KT_GATE = 0, KT_UP = 1, KT_DOWN = 2 };
 
@@ -41,9 +40,12 @@ struct kt_moe {
   float scale; /* lora_alpha / r */
   kt_pool *pool;
   const kt_kernels *kern;
-  void *packed[3];         /* gate, up, down: E packed matrices each */
+  kt_wtype wtype;          /* KT_WTYPE_INT8 in KT_QUANT_INT8 mode */
+  void *packed[3];         /* gate, up, down: E packed matrices each, allocated at first load */
   size_t packed_stride[3]; /* bytes between two experts' matrices */
-  int loaded;
+  float *scales[3];        /* int8: [E, rows] per-row scales */
+  uint8_t *expert_loaded;  /* [E] */
+  int32_t n_loaded;
   kt_saved **stack; /* [max_cache_depth] */
   int32_t depth;
   pthread_mutex_t lock; /* one call at a time on an engine */
@@ -52,11 +54,13 @@ struct kt_moe {
 /* Expert e's matrix of projection p (KT_GATE, KT_UP: [I, H]; KT_DOWN: [H, I]). */
 static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
   const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
-  kt_packed w = {(const char *)m->packed[p] + (size_t)e * m->packed_stride[p], I, H};
+  kt_packed w = {(const char *)m->packed[p] + (size_t)e * m->packed_stride[p], I, H, m->wtype,
+                 NULL};
   if (p == KT_DOWN) {
     w.rows = H;
     w.cols = I;
   }
+  if (m->wtype == KT_WTYPE_INT8) w.scale = m->scales[p] + (size_t)e * (size_t)w.rows;
   return w;
 }
 

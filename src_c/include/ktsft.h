@@ -5,9 +5,9 @@
  * LoRA gradients, the routing-weight gradient), a LIFO stack of saved forward state, and a
  * native thread pool. Shapes and the math are those of the project's spec (sections 2 and 3):
  *
- *   gate_proj, up_proj [E, I, H]  down_proj [E, H, I]                    bf16, packed at load
- *   gate/up_lora_a [E, r, H]  gate/up_lora_b [E, I, r]
- *   down_lora_a [E, r, I]  down_lora_b [E, H, r]                        bf16, read at every call
+ *   gate_proj, up_proj [E, I, H]  down_proj [E, H, I]                    bf16 or int8, packed at
+ * load gate/up_lora_a [E, r, H]  gate/up_lora_b [E, I, r] down_lora_a [E, r, I]  down_lora_b [E, H,
+ * r]                        bf16, read at every call
  *
  * bf16 values travel as uint16_t bit patterns. Every function that can fail returns a kt_status
  * and, when `err` is not NULL, writes a message that names the argument and what was expected.
@@ -94,6 +94,12 @@ int32_t kt_pool_num_threads(const kt_pool *pool);
 
 /* ---- the MoE engine ------------------------------------------------------------------------ */
 
+/* How the engine stores the frozen base weights (spec section 5). */
+typedef enum kt_quant {
+  KT_QUANT_BF16 = 0, /* as given */
+  KT_QUANT_INT8 = 1  /* int8, one fp32 scale per output row, quantized at load */
+} kt_quant;
+
 typedef struct kt_moe_config {
   int32_t expert_num;          /* E */
   int32_t num_experts_per_tok; /* k */
@@ -104,6 +110,7 @@ typedef struct kt_moe_config {
   int32_t max_len;             /* largest T of one call */
   int32_t max_cache_depth;     /* saved forward states that may be pending at once */
   kt_isa isa;                  /* kernel family; must be available */
+  kt_quant quant;              /* base-weight storage */
 } kt_moe_config;
 
 /* The six LoRA tensors, in the caller's memory (contiguous, bf16, spec section 2 shapes). */
@@ -116,7 +123,13 @@ typedef struct kt_lora_grads {
   uint16_t *gate_a, *gate_b, *up_a, *up_b, *down_a, *down_b;
 } kt_lora_grads;
 
-typedef enum kt_dtype { KT_DTYPE_F32 = 0, KT_DTYPE_BF16 = 1 } kt_dtype;
+typedef enum kt_dtype { KT_DTYPE_F32 = 0, KT_DTYPE_BF16 = 1, KT_DTYPE_INT8 = 2 } kt_dtype;
+
+/* Saved forward state owned by the caller (see kt_forward_args.saved_out). */
+typedef struct kt_saved kt_saved;
+void kt_saved_release(kt_saved *saved);
+/* Tokens of the forward a handle was saved from. */
+int64_t kt_saved_num_tokens(const kt_saved *saved);
 
 typedef struct kt_forward_args {
   int64_t num_tokens;        /* T, 1..max_len */
@@ -127,11 +140,15 @@ typedef struct kt_forward_args {
   void *output;              /* [T, H], overwritten */
   kt_dtype output_dtype;     /* F32 or BF16 */
   kt_lora lora;
-  int save_for_backward; /* push the state backward needs onto the stack */
+  int save_for_backward; /* keep the state backward needs: */
+  /* NULL: push it onto the engine's LIFO stack (max_cache_depth entries at most).
+   * Otherwise: hand it to the caller in *saved_out, outside the stack and its depth limit; the
+   * caller passes it to backward and frees it with kt_saved_release. */
+  kt_saved **saved_out;
 } kt_forward_args;
 
 typedef struct kt_backward_args {
-  int64_t num_tokens;         /* T of the popped forward (checked) */
+  int64_t num_tokens;         /* T of the saved forward (checked) */
   const void *grad_output;    /* [T, H] */
   kt_dtype grad_output_dtype; /* BF16 or F32 */
   uint16_t *grad_input;       /* [T, H] bf16 */
@@ -139,7 +156,27 @@ typedef struct kt_backward_args {
   float *grad_weights; /* [T, k], or NULL when not wanted */
   int accumulate;      /* 0: overwrite every element; 1: add into the buffers */
   kt_lora lora;
+  /* NULL: pop the newest state of the stack. Otherwise a handle from forward's saved_out, which
+   * stays valid (backward may run on it again) until kt_saved_release. */
+  const kt_saved *saved;
 } kt_backward_args;
+
+/* Base weights of `count` consecutive experts, as the caller holds them (row-major):
+ *   BF16: gate_proj, up_proj [count, I, H], down_proj [count, H, I] bf16; scales unused.
+ *   INT8: the same shapes in int8 plus their per-row scales gate_scale, up_scale [count, I] and
+ *         down_scale [count, H] (float32): weight = int8 value * scale of its row. */
+typedef struct kt_expert_weights {
+  kt_dtype dtype; /* KT_DTYPE_BF16 or KT_DTYPE_INT8 */
+  const void *gate_proj, *up_proj, *down_proj;
+  const float *gate_scale, *up_scale, *down_scale;
+} kt_expert_weights;
+
+/* Caller buffers the packed base weights are read back into, shapes as in kt_expert_weights:
+ * bf16 in KT_QUANT_BF16 mode, int8 plus scales in KT_QUANT_INT8 mode. */
+typedef struct kt_expert_buffers {
+  void *gate_proj, *up_proj, *down_proj;
+  float *gate_scale, *up_scale, *down_scale;
+} kt_expert_buffers;
 
 typedef struct kt_moe kt_moe;
 
@@ -147,17 +184,29 @@ typedef struct kt_moe kt_moe;
 kt_status kt_moe_create(const kt_moe_config *config, kt_pool *pool, kt_moe **out, kt_error *err);
 void kt_moe_destroy(kt_moe *moe);
 
-/* Packs the three base weights into the engine's own layout; the caller may free them after. */
+/* Packs the bf16 base weights of all E experts into the engine's own layout (quantizing them in
+ * KT_QUANT_INT8 mode); the caller may free them after. */
 kt_status kt_moe_load_weights(kt_moe *moe, const uint16_t *gate_proj, const uint16_t *up_proj,
                               const uint16_t *down_proj, kt_error *err);
+/* Packs experts [first, first + count): bf16 weights in either mode (quantized in INT8 mode), or
+ * int8 weights and scales in INT8 mode, used as they are. Loading expert by expert keeps the
+ * caller's peak memory at one expert beyond the packed copy. Reloading an expert replaces it. */
+kt_status kt_moe_load_experts(kt_moe *moe, int32_t first, int32_t count,
+                              const kt_expert_weights *weights, kt_error *err);
+/* Reads experts [first, first + count) back from the packed copy (see kt_expert_buffers). */
+kt_status kt_moe_read_experts(kt_moe *moe, int32_t first, int32_t count,
+                              const kt_expert_buffers *out, kt_error *err);
+/* 1 once every expert is loaded; the number loaded so far. */
 int kt_moe_weights_loaded(const kt_moe *moe);
-/* Bytes held by the packed base weights. */
+int32_t kt_moe_experts_loaded(const kt_moe *moe);
+/* Bytes held by the packed base weights and their scales (the full E experts once any is
+ * loaded). */
 size_t kt_moe_packed_bytes(const kt_moe *moe);
 kt_isa kt_moe_isa(const kt_moe *moe);
 
 /* A failing call changes no state: nothing is pushed, popped or half-written. */
 kt_status kt_moe_forward(kt_moe *moe, const kt_forward_args *args, kt_error *err);
-/* Pops the newest saved forward. */
+/* Uses args->saved, or pops the newest saved forward of the stack. */
 kt_status kt_moe_backward(kt_moe *moe, const kt_backward_args *args, kt_error *err);
 
 /* Saved forward states now on the stack, and the token count of the newest (0 when empty). */

@@ -1,7 +1,7 @@
 /* gemm_generic.c - the portable GEMMs and packing: the C-level oracle of every faster family.
  *
- * Layout: a packed matrix is plain row-major bf16, so caller-owned LoRA tensors are valid
- * operands too. Each call converts its block of W to fp32 once, then reuses it for every row
+ * Layout: a packed matrix is plain row-major bf16 (or int8), so caller-owned LoRA tensors are
+ * valid operands too. Each call converts its block of W to fp32 once, then reuses it for every row
  * of A; sums use 16 independent partial accumulators, which compilers vectorize without
  * reassociating anything themselves, so results do not depend on the compiler's choices. */
 #include "../internal.h"
@@ -23,17 +23,33 @@ static float dot_f32(const float *x, const float *y, int64_t n) {
   return s;
 }
 
-static size_t generic_packed_bytes(int64_t rows, int64_t cols) {
-  return (size_t)rows * (size_t)cols * sizeof(uint16_t);
+static size_t generic_packed_bytes(int64_t rows, int64_t cols, kt_wtype wtype) {
+  return (size_t)rows * (size_t)cols * (wtype == KT_WTYPE_INT8 ? 1 : sizeof(uint16_t));
 }
 
-static void generic_pack(void *dst, const uint16_t *src, int64_t rows, int64_t cols) {
-  memcpy(dst, src, generic_packed_bytes(rows, cols));
+static void generic_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype wtype) {
+  memcpy(dst, src, generic_packed_bytes(rows, cols, wtype));
+}
+
+static void generic_unpack(void *dst, const void *packed, int64_t rows, int64_t cols,
+                           kt_wtype wtype) {
+  memcpy(dst, packed, generic_packed_bytes(rows, cols, wtype));
 }
 
 static size_t generic_gemm_scratch_bytes(int64_t n, int64_t k) {
-  const int64_t nt = (n + ROWS_PER_CHUNK) * k, nn = n * k;
+  const int64_t nt = (n + ROWS_PER_CHUNK) * k, nn = n * k + k;
   return (size_t)(nt > nn ? nt : nn) * sizeof(float);
+}
+
+static int32_t dot_i8(const int8_t *x, const int8_t *y, int64_t n) {
+  int32_t acc[LANES] = {0};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int l = 0; l < LANES; l++) acc[l] += (int32_t)x[i + l] * (int32_t)y[i + l];
+  for (int l = 0; i < n; i++, l++) acc[l] += (int32_t)x[i] * (int32_t)y[i];
+  int32_t s = 0;
+  for (int l = 0; l < LANES; l++) s += acc[l];
+  return s;
 }
 
 static void generic_gemm_nt(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
@@ -50,18 +66,42 @@ static void generic_gemm_nt(const kt_rows *a, const kt_packed *w, int64_t n0, in
   }
 }
 
+static void generic_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n,
+                               float *c, int64_t ldc, void *scratch) {
+  (void)scratch;
+  const int64_t k = w->cols;
+  const int8_t *wq = (const int8_t *)w->data + n0 * k;
+  const float *ws = w->scale + n0;
+  for (int64_t m = 0; m < a->count; m++) {
+    const int64_t i = a->index ? (int64_t)a->index[m] : m;
+    const int8_t *arow = a->base + i * a->ld;
+    const float sa = a->scale[i];
+    for (int64_t j = 0; j < n; j++)
+      c[m * ldc + j] = sa * ws[j] * (float)dot_i8(arow, wq + j * k, k);
+  }
+}
+
 static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                             int64_t ldc, void *scratch) {
   const int64_t k = w->rows, cols = w->cols;
-  float *wf = scratch; /* W[:, n0:n0+n] as [k, n] */
-  const uint16_t *wsrc = (const uint16_t *)w->data + n0;
-  for (int64_t r = 0; r < k; r++) to_f32(wsrc + r * cols, wf + r * n, n);
+  float *wf = scratch;    /* W[:, n0:n0+n] as [k, n] (int8 values, exact) */
+  float *af = wf + n * k; /* one row of A, times the row scales for int8 */
+  if (w->wtype == KT_WTYPE_INT8) {
+    const int8_t *wsrc = (const int8_t *)w->data + n0;
+    for (int64_t r = 0; r < k; r++)
+      for (int64_t j = 0; j < n; j++) wf[r * n + j] = (float)wsrc[r * cols + j];
+  } else {
+    const uint16_t *wsrc = (const uint16_t *)w->data + n0;
+    for (int64_t r = 0; r < k; r++) to_f32(wsrc + r * cols, wf + r * n, n);
+  }
   for (int64_t m = 0; m < a->count; m++) {
-    const uint16_t *arow = kt_row(a, m);
+    to_f32(kt_row(a, m), af, k);
+    if (w->wtype == KT_WTYPE_INT8)
+      for (int64_t r = 0; r < k; r++) af[r] *= w->scale[r];
     float *crow = c + m * ldc;
     for (int64_t j = 0; j < n; j++) crow[j] = 0.0f;
     for (int64_t r = 0; r < k; r++) {
-      const float av = kt_bf16_to_f32(arow[r]);
+      const float av = af[r];
       const float *wrow = wf + r * n;
       for (int64_t j = 0; j < n; j++) crow[j] += av * wrow[j];
     }
@@ -72,8 +112,10 @@ const kt_kernels kt_kernels_generic = {
     .isa = KT_ISA_GENERIC,
     .packed_bytes = generic_packed_bytes,
     .pack = generic_pack,
+    .unpack = generic_unpack,
     .gemm_scratch_bytes = generic_gemm_scratch_bytes,
     .gemm_nt = generic_gemm_nt,
+    .gemm_nt_q8 = generic_gemm_nt_q8,
     .gemm_nn = generic_gemm_nn,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
