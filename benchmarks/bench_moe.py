@@ -33,14 +33,18 @@ BASELINE = os.path.join(
 )
 
 
-def make_layer(name: str, qlen: int, rank: int, pool: ktsft.ThreadPool, seed: int = 0):
+def make_layer(
+    name: str, qlen: int, rank: int, pool: ktsft.ThreadPool, quant: str = "bf16", seed: int = 0
+):
     E, H, I, k = CONFIGS[name]
     rng = np.random.default_rng(seed)
 
     def r(*shape):
         return (rng.standard_normal(shape, dtype=np.float32) / 100).astype(BF16)
 
-    cfg = ktsft.MoESFTConfig(E, k, H, I, lora_rank=rank, lora_alpha=2.0 * rank, max_len=qlen)
+    cfg = ktsft.MoESFTConfig(
+        E, k, H, I, lora_rank=rank, lora_alpha=2.0 * rank, max_len=qlen, quant=quant
+    )
     shapes = cfg.shapes()
     arrays = {n: r(*s) for n, s in shapes.items()}
     return cfg, ktsft.MoESFT(cfg, **arrays, pool=pool)
@@ -62,6 +66,7 @@ def main() -> int:
     p.add_argument("qlen", nargs="?", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--quant", choices=("bf16", "int8"), default="bf16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
         "--peak-gflops",
@@ -79,7 +84,8 @@ def main() -> int:
     a = p.parse_args()
 
     pool = ktsft.ThreadPool(a.threads)
-    cfg, moe = make_layer(a.config, a.qlen, a.rank, pool)
+    cfg, moe = make_layer(a.config, a.qlen, a.rank, pool, a.quant)
+    elt = 1 if a.quant == "int8" else 2  # bytes per base-weight element
     H, I, k, r = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -100,11 +106,11 @@ def main() -> int:
     routes = a.qlen * k
     # forward: 3 base GEMMs; backward: 3 more (go W_d, dg W_g, du W_u); LoRA: ~4 r (H + I) each
     flops = routes * (12.0 * H * I + 8.0 * r * (H + I) * 3)
-    weight_bytes = float(np.mean(active)) * 3 * H * I * 2 * 2  # active experts, read twice
+    weight_bytes = float(np.mean(active)) * 3 * H * I * elt * 2  # active experts, read twice
     roof = max(flops / (a.peak_gflops * 1e9), weight_bytes / (a.bandwidth_gbs * 1e9))
     bound = "arithmetic" if flops / (a.peak_gflops * 1e9) >= roof else "memory"
     print(
-        f"ktsft {a.config} qlen={a.qlen} isa={moe.isa} threads={pool.num_threads}: "
+        f"ktsft {a.config} qlen={a.qlen} quant={a.quant} isa={moe.isa} threads={pool.num_threads}: "
         f"median {t * 1e3:.1f} ms, {a.qlen / t:.1f} tok/s, {flops / t / 1e9:.1f} GFLOP/s, "
         f"roofline {roof * 1e3:.1f} ms ({bound}-bound) -> {roof / t:.1%} of roofline; "
         f"packed weights {moe.packed_bytes / 2**20:.0f} MiB"

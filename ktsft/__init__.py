@@ -41,7 +41,7 @@ if _util.find_spec(__name__ + "._core") is None:
     __path__[:] = [_installed]
 
 from . import kt_kernel_ext, reference  # noqa: E402
-from ._core import EngineStateError, ISAUnavailableError  # noqa: E402
+from ._core import EngineStateError, ISAUnavailableError, SavedState  # noqa: E402
 from .config import MoESFTConfig  # noqa: E402
 from .gradients import Gradients  # noqa: E402
 from .moe import MoESFT  # noqa: E402
@@ -56,6 +56,7 @@ __all__ = [
     "ISAUnavailableError",
     "MoESFT",
     "MoESFTConfig",
+    "SavedState",
     "ThreadPool",
     "kt_kernel_ext",
     "reference",

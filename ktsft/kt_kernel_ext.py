@@ -118,6 +118,8 @@ class AMXBF16_SFT_MOE:  # noqa: N801 - the predecessor's name
         at every call (zero copy); the base weights are packed by :meth:`load_weights_task`.
     """
 
+    _quant = "bf16"
+
     def __init__(self, config: MOESFTConfig):
         from . import _core
 
@@ -141,6 +143,7 @@ class AMXBF16_SFT_MOE:  # noqa: N801 - the predecessor's name
             c.max_len,
             c.max_cache_depth,
             os.environ.get("KTSFT_ISA", "auto"),
+            self._quant,
         )
         self._lora = tuple(_int(getattr(config, n), n) for n in LORA_NAMES)
         self._base = tuple(
@@ -270,12 +273,15 @@ class AMXBF16_SFT_MOE:  # noqa: N801 - the predecessor's name
 
 
 class AMXInt8_SFT_MOE(AMXBF16_SFT_MOE):  # noqa: N801 - the predecessor's name
-    """INT8 base weights: not implemented yet in this version."""
+    """One layer with int8 base weights (spec section 5); runs on any x86-64 CPU.
 
-    def __init__(self, config: MOESFTConfig):
-        raise NotImplementedError(
-            "AMXInt8_SFT_MOE: INT8 base weights are not implemented yet; use AMXBF16_SFT_MOE"
-        )
+    ``config.gate_proj``/``up_proj``/``down_proj`` point at bf16 weights, quantized by
+    :meth:`~AMXBF16_SFT_MOE.load_weights_task` (one scale per output row) into the only copy
+    the engine keeps; the backward reads the same int8 bytes. Everything else as
+    :class:`AMXBF16_SFT_MOE`.
+    """
+
+    _quant = "int8"
 
 
 moe = types.SimpleNamespace(

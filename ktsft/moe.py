@@ -7,12 +7,16 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
+
 from . import _arrays, _core
+from ._core import SavedState
 from .config import MoESFTConfig
 from .gradients import BASE_NAMES, LORA_NAMES, Gradients
 from .pool import ThreadPool
 
 _BF16 = ("bfloat16",)
+_SCALE_NAMES = ("gate_scale", "up_scale", "down_scale")
 
 
 class MoESFT:
@@ -23,13 +27,20 @@ class MoESFT:
     caller's memory at every call, so an in-place optimizer step is seen by the next call with
     no sync of any kind.
 
+    With ``config.quant == "int8"`` the engine keeps the base weights as int8 with one float32
+    scale per output row (spec section 5): give bf16 weights to have them quantized here, or
+    int8 weights with their scale arrays (e.g. saved from :meth:`base_weights`), which
+    are used as they are. Weights may also be left out here and loaded expert by expert with
+    :meth:`load_experts`, so that no full copy of them need exist in the caller's memory.
+
     Parameters
     ----------
     config : MoESFTConfig
         Sizes and options.
-    gate_proj, up_proj : array, bf16, shape [E, I, H]
-    down_proj : array, bf16, shape [E, H, I]
-        Frozen base weights (NumPy ``ml_dtypes.bfloat16`` or ``uint16`` bits, or torch bf16).
+    gate_proj, up_proj : array, bf16 or int8, shape [E, I, H], optional
+    down_proj : array, bf16 or int8, shape [E, H, I], optional
+        Frozen base weights (NumPy ``ml_dtypes.bfloat16`` or ``uint16`` bits, or torch bf16;
+        int8 only with ``quant="int8"``). All three or none.
     gate_lora_a, up_lora_a : array, bf16, shape [E, r, H]
     gate_lora_b, up_lora_b : array, bf16, shape [E, I, r]
     down_lora_a : array, bf16, shape [E, r, I]
@@ -39,15 +50,18 @@ class MoESFT:
         Threads to run on; default: a new pool of :func:`~ktsft.pool.default_num_threads`.
     isa : str, optional
         Kernel family ("auto", "avx512", "generic", ...); default ``KTSFT_ISA`` or "auto".
+    gate_scale, up_scale : array, float32, shape [E, I], optional
+    down_scale : array, float32, shape [E, H], optional
+        Per-row scales of int8 base weights (weight = int8 value * scale of its row).
     """
 
     def __init__(
         self,
         config: MoESFTConfig,
         *,
-        gate_proj: Any,
-        up_proj: Any,
-        down_proj: Any,
+        gate_proj: Any = None,
+        up_proj: Any = None,
+        down_proj: Any = None,
         gate_lora_a: Any,
         gate_lora_b: Any,
         up_lora_a: Any,
@@ -56,13 +70,12 @@ class MoESFT:
         down_lora_b: Any,
         pool: ThreadPool | None = None,
         isa: str | None = None,
+        gate_scale: Any = None,
+        up_scale: Any = None,
+        down_scale: Any = None,
     ):
         if not isinstance(config, MoESFTConfig):
             raise TypeError(f"config must be a ktsft.MoESFTConfig, got {type(config).__name__}")
-        if config.quant != "bf16":
-            raise NotImplementedError(
-                f"quant={config.quant!r}: INT8 base weights are not implemented yet; use 'bf16'"
-            )
         self.config = config
         self._shapes = config.shapes()
         self.pool = pool if pool is not None else ThreadPool()
@@ -76,7 +89,13 @@ class MoESFT:
             down_lora_b=down_lora_b,
         )
         base = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
-        ptrs = [_arrays.checked(base[n], n, self._shapes[n], _BF16).ptr for n in BASE_NAMES]
+        scales = {"gate_scale": gate_scale, "up_scale": up_scale, "down_scale": down_scale}
+        given = [n for n in BASE_NAMES if base[n] is not None]
+        if given and len(given) != 3:
+            missing = [n for n in BASE_NAMES if base[n] is None]
+            raise TypeError(f"give all three base weights or none; missing {missing}")
+        if not given and any(v is not None for v in scales.values()):
+            raise TypeError("gate_scale, up_scale and down_scale need the int8 base weights")
         if isa is None:
             isa = os.environ.get("KTSFT_ISA", "auto")
         c = config
@@ -91,8 +110,114 @@ class MoESFT:
             c.max_len,
             c.max_cache_depth,
             isa,
+            c.quant,
         )
-        self.pool.run(lambda: self._engine.load_weights(*ptrs))
+        if given:
+            int8 = _arrays.view(gate_proj, "gate_proj").dtype == "int8"
+            for n in BASE_NAMES:  # the full [E, ...] shapes, before load_experts' checks
+                _arrays.checked(base[n], n, self._shapes[n], ("int8",) if int8 else _BF16)
+            self.load_experts(0, **base, **scales)
+
+    # ---- base weights -----------------------------------------------------------------------
+
+    def load_experts(
+        self,
+        first: int,
+        gate_proj: Any,
+        up_proj: Any,
+        down_proj: Any,
+        gate_scale: Any = None,
+        up_scale: Any = None,
+        down_scale: Any = None,
+    ) -> None:
+        """Packs the base weights of ``n`` experts from ``first`` on (replacing any loaded).
+
+        Load a model expert by expert (``n = 1``) to keep the caller's memory at one expert
+        beyond the packed copy; forward and backward need every expert loaded.
+
+        Parameters
+        ----------
+        first : int
+            Index of the first expert, 0 <= first <= E - n.
+        gate_proj, up_proj : array, bf16 or int8, shape [n, I, H] (or [I, H] for n = 1)
+        down_proj : array, bf16 or int8, shape [n, H, I] (or [H, I])
+            bf16 in either mode (quantized here in int8 mode), or int8 with the scales.
+        gate_scale, up_scale : array, float32, shape [n, I] (or [I])
+        down_scale : array, float32, shape [n, H] (or [H])
+            Per-row scales, with int8 weights only.
+        """
+        c = self.config
+        E, H, I = c.expert_num, c.hidden_size, c.intermediate_size  # noqa: E741
+        first = _index(first, "first")
+        base = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
+        scales = {"gate_scale": gate_scale, "up_scale": up_scale, "down_scale": down_scale}
+        gv = _arrays.view(gate_proj, "gate_proj")
+        single = len(gv.shape) == 2
+        n = 1 if single else (gv.shape[0] if gv.shape else 0)
+        if not 0 <= first or n < 1 or first + n > E:
+            raise ValueError(
+                f"experts first = {first} .. {first + n - 1} must lie in [0, {E}) "
+                f"(gate_proj has shape {list(gv.shape)})"
+            )
+        lead = () if single else (n,)
+        rows = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+        int8 = gv.dtype == "int8"
+        if int8 and c.quant != "int8":
+            raise TypeError(
+                "gate_proj is int8 but this layer stores bf16 base weights; use "
+                "MoESFTConfig(quant='int8') or give bf16 weights"
+            )
+        dtypes = ("int8",) if int8 else _BF16
+        ptrs = [_arrays.checked(base[m], m, lead + rows[m], dtypes).ptr for m in BASE_NAMES]
+        scale_ptrs = [0, 0, 0]
+        if int8:
+            for i, (m, s) in enumerate(zip(BASE_NAMES, _SCALE_NAMES)):
+                if scales[s] is None:
+                    raise TypeError(f"int8 {m} needs {s} (float32, one scale per row)")
+                shape = lead + rows[m][:1]
+                scale_ptrs[i] = _arrays.checked(scales[s], s, shape, ("float32",)).ptr
+        elif any(v is not None for v in scales.values()):
+            raise TypeError("gate_scale, up_scale and down_scale go with int8 base weights only")
+        self.pool.run(lambda: self._engine.load_experts(first, n, int8, *ptrs, *scale_ptrs))
+
+    def base_weights(self, first: int = 0, count: int | None = None) -> dict:
+        """The packed base weights of ``count`` experts from ``first`` on, read back.
+
+        In int8 mode these are exactly the bytes and scales the kernels use (e.g. to save a
+        quantized model and load it later without any bf16 copy).
+
+        Returns
+        -------
+        dict of numpy.ndarray
+            ``gate_proj``, ``up_proj`` [count, I, H], ``down_proj`` [count, H, I]: bf16
+            (``ml_dtypes.bfloat16``) or int8; in int8 mode also ``gate_scale``, ``up_scale``
+            [count, I] and ``down_scale`` [count, H], float32.
+        """
+        c = self.config
+        E, H, I = c.expert_num, c.hidden_size, c.intermediate_size  # noqa: E741
+        first = _index(first, "first")
+        count = E - first if count is None else _index(count, "count")
+        if first < 0 or count < 1 or first + count > E:
+            raise ValueError(f"experts {first} .. {first + count - 1} must lie in [0, {E})")
+        int8 = c.quant == "int8"
+        dtype = np.int8 if int8 else _arrays.BF16
+        out = {
+            "gate_proj": np.empty((count, I, H), dtype),
+            "up_proj": np.empty((count, I, H), dtype),
+            "down_proj": np.empty((count, H, I), dtype),
+        }
+        if int8:
+            out["gate_scale"] = np.empty((count, I), np.float32)
+            out["up_scale"] = np.empty((count, I), np.float32)
+            out["down_scale"] = np.empty((count, H), np.float32)
+        ptrs = [a.ctypes.data for a in out.values()]
+        self.pool.run(lambda: self._engine.read_experts(first, count, *ptrs))
+        return out
+
+    @property
+    def experts_loaded(self) -> int:
+        """How many experts have base weights (forward needs all E)."""
+        return self._engine.experts_loaded
 
     # ---- LoRA: references, never copies ---------------------------------------------------
 
@@ -130,9 +255,11 @@ class MoESFT:
         weights: Any,
         save_for_backward: bool = False,
         out: Any = None,
+        return_saved: bool = False,
     ) -> Future:
-        """Queues a forward on the pool; returns a future of the output. Arguments as
-        :meth:`forward`; they are checked now, the LoRA tensors are read when it runs."""
+        """Queues a forward on the pool; returns a future of the output (of ``(output,
+        saved)`` with ``return_saved``). Arguments as :meth:`forward`; they are checked now,
+        the LoRA tensors are read when it runs."""
         c = self.config
         xv = _arrays.view(x, "x")
         if len(xv.shape) != 2:
@@ -158,7 +285,7 @@ class MoESFT:
         keep = (x, ids, weights, out)  # alive until the task has run
 
         def task(keep=keep):  # the default argument keeps the arrays alive until it runs
-            self._engine.forward(
+            saved = self._engine.forward(
                 T,
                 k,
                 ids_ptr,
@@ -167,9 +294,10 @@ class MoESFT:
                 ov.ptr,
                 ov.dtype == "bfloat16",
                 self._lora_ptrs(),
-                bool(save_for_backward),
+                bool(save_for_backward or return_saved),
+                bool(return_saved),
             )
-            return out
+            return (out, saved) if return_saved else out
 
         return self.pool.submit(task)
 
@@ -180,6 +308,7 @@ class MoESFT:
         weights: Any,
         save_for_backward: bool = False,
         out: Any = None,
+        return_saved: bool = False,
     ) -> Any:
         """Runs the layer: ``out_t = sum_j weights[t, j] * expert_{ids[t, j]}(x_t)``.
 
@@ -196,13 +325,21 @@ class MoESFT:
             be overwritten afterwards).
         out : array, float32 or bf16, shape [T, H], optional
             Written in place and returned.
+        return_saved : bool, default False
+            Save what backward needs into a :class:`SavedState` handed to the caller instead of
+            the stack (not counted against ``max_cache_depth``); pass it to
+            ``backward(saved=...)``. It is freed when garbage-collected or released: this ties
+            the state to an owner such as an autograd context.
 
         Returns
         -------
         array, shape [T, H]
-            ``out``, or a new float32 array of the kind of ``x`` (NumPy or torch).
+            ``out``, or a new float32 array of the kind of ``x`` (NumPy or torch); with
+            ``return_saved``, the pair ``(output, saved)``.
         """
-        return self._wait(self.submit_forward(x, expert_ids, weights, save_for_backward, out))
+        return self._wait(
+            self.submit_forward(x, expert_ids, weights, save_for_backward, out, return_saved)
+        )
 
     # ---- backward ---------------------------------------------------------------------------
 
@@ -213,10 +350,18 @@ class MoESFT:
         lora_grads: Mapping[str, Any] | None = None,
         accumulate: bool = False,
         need_grad_weights: bool = True,
+        saved: SavedState | None = None,
     ) -> Future:
         """Queues a backward on the pool; returns a future of the :class:`Gradients`.
         Arguments as :meth:`backward`."""
         c = self.config
+        if saved is not None:
+            if not isinstance(saved, SavedState):
+                raise TypeError(f"saved must be a ktsft.SavedState, got {type(saved).__name__}")
+            if saved.engine is not self._engine:
+                raise ValueError("saved: the saved state comes from the forward of another layer")
+            if saved.released:
+                raise ValueError("saved: this saved state was released")
         gv = _arrays.view(grad_output, "grad_output")
         if len(gv.shape) != 2:
             raise ValueError(
@@ -262,6 +407,7 @@ class MoESFT:
                 gw_ptr,
                 bool(accumulate),
                 self._lora_ptrs(),
+                saved,
             )
             return result
 
@@ -274,8 +420,10 @@ class MoESFT:
         lora_grads: Mapping[str, Any] | None = None,
         accumulate: bool = False,
         need_grad_weights: bool = True,
+        saved: SavedState | None = None,
     ) -> Gradients:
-        """Gradients of the newest forward saved with ``save_for_backward=True`` (popped).
+        """Gradients of the newest forward saved with ``save_for_backward=True`` (popped), or
+        of the forward that returned ``saved``.
 
         Parameters
         ----------
@@ -290,6 +438,9 @@ class MoESFT:
             Add into the buffers instead of overwriting them (gradient accumulation).
         need_grad_weights : bool, default True
             Also compute dL/d routing weight.
+        saved : SavedState, optional
+            A state from ``forward(return_saved=True)``; it stays valid for further backward
+            calls until released.
 
         Returns
         -------
@@ -299,7 +450,9 @@ class MoESFT:
             passed in are returned as they are.
         """
         return self._wait(
-            self.submit_backward(grad_output, grad_input, lora_grads, accumulate, need_grad_weights)
+            self.submit_backward(
+                grad_output, grad_input, lora_grads, accumulate, need_grad_weights, saved
+            )
         )
 
     # ---- state ------------------------------------------------------------------------------
@@ -326,13 +479,20 @@ class MoESFT:
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes held by the packed base weights (the only copy the library keeps)."""
+        """Bytes held by the packed base weights and their int8 scales (the only copy the
+        library keeps)."""
         return self._engine.packed_bytes
 
     def __repr__(self) -> str:
         c = self.config
         return (
             f"ktsft.MoESFT(E={c.expert_num}, k={c.num_experts_per_tok}, H={c.hidden_size}, "
-            f"I={c.intermediate_size}, r={c.lora_rank}, isa={self.isa!r}, "
+            f"I={c.intermediate_size}, r={c.lora_rank}, quant={c.quant!r}, isa={self.isa!r}, "
             f"threads={self.pool.num_threads})"
         )
+
+
+def _index(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)

@@ -23,6 +23,12 @@ size, ``I`` intermediate size, ``r`` LoRA rank and ``s = lora_alpha / r``:
 
 ``expert_ids[t, j] == -1`` is padding: the route contributes nothing and its routing-weight
 gradient is 0. The same expert twice in one token's row is two independent routes.
+
+INT8 (spec section 5): :func:`quantize_int8` is the quantizer the engine applies at load, bit
+for bit. ``quant="int8"`` in :func:`forward` / :func:`backward` models the engine's int8 mode
+in float64: base weights quantized and dequantized, and ``x`` and ``h`` quantized per row for
+the base-weight products of the forward (the LoRA products use them unquantized); the
+backward multiplies by the dequantized weights.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ import numpy as np
 
 from .gradients import BASE_NAMES, LORA_NAMES, Gradients
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "dequantize_int8", "forward", "quantize_int8"]
+
+QUANT_MODES = ("bf16", "int8")
 
 
 def _to_numpy(a):
@@ -81,15 +89,70 @@ def _as_ids(expert_ids, num_experts):
     return ids
 
 
+def quantize_int8(w):
+    """Symmetric per-row int8 quantization (spec section 5), as the engine does it at load.
+
+    ``scale = max|row| / 127`` (float32), ``q = round_half_even(row / scale)`` (float32
+    division) clamped to [-127, 127]. A zero row gets scale 0 and q 0; a row holding NaN or
+    Inf gets scale NaN and q 0.
+
+    Parameters
+    ----------
+    w : array, shape [..., n]
+        Values of any supported kind (bf16 as ``ml_dtypes.bfloat16``, ``uint16`` bits or
+        torch); the rows are the last axis. They are taken as float32.
+
+    Returns
+    -------
+    q : numpy.ndarray, int8, shape [..., n]
+    scale : numpy.ndarray, float32, shape [...]
+    """
+    w32 = _as_f64(w).astype(np.float32)
+    finite = np.isfinite(w32).all(axis=-1)
+    amax = np.abs(np.where(np.isfinite(w32), w32, 0)).max(axis=-1, initial=np.float32(0))
+    scale = (amax / np.float32(127)).astype(np.float32)
+    div = np.where(scale > 0, scale, np.float32(1))[..., None]
+    with np.errstate(invalid="ignore"):
+        q = np.clip(np.rint(np.where(np.isfinite(w32), w32, 0) / div), -127, 127)
+    q = np.where(finite[..., None], q, 0).astype(np.int8)
+    return q, np.where(finite, scale, np.float32(np.nan)).astype(np.float32)
+
+
+def dequantize_int8(q, scale):
+    """Dequantized int8 rows, in float64 (exact): the weights the int8 engine multiplies by.
+
+    Parameters
+    ----------
+    q : array, int8, shape [..., n]
+    scale : array, float32, shape [...]
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape [..., n]
+        ``q * scale[..., None]``.
+    """
+    return np.asarray(q, np.float64) * np.asarray(scale, np.float64)[..., None]
+
+
+def _fake_quant_rows(a):
+    """Rows of ``a`` quantized per row as the int8 forward quantizes x and h, back in float64."""
+    return dequantize_int8(*quantize_int8(a.astype(np.float32)))
+
+
 def _sigmoid(z):
     """Overflow-free logistic function, accurate in relative terms for both signs."""
     e = np.exp(-np.abs(z))
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _prepare(x, expert_ids, weights, params, lora_alpha):
+def _prepare(x, expert_ids, weights, params, lora_alpha, quant):
     """Convert and shape-check all inputs; returns (x, ids, w, params as float64, s)."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     p = {name: _as_f64(v) for name, v in params.items()}
+    if quant == "int8":
+        for name in BASE_NAMES:
+            p[name] = dequantize_int8(*quantize_int8(p[name]))
     x = _as_f64(x)
     w = _as_f64(weights)
     E, I, H = p["gate_proj"].shape
@@ -136,16 +199,18 @@ def _routes_by_expert(ids):
         yield int(e), routes // k, routes % k
 
 
-def _expert_forward(xe, e, p, s):
+def _expert_forward(xe, e, p, s, quant):
     """Forward intermediates for the routed rows ``xe`` [n, H] of expert ``e``."""
+    xb = _fake_quant_rows(xe) if quant == "int8" else xe  # the base-weight operand
     a_g = xe @ p["gate_lora_a"][e].T
-    g = xe @ p["gate_proj"][e].T + s * (a_g @ p["gate_lora_b"][e].T)
+    g = xb @ p["gate_proj"][e].T + s * (a_g @ p["gate_lora_b"][e].T)
     a_u = xe @ p["up_lora_a"][e].T
-    u = xe @ p["up_proj"][e].T + s * (a_u @ p["up_lora_b"][e].T)
+    u = xb @ p["up_proj"][e].T + s * (a_u @ p["up_lora_b"][e].T)
     sg = _sigmoid(g)
     h = g * sg * u
+    hb = _fake_quant_rows(h) if quant == "int8" else h
     a_d = h @ p["down_lora_a"][e].T
-    y = h @ p["down_proj"][e].T + s * (a_d @ p["down_lora_b"][e].T)
+    y = hb @ p["down_proj"][e].T + s * (a_d @ p["down_lora_b"][e].T)
     return a_g, g, a_u, u, sg, h, a_d, y
 
 
@@ -164,6 +229,7 @@ def forward(
     down_lora_a,
     down_lora_b,
     lora_alpha,
+    quant="bf16",
 ):
     """Forward of the routed SwiGLU experts with LoRA on gate, up and down (spec section 3).
 
@@ -185,6 +251,9 @@ def forward(
         LoRA adapters; the rank ``r`` is read from ``gate_lora_a``.
     lora_alpha : float
         LoRA scaling numerator; the scale is ``s = lora_alpha / r``.
+    quant : {"bf16", "int8"}, default "bf16"
+        "int8" models the engine's int8 mode (see the module docstring); "bf16" is the exact
+        math on the given values.
 
     Returns
     -------
@@ -199,11 +268,11 @@ def forward(
     tensors = (gate_proj, up_proj, down_proj)
     tensors += (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
     params = dict(zip(BASE_NAMES + LORA_NAMES, tensors))
-    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha)
+    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha, quant)
     T, k = ids.shape
     ys = np.zeros((T, k, x.shape[1]))  # y of every route, zero for padding
     for e, tok, slot in _routes_by_expert(ids):
-        ys[tok, slot] = _expert_forward(x[tok], e, p, s)[-1]
+        ys[tok, slot] = _expert_forward(x[tok], e, p, s, quant)[-1]
     return np.einsum("tk,tkh->th", w, ys)
 
 
@@ -223,6 +292,7 @@ def backward(
     down_lora_a,
     down_lora_b,
     lora_alpha,
+    quant="bf16",
 ):
     """Backward of :func:`forward`: gradients of input, LoRA tensors and routing weights.
 
@@ -232,7 +302,7 @@ def backward(
     ----------
     grad_output : array, shape [T, H]
         dL/d out.
-    x, expert_ids, weights, lora_alpha
+    x, expert_ids, weights, lora_alpha, quant
         As in :func:`forward`.
     gate_proj, up_proj, down_proj
         As in :func:`forward`.
@@ -254,7 +324,7 @@ def backward(
     tensors = (gate_proj, up_proj, down_proj)
     tensors += (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
     params = dict(zip(BASE_NAMES + LORA_NAMES, tensors))
-    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha)
+    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha, quant)
     go = _as_f64(grad_output)
     if go.shape != x.shape:
         raise ValueError(f"grad_output: expected shape {x.shape}, got {go.shape}")
@@ -264,7 +334,7 @@ def backward(
     grad_w = np.zeros((T, k))
     for e, tok, slot in _routes_by_expert(ids):
         xe, goe = x[tok], go[tok]
-        a_g, g, a_u, u, sg, h, a_d, y = _expert_forward(xe, e, p, s)
+        a_g, g, a_u, u, sg, h, a_d, y = _expert_forward(xe, e, p, s, quant)
         grad_w[tok, slot] = np.einsum("nh,nh->n", goe, y)
         dy = w[tok, slot][:, None] * goe
         b_d = dy @ p["down_lora_b"][e]

@@ -448,11 +448,97 @@ def test_config_unknown_quant():
         ktsft.MoESFTConfig(**_config_kw(quant="fp8"))
 
 
-def test_quant_int8_not_implemented_yet(pool, params):
-    """Pending the INT8 issue: MoESFT(quant="int8") must say so, not run bf16 silently."""
+# ---- base weights: int8, partial loads -------------------------------------------------------
+
+
+@pytest.fixture
+def int8_params(pool, params):
+    """The int8 weights and scales of ``params`` (as base_weights() gives them)."""
     cfg = ktsft.MoESFTConfig(**_config_kw(quant="int8"))
-    with _raises(NotImplementedError, "int8"):
-        ktsft.MoESFT(cfg, pool=pool, **params)
+    return ktsft.MoESFT(cfg, pool=pool, **params).base_weights()
+
+
+def _lora_of(params):
+    return {n: params[n] for n in LORA_NAMES}
+
+
+def test_int8_weights_need_quant_int8(pool, params, int8_params):
+    base = {n: int8_params[n] for n in BASE_NAMES}
+    with _raises(TypeError, "gate_proj", "int8", "quant='int8'"):
+        ktsft.MoESFT(_config(), pool=pool, **_lora_of(params), **base)
+
+
+def test_int8_weights_need_their_scales(pool, params, int8_params):
+    cfg = ktsft.MoESFTConfig(**_config_kw(quant="int8"))
+    kw = dict(int8_params)
+    del kw["up_scale"]
+    with _raises(TypeError, "up_proj", "up_scale"):
+        ktsft.MoESFT(cfg, pool=pool, **_lora_of(params), **kw)
+
+
+def test_int8_scale_shape_and_dtype(pool, params, int8_params):
+    cfg = ktsft.MoESFTConfig(**_config_kw(quant="int8"))
+    kw = dict(int8_params, down_scale=int8_params["down_scale"][:, :-1])
+    with _raises(ValueError, "down_scale", _shape_msg((E, H)), _shape_msg((E, H - 1))):
+        ktsft.MoESFT(cfg, pool=pool, **_lora_of(params), **kw)
+    kw = dict(int8_params, gate_scale=int8_params["gate_scale"].astype(np.float64))
+    with _raises(TypeError, "gate_scale", "float32", "float64"):
+        ktsft.MoESFT(cfg, pool=pool, **_lora_of(params), **kw)
+
+
+def test_scales_without_int8_weights(pool, params, int8_params):
+    cfg = ktsft.MoESFTConfig(**_config_kw(quant="int8"))
+    scales = {n: int8_params[n] for n in ("gate_scale", "up_scale", "down_scale")}
+    with _raises(TypeError, "int8"):
+        ktsft.MoESFT(cfg, pool=pool, **params, **scales)
+    with _raises(TypeError, "scale", "base weights"):
+        ktsft.MoESFT(cfg, pool=pool, **_lora_of(params), **scales)
+
+
+def test_some_base_weights_missing(pool, params):
+    kw = dict(params)
+    del kw["down_proj"]
+    with _raises(TypeError, "all three", "down_proj"):
+        ktsft.MoESFT(_config(), pool=pool, **kw)
+
+
+def test_partially_loaded_layer_refuses_forward_and_still_works_after(pool, params):
+    moe = ktsft.MoESFT(_config(), pool=pool, **_lora_of(params))
+    x, ids, w, go = _batch()
+    with _raises(ktsft.EngineStateError, "Weights not loaded", f"0 of {E}"):
+        moe.forward(x, ids, w)
+    moe.load_experts(0, **{n: params[n][: E - 1] for n in BASE_NAMES})
+    assert moe.experts_loaded == E - 1
+    with _raises(ktsft.EngineStateError, "Weights not loaded", f"{E - 1} of {E}"):
+        moe.forward(x, ids, w, save_for_backward=True)
+    with _raises(ktsft.EngineStateError, "Weights not loaded"):
+        moe.base_weights(E - 1)
+    assert moe.cache_depth == 0
+    moe.load_experts(E - 1, **{n: params[n][E - 1] for n in BASE_NAMES})
+    _assert_works(moe, params)
+
+
+@pytest.mark.parametrize("first, count", [(-1, 1), (E - 1, 2), (E, 1)])
+def test_load_experts_out_of_range(pool, params, first, count):
+    moe = ktsft.MoESFT(_config(), pool=pool, **_lora_of(params))
+    with _raises(ValueError, "experts", f"[0, {E})"):
+        moe.load_experts(first, **{n: params[n][:count] for n in BASE_NAMES})
+    assert moe.experts_loaded == 0
+
+
+def test_load_experts_shape_mismatch(pool, params):
+    moe = ktsft.MoESFT(_config(), pool=pool, **_lora_of(params))
+    kw = {n: params[n][:2] for n in BASE_NAMES}
+    kw["up_proj"] = params["up_proj"][:3]
+    with _raises(ValueError, "up_proj", _shape_msg((2, I, H)), _shape_msg((3, I, H))):
+        moe.load_experts(0, **kw)
+    assert moe.experts_loaded == 0
+
+
+@pytest.mark.parametrize("first, count", [(0, 0), (E - 1, 2), (-1, 1), (0, True)])
+def test_base_weights_range(moe, first, count):
+    with pytest.raises((ValueError, TypeError), match="experts|count"):
+        moe.base_weights(first, count)
 
 
 def test_numpy_integer_sizes_are_rejected_or_work():
@@ -735,7 +821,7 @@ kt_kernel_ext = ktsft.kt_kernel_ext
 class _Seed:
     """A seed-API layer over numpy arrays kept alive here (pointers carry no lifetime)."""
 
-    def __init__(self, cpu_infer, params, load=True, **overrides):
+    def __init__(self, cpu_infer, params, load=True, cls=None, **overrides):
         self.cpu = cpu_infer
         self.params = params
         c = kt_kernel_ext.moe.MOESFTConfig()
@@ -748,7 +834,7 @@ class _Seed:
         for k, v in overrides.items():
             setattr(c, k, v)
         self.config = c
-        self.moe = kt_kernel_ext.moe.AMXBF16_SFT_MOE(c)
+        self.moe = (cls or kt_kernel_ext.moe.AMXBF16_SFT_MOE)(c)
         if load:
             self.run(self.moe.load_weights_task())
 
@@ -931,11 +1017,18 @@ def test_seed_unavailable_isa(cpu_infer, params, monkeypatch):
     _Seed(cpu_infer, params).assert_works()
 
 
-def test_seed_int8_not_implemented_yet(cpu_infer, params):
-    """Pending the INT8 issue (spec section 5): the INT8 class must refuse, not run bf16."""
-    layer = _Seed(cpu_infer, params, load=False)
-    with _raises(NotImplementedError, "INT8"):
-        kt_kernel_ext.moe.AMXInt8_SFT_MOE(layer.config)
+def test_seed_int8_forward_before_weights_loaded(cpu_infer, params):
+    layer = _Seed(cpu_infer, params, load=False, cls=kt_kernel_ext.moe.AMXInt8_SFT_MOE)
+    x, ids, w, go = _batch()
+    task, out = layer.forward_task(x, ids, w, True)
+    cpu_infer.submit(task)
+    with _raises(RuntimeError, "Weights not loaded"):
+        cpu_infer.sync()
+    layer.run(layer.moe.load_weights_task())
+    task, out = layer.forward_task(x, ids, w, False)
+    layer.run(task)
+    ref = reference.forward(x, ids, w, lora_alpha=ALPHA, quant="int8", **params)
+    assert _rel_err(out, ref) < FWD_TOL
 
 
 def test_seed_submit_rejects_non_tasks(cpu_infer):
