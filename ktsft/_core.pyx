@@ -172,6 +172,8 @@ cdef class Engine:
         c.max_len = max_len
         c.max_cache_depth = max_cache_depth
         c.isa = _resolve(isa)
+        if quant not in ("bf16", "int8"):
+            raise ValueError(f"quant must be 'bf16' or 'int8', got {quant!r}")
         c.quant = KT_QUANT_INT8 if quant == "int8" else KT_QUANT_BF16
         self.pool = pool
         cdef kt_status st = kt_moe_create(&c, pool.ptr, &self.ptr, &err)
