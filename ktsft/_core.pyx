@@ -19,6 +19,12 @@ from ktsft._c_api cimport (
     kt_pool_num_threads, kt_saved, kt_saved_num_tokens, kt_saved_release, kt_status,
     kt_status_string, kt_vec_sigmoid, kt_vec_silu,
 )
+from ktsft._c_api cimport (
+    KT_AMX_TDPBF16PS, KT_AMX_TDPBSSD, KT_AMX_TDPBSUD, KT_AMX_TDPBUSD, KT_AMX_TDPBUUD,
+    kt_amx_emu_clear_faults, kt_amx_emu_dp, kt_amx_emu_first_fault, kt_amx_emu_last_fault,
+    kt_amx_emu_ldtilecfg, kt_amx_emu_sttilecfg, kt_amx_emu_tileloadd, kt_amx_emu_tilerelease,
+    kt_amx_emu_tilestored, kt_amx_emu_tilezero, kt_amx_op, kt_cpu_amx_status,
+)
 
 
 class ISAUnavailableError(ValueError):
@@ -92,6 +98,73 @@ def vec_act(str kind, str isa, uintptr_t x, uintptr_t y, int64_t n):
             kt_vec_silu(family, <const float *>x, <float *>y, n)
     else:
         raise ValueError(f"kind must be 'sigmoid' or 'silu', got {kind!r}")
+
+
+def amx_status():
+    """Whether the amx family may run here: "granted", or why not."""
+    return kt_cpu_amx_status().decode()
+
+
+# ---- the AMX software model (amx-emu), for tests --------------------------------------------
+
+
+class AMXFault(RuntimeError):
+    """A modelled tile instruction faulted (#GP or #UD on hardware)."""
+
+
+cdef int _emu(int rc) except -1:
+    if rc != 0:
+        raise AMXFault(kt_amx_emu_last_fault().decode())
+    return 0
+
+
+_AMX_OPS = {
+    "tdpbf16ps": KT_AMX_TDPBF16PS, "tdpbssd": KT_AMX_TDPBSSD, "tdpbsud": KT_AMX_TDPBSUD,
+    "tdpbusd": KT_AMX_TDPBUSD, "tdpbuud": KT_AMX_TDPBUUD,
+}
+
+
+def amx_emu_ldtilecfg(uintptr_t cfg):
+    """ldtilecfg from the 64 bytes at cfg, on this thread's modelled tile state."""
+    _emu(kt_amx_emu_ldtilecfg(<const void *>cfg))
+
+
+def amx_emu_sttilecfg(uintptr_t cfg):
+    """sttilecfg into the 64 bytes at cfg."""
+    _emu(kt_amx_emu_sttilecfg(<void *>cfg))
+
+
+def amx_emu_tilerelease():
+    _emu(kt_amx_emu_tilerelease())
+
+
+def amx_emu_tileloadd(int tile, uintptr_t base, int64_t stride):
+    _emu(kt_amx_emu_tileloadd(tile, <const void *>base, stride))
+
+
+def amx_emu_tilestored(int tile, uintptr_t base, int64_t stride):
+    _emu(kt_amx_emu_tilestored(tile, <void *>base, stride))
+
+
+def amx_emu_tilezero(int tile):
+    _emu(kt_amx_emu_tilezero(tile))
+
+
+def amx_emu_dp(str op, int dst, int a, int b):
+    """One of tdpbf16ps, tdpbssd, tdpbsud, tdpbusd, tdpbuud: dst += a . b."""
+    if op not in _AMX_OPS:
+        raise ValueError(f"op must be one of {sorted(_AMX_OPS)}, got {op!r}")
+    _emu(kt_amx_emu_dp(<kt_amx_op>_AMX_OPS[op], dst, a, b))
+
+
+def amx_emu_first_fault():
+    """The first fault of any thread since amx_emu_clear_faults(), or None."""
+    cdef const char *msg = kt_amx_emu_first_fault()
+    return None if msg == NULL else msg.decode()
+
+
+def amx_emu_clear_faults():
+    kt_amx_emu_clear_faults()
 
 
 cdef class Pool:
