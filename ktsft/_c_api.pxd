@@ -167,3 +167,13 @@ cdef extern from "ktsft.h" nogil:
     const char *kt_amx_emu_last_fault()
     const char *kt_amx_emu_first_fault()
     void kt_amx_emu_clear_faults()
+
+    ctypedef enum kt_gemm_op:
+        KT_GEMM_NT
+        KT_GEMM_NT_Q8
+        KT_GEMM_NN
+
+    kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale,
+                           int64_t m, const void *w, const float *w_scale, int64_t rows,
+                           int64_t cols, int w_int8, int64_t n0, int64_t n, float *c,
+                           kt_error *err)

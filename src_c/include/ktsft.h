@@ -225,6 +225,20 @@ void kt_moe_cache_clear(kt_moe *moe);
 void kt_vec_sigmoid(kt_isa isa, const float *x, float *y, int64_t n);
 void kt_vec_silu(kt_isa isa, const float *x, float *y, int64_t n);
 
+/* ---- one kernel GEMM, exposed for tests ---------------------------------------------------- */
+
+typedef enum kt_gemm_op {
+  KT_GEMM_NT = 0,    /* C = A W^T, A bf16 [m, cols], W bf16 */
+  KT_GEMM_NT_Q8 = 1, /* C = (a_scale A) (w_scale W)^T, A int8 [m, cols], W int8 */
+  KT_GEMM_NN = 2     /* C = A W, A bf16 [m, rows], W bf16 or int8 (times w_scale per row) */
+} kt_gemm_op;
+
+/* Packs W [rows, cols] (bf16 bits, or int8 when w_int8, with w_scale [rows]) in the family's
+ * layout and writes the output columns [n0, n0 + n) of the product into c [m, n] (fp32). */
+kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
+                       const void *w, const float *w_scale, int64_t rows, int64_t cols,
+                       int w_int8, int64_t n0, int64_t n, float *c, kt_error *err);
+
 /* ---- the AMX software model (amx-emu), exposed for tests --------------------------------- */
 
 /* One modelled instruction on the calling thread's tile state (8 tiles of 16 rows x 64 bytes and
