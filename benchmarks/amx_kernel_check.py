@@ -35,8 +35,10 @@ def build(out: pathlib.Path) -> C.CDLL:
         objs.append(out / f"{i}.o")
         subprocess.run([cc, *flags, "-c", str(src), "-o", str(objs[-1])], check=True)
     amx = ROOT / "src_c/kernels/gemm_amx.c"
-    for name, extra in (("amx", ["-mamx-tile", "-mamx-bf16", "-mamx-int8"]),
-                        ("emu", ["-DKT_AMX_EMULATE"])):
+    for name, extra in (
+        ("amx", ["-mamx-tile", "-mamx-bf16", "-mamx-int8"]),
+        ("emu", ["-DKT_AMX_EMULATE"]),
+    ):
         objs.append(out / f"{name}.o")
         subprocess.run([cc, *flags, *extra, "-c", str(amx), "-o", str(objs[-1])], check=True)
     lib = out / "libktsft_check.so"
@@ -58,9 +60,22 @@ def main() -> int:
         def gemm(isa, op, a, w, n0, n, sa=None, sw=None):
             c = np.full((a.shape[0], n), np.nan, np.float32)
             i64 = C.c_int64
-            st = lib.kt_gemm_test(isa, op, ptr(a), ptr(sa), i64(a.shape[0]), ptr(w), ptr(sw),
-                                  i64(w.shape[0]), i64(w.shape[1]), int(w.dtype == np.int8),
-                                  i64(n0), i64(n), ptr(c), err)
+            st = lib.kt_gemm_test(
+                isa,
+                op,
+                ptr(a),
+                ptr(sa),
+                i64(a.shape[0]),
+                ptr(w),
+                ptr(sw),
+                i64(w.shape[0]),
+                i64(w.shape[1]),
+                int(w.dtype == np.int8),
+                i64(n0),
+                i64(n),
+                ptr(c),
+                err,
+            )
             if st != 0:
                 raise RuntimeError(err.raw[4:300].split(b"\0")[0].decode())
             return c
@@ -72,8 +87,13 @@ def main() -> int:
             return (f.view(np.uint32) >> 16).astype(np.uint16)
 
         failures = 0
-        cases = [(1, 17, 33, 0, 17), (17, 33, 70, 5, 20), (33, 70, 130, 64, 6),
-                 (40, 130, 65, 16, 49), (300, 512, 256, 64, 64)]
+        cases = [
+            (1, 17, 33, 0, 17),
+            (17, 33, 70, 5, 20),
+            (33, 70, 130, 64, 6),
+            (40, 130, 65, 16, 49),
+            (300, 512, 256, 64, 64),
+        ]
         for m, rows, cols, n0, n in cases:
             q = rng.integers(-127, 128, (m, cols), dtype=np.int8)
             wq = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
@@ -97,8 +117,10 @@ def main() -> int:
                     exact = op != NT_Q8 or np.array_equal(got, ref)
                     ok = not np.isnan(got).any() and err_rel < 1e-5 and exact
                     failures += not ok
-                    print(f"{name} m={m} W=[{rows},{cols}] cols [{n0},{n0 + nn}) {label:8s}"
-                          f" max rel diff vs generic {err_rel:.1e} {'ok' if ok else 'FAIL'}")
+                    print(
+                        f"{name} m={m} W=[{rows},{cols}] cols [{n0},{n0 + nn}) {label:8s}"
+                        f" max rel diff vs generic {err_rel:.1e} {'ok' if ok else 'FAIL'}"
+                    )
         print("AMX kernel check:", "PASS" if failures == 0 else f"{failures} FAILED")
         return 1 if failures else 0
 

@@ -8,8 +8,19 @@ def isa_lists() -> tuple[list[str], list[str], str]: ...
 def cpu_features() -> list[str]: ...
 def vec_act(kind: str, isa: str, x: int, y: int, n: int) -> None: ...
 def gemm_test(
-    isa: str, op: str, a: int, a_scale: int, m: int, w: int, w_scale: int, rows: int, cols: int,
-    w_int8: bool, n0: int, n: int, c: int
+    isa: str,
+    op: str,
+    a: int,
+    a_scale: int,
+    m: int,
+    w: int,
+    w_scale: int,
+    rows: int,
+    cols: int,
+    w_int8: bool,
+    n0: int,
+    n: int,
+    c: int,
 ) -> None: ...
 def amx_status() -> str: ...
 

@@ -110,7 +110,9 @@ def ref_tdpb_i8(op, c, a, b, M, N, K):
     out = c.astype(np.int64).copy()
     for m in range(M):
         for n in range(N):
-            out[m, n] += sum(av[m, 4 * k + i] * bv[k, 4 * n + i] for k in range(K) for i in range(4))
+            out[m, n] += sum(
+                av[m, 4 * k + i] * bv[k, 4 * n + i] for k in range(K) for i in range(4)
+            )
     return ((out + 2**31) % 2**32 - 2**31).astype(np.int32)
 
 
@@ -198,8 +200,10 @@ def test_ldtilecfg_zeroes_the_tiles():
 # ---- tileloadd / tilestored / tilezero ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("rows, colsb, ld_stride, st_stride", [(16, 64, 64, 64), (5, 12, 100, 80),
-                                                               (3, 7, 7, 9), (16, 16, 4, 16)])
+@pytest.mark.parametrize(
+    "rows, colsb, ld_stride, st_stride",
+    [(16, 64, 64, 64), (5, 12, 100, 80), (3, 7, 7, 9), (16, 16, 4, 16)],
+)
 def test_load_store_configured_rows_and_bytes_with_strides(rows, colsb, ld_stride, st_stride):
     rng = np.random.default_rng(rows * 100 + colsb)
     src = rng.integers(0, 256, rows * ld_stride + 64, dtype=np.uint8)
@@ -232,8 +236,11 @@ def test_store_from_start_row():
     load(0, np.arange(16, dtype=np.uint8).reshape(4, 4))
     out = np.full((4, 4), 0xFF, np.uint8)
     _core.amx_emu_tilestored(0, out.ctypes.data, 4)  # start_row is 0 again after the load
-    assert out[0].tolist() == [0, 0, 0, 0] and out[1:].tolist() == [[4, 5, 6, 7], [8, 9, 10, 11],
-                                                                    [12, 13, 14, 15]]
+    assert out[0].tolist() == [0, 0, 0, 0] and out[1:].tolist() == [
+        [4, 5, 6, 7],
+        [8, 9, 10, 11],
+        [12, 13, 14, 15],
+    ]
 
 
 def test_tilezero():
@@ -335,11 +342,14 @@ def test_int8_dot_products_match_definition(op, M, N, K):
     assert np.array_equal(got, ref_tdpb_i8(op, full, a, b, M, N, K)[:M, :N])
 
 
-@pytest.mark.parametrize("op, start, byte, total", [
-    ("tdpbuud", 2**31 - 1, 255, 2**31 - 1 + 64 * 255 * 255),  # past INT32_MAX
-    ("tdpbssd", -(2**31), 127, -(2**31) - 64 * 127 * 128),  # below INT32_MIN: a = 127, b = -128
-    ("tdpbssd", 0, 127, -64 * 127 * 128),
-])
+@pytest.mark.parametrize(
+    "op, start, byte, total",
+    [
+        ("tdpbuud", 2**31 - 1, 255, 2**31 - 1 + 64 * 255 * 255),  # past INT32_MAX
+        ("tdpbssd", -(2**31), 127, -(2**31) - 64 * 127 * 128),  # below INT32_MIN: a = 127, b = -128
+        ("tdpbssd", 0, 127, -64 * 127 * 128),
+    ],
+)
 def test_int8_wrap_around(op, start, byte, total):
     a = np.full((1, 64), byte, np.uint8)
     b = np.full((16, 4), 128 if op == "tdpbssd" else 255, np.uint8)
@@ -416,8 +426,21 @@ GEMM_CASES = [(1, 17, 33, 0, 17), (17, 33, 70, 5, 20), (33, 70, 130, 64, 6), (40
 def gemm(isa, op, a, w, n0, n, a_scale=None, w_scale=None):
     c = np.full((a.shape[0], n), np.nan, np.float32)
     ptr = lambda v: 0 if v is None else v.ctypes.data  # noqa: E731
-    _core.gemm_test(isa, op, a.ctypes.data, ptr(a_scale), a.shape[0], w.ctypes.data,
-                    ptr(w_scale), w.shape[0], w.shape[1], w.dtype == np.int8, n0, n, c.ctypes.data)
+    _core.gemm_test(
+        isa,
+        op,
+        a.ctypes.data,
+        ptr(a_scale),
+        a.shape[0],
+        w.ctypes.data,
+        ptr(w_scale),
+        w.shape[0],
+        w.shape[1],
+        w.dtype == np.int8,
+        n0,
+        n,
+        c.ctypes.data,
+    )
     return c
 
 
