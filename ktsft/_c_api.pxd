@@ -30,6 +30,7 @@ cdef extern from "ktsft.h" nogil:
 
     uint32_t kt_cpu_features()
     const char *kt_cpu_feature_name(uint32_t bit)
+    const char *kt_cpu_amx_status()
     const char *kt_isa_name(kt_isa isa)
     int kt_isa_compiled(kt_isa isa)
     int kt_isa_available(kt_isa isa)
@@ -148,3 +149,31 @@ cdef extern from "ktsft.h" nogil:
 
     void kt_vec_sigmoid(kt_isa isa, const float *x, float *y, int64_t n)
     void kt_vec_silu(kt_isa isa, const float *x, float *y, int64_t n)
+
+    ctypedef enum kt_amx_op:
+        KT_AMX_TDPBF16PS
+        KT_AMX_TDPBSSD
+        KT_AMX_TDPBSUD
+        KT_AMX_TDPBUSD
+        KT_AMX_TDPBUUD
+
+    int kt_amx_emu_ldtilecfg(const void *cfg)
+    int kt_amx_emu_sttilecfg(void *cfg)
+    int kt_amx_emu_tilerelease()
+    int kt_amx_emu_tileloadd(int tile, const void *base, int64_t stride)
+    int kt_amx_emu_tilestored(int tile, void *base, int64_t stride)
+    int kt_amx_emu_tilezero(int tile)
+    int kt_amx_emu_dp(kt_amx_op op, int dst, int a, int b)
+    const char *kt_amx_emu_last_fault()
+    const char *kt_amx_emu_first_fault()
+    void kt_amx_emu_clear_faults()
+
+    ctypedef enum kt_gemm_op:
+        KT_GEMM_NT
+        KT_GEMM_NT_Q8
+        KT_GEMM_NN
+
+    kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale,
+                           int64_t m, const void *w, const float *w_scale, int64_t rows,
+                           int64_t cols, int w_int8, int64_t n0, int64_t n, float *c,
+                           kt_error *err)

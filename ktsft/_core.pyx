@@ -19,6 +19,13 @@ from ktsft._c_api cimport (
     kt_pool_num_threads, kt_saved, kt_saved_num_tokens, kt_saved_release, kt_status,
     kt_status_string, kt_vec_sigmoid, kt_vec_silu,
 )
+from ktsft._c_api cimport (
+    KT_AMX_TDPBF16PS, KT_AMX_TDPBSSD, KT_AMX_TDPBSUD, KT_AMX_TDPBUSD, KT_AMX_TDPBUUD,
+    kt_amx_emu_clear_faults, kt_amx_emu_dp, kt_amx_emu_first_fault, kt_amx_emu_last_fault,
+    kt_amx_emu_ldtilecfg, kt_amx_emu_sttilecfg, kt_amx_emu_tileloadd, kt_amx_emu_tilerelease,
+    kt_amx_emu_tilestored, kt_amx_emu_tilezero, kt_amx_op, kt_cpu_amx_status, KT_GEMM_NN,
+    KT_GEMM_NT, KT_GEMM_NT_Q8, kt_gemm_op, kt_gemm_test,
+)
 
 
 class ISAUnavailableError(ValueError):
@@ -92,6 +99,94 @@ def vec_act(str kind, str isa, uintptr_t x, uintptr_t y, int64_t n):
             kt_vec_silu(family, <const float *>x, <float *>y, n)
     else:
         raise ValueError(f"kind must be 'sigmoid' or 'silu', got {kind!r}")
+
+
+_GEMM_OPS = {"nt": KT_GEMM_NT, "nt_q8": KT_GEMM_NT_Q8, "nn": KT_GEMM_NN}
+
+
+def gemm_test(str isa, str op, uintptr_t a, uintptr_t a_scale, int64_t m, uintptr_t w,
+              uintptr_t w_scale, int64_t rows, int64_t cols, bint w_int8, int64_t n0, int64_t n,
+              uintptr_t c):
+    """One kernel GEMM of a family ("nt", "nt_q8" or "nn"; see kt_gemm_test), for tests."""
+    if op not in _GEMM_OPS:
+        raise ValueError(f"op must be one of {sorted(_GEMM_OPS)}, got {op!r}")
+    cdef kt_isa family = _resolve(isa)
+    cdef kt_gemm_op g = <kt_gemm_op>_GEMM_OPS[op]
+    cdef kt_error err
+    cdef kt_status st
+    with nogil:
+        st = kt_gemm_test(family, g, <const void *>a, <const float *>a_scale, m,
+                          <const void *>w, <const float *>w_scale, rows, cols, w_int8, n0, n,
+                          <float *>c, &err)
+    if st != KT_OK:
+        _raise(st, &err)
+
+
+def amx_status():
+    """Whether the amx family may run here: "granted", or why not."""
+    return kt_cpu_amx_status().decode()
+
+
+# ---- the AMX software model (amx-emu), for tests --------------------------------------------
+
+
+class AMXFault(RuntimeError):
+    """A modelled tile instruction faulted (#GP or #UD on hardware)."""
+
+
+cdef int _emu(int rc) except -1:
+    if rc != 0:
+        raise AMXFault(kt_amx_emu_last_fault().decode())
+    return 0
+
+
+_AMX_OPS = {
+    "tdpbf16ps": KT_AMX_TDPBF16PS, "tdpbssd": KT_AMX_TDPBSSD, "tdpbsud": KT_AMX_TDPBSUD,
+    "tdpbusd": KT_AMX_TDPBUSD, "tdpbuud": KT_AMX_TDPBUUD,
+}
+
+
+def amx_emu_ldtilecfg(uintptr_t cfg):
+    """ldtilecfg from the 64 bytes at cfg, on this thread's modelled tile state."""
+    _emu(kt_amx_emu_ldtilecfg(<const void *>cfg))
+
+
+def amx_emu_sttilecfg(uintptr_t cfg):
+    """sttilecfg into the 64 bytes at cfg."""
+    _emu(kt_amx_emu_sttilecfg(<void *>cfg))
+
+
+def amx_emu_tilerelease():
+    _emu(kt_amx_emu_tilerelease())
+
+
+def amx_emu_tileloadd(int tile, uintptr_t base, int64_t stride):
+    _emu(kt_amx_emu_tileloadd(tile, <const void *>base, stride))
+
+
+def amx_emu_tilestored(int tile, uintptr_t base, int64_t stride):
+    _emu(kt_amx_emu_tilestored(tile, <void *>base, stride))
+
+
+def amx_emu_tilezero(int tile):
+    _emu(kt_amx_emu_tilezero(tile))
+
+
+def amx_emu_dp(str op, int dst, int a, int b):
+    """One of tdpbf16ps, tdpbssd, tdpbsud, tdpbusd, tdpbuud: dst += a . b."""
+    if op not in _AMX_OPS:
+        raise ValueError(f"op must be one of {sorted(_AMX_OPS)}, got {op!r}")
+    _emu(kt_amx_emu_dp(<kt_amx_op>_AMX_OPS[op], dst, a, b))
+
+
+def amx_emu_first_fault():
+    """The first fault of any thread since amx_emu_clear_faults(), or None."""
+    cdef const char *msg = kt_amx_emu_first_fault()
+    return None if msg == NULL else msg.decode()
+
+
+def amx_emu_clear_faults():
+    kt_amx_emu_clear_faults()
 
 
 cdef class Pool:

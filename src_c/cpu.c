@@ -3,6 +3,9 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -14,12 +17,22 @@ static uint64_t read_xcr0(void) {
   return ((uint64_t)hi << 32) | lo;
 }
 
-/* Linux refuses tile instructions until the process asks for the AMX state (kernel >= 5.16). */
+static char amx_status[192] = "the CPU has no AMX (cpuid leaf 7: AMX-TILE, AMX-BF16, AMX-INT8)";
+
+/* Linux refuses tile instructions until the process asks for the AMX state (kernel >= 5.16);
+ * the grant holds for every thread of the process. Before the first tile instruction: the amx
+ * family is only chosen after this succeeded. */
 static int request_amx_permission(void) {
 #if defined(__linux__) && defined(SYS_arch_prctl)
   const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0) return 1;
+  snprintf(amx_status, sizeof amx_status,
+           "Linux refused arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): %s (needs kernel "
+           ">= 5.16; in a VM the hypervisor must pass AMX through)",
+           strerror(errno));
+  return 0;
 #else
+  snprintf(amx_status, sizeof amx_status, "AMX needs Linux's permission request (arch_prctl)");
   return 0;
 #endif
 }
@@ -50,15 +63,25 @@ uint32_t kt_cpu_detect(void) {
     if ((c7 >> 11) & 1) f |= KT_CPU_AVX512_VNNI;
     if ((a71 >> 5) & 1) f |= KT_CPU_AVX512_BF16;
   }
-  if (os_amx && ((d7 >> 24) & 1) && request_amx_permission()) {
-    f |= KT_CPU_AMX_TILE;
-    if ((d7 >> 22) & 1) f |= KT_CPU_AMX_BF16;
-    if ((d7 >> 25) & 1) f |= KT_CPU_AMX_INT8;
+  const int amx_cpu = ((d7 >> 24) & 1) && ((d7 >> 22) & 1) && ((d7 >> 25) & 1);
+  if (amx_cpu && !os_amx)
+    snprintf(amx_status, sizeof amx_status,
+             "the OS has not enabled the AMX tile state (XCR0 bits 17 and 18)");
+  if (amx_cpu && os_amx && request_amx_permission()) {
+    f |= KT_CPU_AMX_TILE | KT_CPU_AMX_BF16 | KT_CPU_AMX_INT8;
+    snprintf(amx_status, sizeof amx_status, "granted");
   }
   return f;
 }
+
+const char *kt_cpu_amx_status(void) {
+  (void)kt_cpu_features();
+  return amx_status;
+}
 #else
 uint32_t kt_cpu_detect(void) { return 0; }
+
+const char *kt_cpu_amx_status(void) { return "AMX needs an x86-64 CPU"; }
 #endif
 
 uint32_t kt_cpu_features(void) {

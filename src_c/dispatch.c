@@ -4,6 +4,12 @@
 
 #include "internal.h"
 
+#ifdef KT_HAVE_AMX
+#define KT_AMX_TABLE (&kt_kernels_amx)
+#else
+#define KT_AMX_TABLE NULL
+#endif
+
 typedef struct family {
   const char *name;
   uint32_t needs;          /* every one of these CPU features */
@@ -13,11 +19,11 @@ typedef struct family {
 /* Ordered from the fastest to the slowest; auto picks the first available. amx-emu is never
  * picked by auto: it is a slow software model for testing. */
 static const family families[KT_ISA_COUNT] = {
-    [KT_ISA_AMX] = {"amx", KT_CPU_AMX_TILE | KT_CPU_AMX_BF16 | KT_CPU_AMX_INT8, NULL},
+    [KT_ISA_AMX] = {"amx", KT_CPU_AMX_TILE | KT_CPU_AMX_BF16 | KT_CPU_AMX_INT8, KT_AMX_TABLE},
     [KT_ISA_AVX512] = {"avx512", KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL, NULL},
     [KT_ISA_AVX2] = {"avx2", KT_CPU_AVX2 | KT_CPU_FMA, NULL},
     [KT_ISA_GENERIC] = {"generic", 0, &kt_kernels_generic},
-    [KT_ISA_AMX_EMU] = {"amx-emu", 0, NULL},
+    [KT_ISA_AMX_EMU] = {"amx-emu", 0, &kt_kernels_amx_emu},
 };
 
 static const kt_isa auto_order[] = {KT_ISA_AMX, KT_ISA_AVX512, KT_ISA_AVX2, KT_ISA_GENERIC};
@@ -63,11 +69,12 @@ kt_status kt_isa_resolve(const char *name, kt_isa *out, kt_error *err) {
       *out = (kt_isa)i;
       return KT_OK;
     }
-    return kt_fail(
-        err, KT_ERR_ISA_UNAVAILABLE, "KTSFT_ISA=%s: kernel family '%s' is %s; available: auto, %s",
-        name, name,
-        kt_isa_compiled((kt_isa)i) ? "not supported by this CPU" : "not built into this library",
-        list);
+    const char *why = !kt_isa_compiled((kt_isa)i) ? "not built into this library"
+                      : i == KT_ISA_AMX             ? kt_cpu_amx_status()
+                                                    : "not supported by this CPU";
+    return kt_fail(err, KT_ERR_ISA_UNAVAILABLE,
+                   "KTSFT_ISA=%s: kernel family '%s' is unavailable: %s; available: auto, %s", name,
+                   name, why, list);
   }
   return kt_fail(err, KT_ERR_ISA_UNAVAILABLE,
                  "KTSFT_ISA=%s: unknown kernel family; expected one of auto, amx, avx512, avx2, "

@@ -72,6 +72,10 @@ uint32_t kt_cpu_features(void);
 /* Name of a feature bit ("avx512_bf16", ...), NULL for an unknown bit. */
 const char *kt_cpu_feature_name(uint32_t bit);
 
+/* Whether the amx family may run here: "granted", or why not (no AMX in cpuid, the OS has not
+ * enabled the tile state in XCR0, or Linux refused the permission request, with its error). */
+const char *kt_cpu_amx_status(void);
+
 const char *kt_isa_name(kt_isa isa);
 /* 1 when the family's kernels are built into this library. */
 int kt_isa_compiled(kt_isa isa);
@@ -220,6 +224,48 @@ void kt_moe_cache_clear(kt_moe *moe);
 /* y[i] = sigmoid(x[i]) and y[i] = silu(x[i]) with the selected family's routines. */
 void kt_vec_sigmoid(kt_isa isa, const float *x, float *y, int64_t n);
 void kt_vec_silu(kt_isa isa, const float *x, float *y, int64_t n);
+
+/* ---- one kernel GEMM, exposed for tests ---------------------------------------------------- */
+
+typedef enum kt_gemm_op {
+  KT_GEMM_NT = 0,    /* C = A W^T, A bf16 [m, cols], W bf16 */
+  KT_GEMM_NT_Q8 = 1, /* C = (a_scale A) (w_scale W)^T, A int8 [m, cols], W int8 */
+  KT_GEMM_NN = 2     /* C = A W, A bf16 [m, rows], W bf16 or int8 (times w_scale per row) */
+} kt_gemm_op;
+
+/* Packs W [rows, cols] (bf16 bits, or int8 when w_int8, with w_scale [rows]) in the family's
+ * layout and writes the output columns [n0, n0 + n) of the product into c [m, n] (fp32). */
+kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
+                       const void *w, const float *w_scale, int64_t rows, int64_t cols,
+                       int w_int8, int64_t n0, int64_t n, float *c, kt_error *err);
+
+/* ---- the AMX software model (amx-emu), exposed for tests --------------------------------- */
+
+/* One modelled instruction on the calling thread's tile state (8 tiles of 16 rows x 64 bytes and
+ * a 64-byte configuration, like the hardware's). Each returns 0, or -1 after a fault (#GP, #UD on
+ * hardware): the destination is left unchanged, kt_amx_emu_last_fault() says why, and the first
+ * fault of the process is kept for kt_amx_emu_first_fault(). */
+typedef enum kt_amx_op {
+  KT_AMX_TDPBF16PS = 0, /* bf16 pairs, fp32 accumulation */
+  KT_AMX_TDPBSSD = 1,   /* int8 quads, a signed, b signed, int32 accumulation */
+  KT_AMX_TDPBSUD = 2,   /* a signed, b unsigned */
+  KT_AMX_TDPBUSD = 3,   /* a unsigned, b signed */
+  KT_AMX_TDPBUUD = 4    /* a unsigned, b unsigned */
+} kt_amx_op;
+
+int kt_amx_emu_ldtilecfg(const void *cfg);
+int kt_amx_emu_sttilecfg(void *cfg);
+int kt_amx_emu_tilerelease(void);
+int kt_amx_emu_tileloadd(int tile, const void *base, int64_t stride);
+int kt_amx_emu_tilestored(int tile, void *base, int64_t stride);
+int kt_amx_emu_tilezero(int tile);
+int kt_amx_emu_dp(kt_amx_op op, int dst, int a, int b);
+/* The calling thread's last fault ("" when none). */
+const char *kt_amx_emu_last_fault(void);
+/* The first fault of any thread since the last clear (NULL when none): amx-emu kernels that
+ * fault also fill their output with NaN. */
+const char *kt_amx_emu_first_fault(void);
+void kt_amx_emu_clear_faults(void);
 
 #ifdef __cplusplus
 }

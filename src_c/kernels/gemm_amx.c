@@ -1,0 +1,420 @@
+/* gemm_amx.c - GEMMs on AMX tiles: tdpbf16ps for bf16, tdpbssd for int8.
+ *
+ * Built twice: with -mamx-tile -mamx-bf16 -mamx-int8 as the `amx` family, and with
+ * KT_AMX_EMULATE against the software model of amx_emu.c as `amx-emu`, so that this exact
+ * source is tested on machines without AMX.
+ *
+ * Packed layout (for "x W^T", W [N, K]): W is cut into B tiles of 16 output rows by one K block
+ * (32 bf16 or 64 int8), each 1 KiB in the VNNI form tdp* reads: tile row p, column n holds
+ * W[n, VNNI p .. VNNI p + VNNI - 1] (VNNI = 2 for bf16, 4 for int8). Tiles are ordered by row
+ * block, then K block; N and K are zero-padded to whole tiles.
+ *
+ * "x W" (the backward) multiplies by the transpose of the same packed copy: each call builds
+ * the VNNI tiles of W[:, n0:n0+n]^T in its scratch (a panel of at most 5 x 16 columns), never a
+ * second copy of W. For int8 W the row scale multiplies A in fp32, and the fp32 product is split
+ * exactly into three bf16 parts hi + mid + lo (8 significant bits each), each multiplied by the
+ * same B tiles into the same fp32 accumulator: the products are exact and only the fp32
+ * accumulation rounds, as in the generic twin (parts below FLT_MIN are flushed, as tdpbf16ps
+ * flushes denormals).
+ *
+ * Every tile has one shape, 16 rows x 64 bytes, so one configuration serves all GEMMs; it is
+ * loaded once per thread (and again only if other code on the thread changed it), and released
+ * when the thread exits. Tiles: tmm0-3 accumulators (2 x 2), tmm4-5 A, tmm6-7 B. */
+#include <math.h>
+#include <pthread.h>
+
+#include "../internal.h"
+
+#ifdef KT_AMX_EMULATE
+#include "amx_emu.h"
+#define KT_AMX_TABLE kt_kernels_amx_emu
+#define KT_AMX_ISA KT_ISA_AMX_EMU
+#define thread_faults() kt_amx_emu_thread_faults()
+#else
+#include <immintrin.h>
+#define KT_AMX_TABLE kt_kernels_amx
+#define KT_AMX_ISA KT_ISA_AMX
+#define thread_faults() ((uint64_t)0)
+#endif
+
+enum {
+  TILE_ROWS = 16,
+  TILE_COLSB = 64,
+  TILE_BYTES = TILE_ROWS * TILE_COLSB,
+  BLOCK_M = 2 * TILE_ROWS, /* rows of A per pass: two A tiles */
+  K_BF16 = 32,             /* K elements of one bf16 tile row */
+  K_I8 = 64,
+  NN_PARTS = 3 /* bf16 parts of an fp32 value */
+};
+
+typedef enum kind { KIND_BF16, KIND_I8 } kind;
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* ---- tile configuration, once per thread --------------------------------------------------- */
+
+typedef struct tile_config {
+  uint8_t palette, start_row, reserved0[14];
+  uint16_t colsb[8];
+  uint8_t reserved1[16];
+  uint8_t rows[8];
+  uint8_t reserved2[8];
+} tile_config;
+
+static pthread_key_t release_key;
+static pthread_once_t release_once = PTHREAD_ONCE_INIT;
+static __thread int configured;
+
+static void release_tiles(void *unused) {
+  (void)unused;
+  _tile_release(); /* leave the init state behind: configured tiles block deep C-states */
+}
+
+static void make_release_key(void) { (void)pthread_key_create(&release_key, release_tiles); }
+
+static void configure_tiles(void) {
+  static const tile_config want = {
+      .palette = 1,
+      .colsb = {TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB,
+                TILE_COLSB, TILE_COLSB},
+      .rows = {TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS,
+               TILE_ROWS},
+  };
+  if (configured) {
+    tile_config now;
+    _tile_storeconfig(&now);
+    if (memcmp(&now, &want, sizeof now) == 0) return;
+  } else {
+    pthread_once(&release_once, make_release_key);
+    (void)pthread_setspecific(release_key, &configured);
+    configured = 1;
+  }
+  _tile_loadconfig(&want);
+}
+
+/* ---- packing ------------------------------------------------------------------------------- */
+
+/* Elements per 32-bit VNNI group and per tile row. */
+static int vnni(kt_wtype wtype) { return wtype == KT_WTYPE_INT8 ? 4 : 2; }
+
+/* Element offset of W[row, col] in the packed layout of a matrix with nkb K blocks. */
+static size_t packed_index(int64_t row, int64_t col, int64_t nkb, int v) {
+  const int64_t kblock = TILE_ROWS * v, tile = (row / TILE_ROWS) * nkb + col / kblock;
+  const int64_t in_block = col % kblock;
+  return (size_t)(tile * TILE_ROWS * TILE_ROWS * v + (in_block / v) * TILE_ROWS * v +
+                  (row % TILE_ROWS) * v + in_block % v);
+}
+
+static size_t amx_packed_bytes(int64_t rows, int64_t cols, kt_wtype wtype) {
+  return (size_t)(ceil_div(rows, TILE_ROWS) * ceil_div(cols, TILE_ROWS * vnni(wtype))) *
+         TILE_BYTES;
+}
+
+static void amx_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype wtype) {
+  const int v = vnni(wtype), esize = wtype == KT_WTYPE_INT8 ? 1 : 2;
+  const int64_t nkb = ceil_div(cols, TILE_ROWS * v);
+  memset(dst, 0, amx_packed_bytes(rows, cols, wtype));
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < cols; c++)
+      memcpy((char *)dst + packed_index(r, c, nkb, v) * esize,
+             (const char *)src + (r * cols + c) * esize, esize);
+}
+
+static void amx_unpack(void *dst, const void *packed, int64_t rows, int64_t cols,
+                       kt_wtype wtype) {
+  const int v = vnni(wtype), esize = wtype == KT_WTYPE_INT8 ? 1 : 2;
+  const int64_t nkb = ceil_div(cols, TILE_ROWS * v);
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < cols; c++)
+      memcpy((char *)dst + (r * cols + c) * esize,
+             (const char *)packed + packed_index(r, c, nkb, v) * esize, esize);
+}
+
+/* ---- scratch ------------------------------------------------------------------------------- */
+
+/* Output tiles that columns [n0, n0 + n) touch: at most ceil(n / 16) + 1. */
+static int64_t max_out_tiles(int64_t n) { return ceil_div(n, TILE_ROWS) + 1; }
+
+static size_t amx_gemm_scratch_bytes(int64_t n, int64_t k) {
+  const int64_t kp2 = ceil_div(k, K_BF16) * K_BF16, kp4 = ceil_div(k, K_I8) * K_I8;
+  const int64_t nt = BLOCK_M * (kp2 * 2 > kp4 ? kp2 * 2 : kp4);
+  const int64_t nn = max_out_tiles(n) * (kp2 / K_BF16) * TILE_BYTES + NN_PARTS * BLOCK_M * kp2 * 2;
+  return (size_t)((nt > nn ? nt : nn) + TILE_BYTES + KT_CACHE_LINE);
+}
+
+static char *align_scratch(void *scratch) {
+  const uintptr_t p = (uintptr_t)scratch;
+  return (char *)((p + KT_CACHE_LINE - 1) & ~(uintptr_t)(KT_CACHE_LINE - 1));
+}
+
+/* ---- the tile loop ------------------------------------------------------------------------- */
+
+/* Accumulates into tmm0-3 the product of a block of A (1 or 2 tiles of rows, `parts` copies
+ * lda_bytes * BLOCK_M apart, row stride lda_bytes) and 1 or 2 columns of B tiles (b1 NULL for
+ * one), over nkb K blocks; B tiles of one column are TILE_BYTES apart. */
+static void tile_block(kind kd, const char *a, int64_t lda_bytes, int two_m, int parts,
+                       const char *b0, const char *b1, int64_t nkb) {
+  const int64_t part_bytes = lda_bytes * BLOCK_M;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < nkb; kb++) {
+    _tile_loadd(6, b0 + kb * TILE_BYTES, TILE_COLSB);
+    if (b1) _tile_loadd(7, b1 + kb * TILE_BYTES, TILE_COLSB);
+    for (int p = 0; p < parts; p++) {
+      const char *ak = a + p * part_bytes + kb * TILE_COLSB;
+      _tile_loadd(4, ak, lda_bytes);
+      if (two_m) _tile_loadd(5, ak + TILE_ROWS * lda_bytes, lda_bytes);
+      if (kd == KIND_I8) {
+        _tile_dpbssd(0, 4, 6);
+        if (b1) _tile_dpbssd(1, 4, 7);
+        if (two_m) _tile_dpbssd(2, 5, 6);
+        if (two_m && b1) _tile_dpbssd(3, 5, 7);
+      } else {
+        _tile_dpbf16ps(0, 4, 6);
+        if (b1) _tile_dpbf16ps(1, 4, 7);
+        if (two_m) _tile_dpbf16ps(2, 5, 6);
+        if (two_m && b1) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+}
+
+/* How a 16 x 16 accumulator tile becomes C: fp32 as it is, or int32 times both int8 scales. */
+typedef struct epilogue {
+  kind kd;
+  const float *a_scale; /* int8 "x W^T": per A row (after indexing) */
+  const int32_t *a_index;
+  const float *w_scale; /* int8 "x W^T": per output column (row of W) */
+} epilogue;
+
+static void store_tile(int t, char *buf) {
+  switch (t) {
+    case 0: _tile_stored(0, buf, TILE_COLSB); break;
+    case 1: _tile_stored(1, buf, TILE_COLSB); break;
+    case 2: _tile_stored(2, buf, TILE_COLSB); break;
+    default: _tile_stored(3, buf, TILE_COLSB); break;
+  }
+}
+
+/* Writes C[m0 + i, col - n0] for the rows i < rows and the tile's columns inside [n0, n0 + n);
+ * tile_col0 is the output column of the tile's column 0. */
+static void write_tile(const epilogue *ep, const char *buf, int64_t m0, int64_t rows,
+                       int64_t tile_col0, int64_t n0, int64_t n, float *c, int64_t ldc) {
+  const int64_t j0 = tile_col0 < n0 ? n0 - tile_col0 : 0;
+  const int64_t j1 = tile_col0 + TILE_ROWS > n0 + n ? n0 + n - tile_col0 : TILE_ROWS;
+  for (int64_t i = 0; i < rows; i++) {
+    float *crow = c + (m0 + i) * ldc + (tile_col0 - n0);
+    if (ep->kd == KIND_I8) {
+      const int32_t *acc = (const int32_t *)(const void *)(buf + i * TILE_COLSB);
+      const int64_t ai = ep->a_index ? (int64_t)ep->a_index[m0 + i] : m0 + i;
+      const float sa = ep->a_scale[ai];
+      for (int64_t j = j0; j < j1; j++) crow[j] = sa * ep->w_scale[tile_col0 + j] * (float)acc[j];
+    } else {
+      const float *acc = (const float *)(const void *)(buf + i * TILE_COLSB);
+      for (int64_t j = j0; j < j1; j++) crow[j] = acc[j];
+    }
+  }
+}
+
+/* C[0:M, 0:n] over output columns [n0, n0 + n): A blocks come from fill_a (BLOCK_M rows of
+ * lda_bytes each, `parts` copies), B tiles of output tile column t start at b + t * b_col_bytes
+ * (t counted from tile column t_base). */
+typedef void (*fill_a_fn)(const void *ctx, int64_t m0, int64_t rows, char *abuf);
+
+static void run_gemm(kind kd, int64_t M, fill_a_fn fill_a, const void *actx, int64_t lda_bytes,
+                     int parts, const char *b, int64_t b_col_bytes, int64_t t_base, int64_t nkb,
+                     const epilogue *ep, int64_t n0, int64_t n, float *c, int64_t ldc,
+                     char *abuf, char *cbuf) {
+  const uint64_t faults = thread_faults();
+  configure_tiles();
+  const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
+  for (int64_t m0 = 0; m0 < M; m0 += BLOCK_M) {
+    const int64_t rows = M - m0 < BLOCK_M ? M - m0 : BLOCK_M;
+    const int two_m = rows > TILE_ROWS;
+    fill_a(actx, m0, rows, abuf);
+    for (int64_t t = t_first; t <= t_last; t += 2) {
+      const int two_n = t + 1 <= t_last;
+      const char *b0 = b + (t - t_base) * b_col_bytes;
+      tile_block(kd, abuf, lda_bytes, two_m, parts, b0, two_n ? b0 + b_col_bytes : NULL, nkb);
+      for (int q = 0; q < 4; q++) {
+        const int mi = q / 2, ni = q % 2;
+        if ((mi && !two_m) || (ni && !two_n)) continue;
+        store_tile(q, cbuf);
+        const int64_t r0 = m0 + mi * TILE_ROWS, nr = rows - mi * TILE_ROWS;
+        write_tile(ep, cbuf, r0, nr < TILE_ROWS ? nr : TILE_ROWS, (t + ni) * TILE_ROWS, n0, n, c,
+                   ldc);
+      }
+    }
+  }
+  if (thread_faults() != faults) /* the model faulted: say so in the result, not with garbage */
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t j = 0; j < n; j++) c[m * ldc + j] = NAN;
+}
+
+/* ---- "x W^T" ------------------------------------------------------------------------------- */
+
+typedef struct a_bf16_ctx {
+  const kt_rows *a;
+  int64_t k, kp; /* row length and its padded length in elements */
+} a_bf16_ctx;
+
+static void fill_a_bf16(const void *vctx, int64_t m0, int64_t rows, char *abuf) {
+  const a_bf16_ctx *x = vctx;
+  uint16_t *dst = (uint16_t *)(void *)abuf;
+  const int64_t filled = rows > TILE_ROWS ? BLOCK_M : TILE_ROWS;
+  for (int64_t i = 0; i < filled; i++) {
+    uint16_t *row = dst + i * x->kp;
+    int64_t c = 0;
+    if (i < rows) {
+      memcpy(row, kt_row(x->a, m0 + i), (size_t)x->k * 2);
+      c = x->k;
+    }
+    memset(row + c, 0, (size_t)(x->kp - c) * 2);
+  }
+}
+
+static void amx_gemm_nt(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                        int64_t ldc, void *scratch) {
+  const int64_t nkb = ceil_div(w->cols, K_BF16);
+  char *abuf = align_scratch(scratch), *cbuf = abuf + BLOCK_M * nkb * TILE_COLSB;
+  const a_bf16_ctx x = {a, w->cols, nkb * K_BF16};
+  const epilogue ep = {KIND_BF16, NULL, NULL, NULL};
+  run_gemm(KIND_BF16, a->count, fill_a_bf16, &x, nkb * TILE_COLSB, 1, w->data, nkb * TILE_BYTES,
+           0, nkb, &ep, n0, n, c, ldc, abuf, cbuf);
+}
+
+typedef struct a_q8_ctx {
+  const kt_rows_q8 *a;
+  int64_t k, kp;
+} a_q8_ctx;
+
+static void fill_a_q8(const void *vctx, int64_t m0, int64_t rows, char *abuf) {
+  const a_q8_ctx *x = vctx;
+  const int64_t filled = rows > TILE_ROWS ? BLOCK_M : TILE_ROWS;
+  for (int64_t i = 0; i < filled; i++) {
+    char *row = abuf + i * x->kp;
+    int64_t c = 0;
+    if (i < rows) {
+      const int64_t ai = x->a->index ? (int64_t)x->a->index[m0 + i] : m0 + i;
+      memcpy(row, x->a->base + ai * x->a->ld, (size_t)x->k);
+      c = x->k;
+    }
+    memset(row + c, 0, (size_t)(x->kp - c));
+  }
+}
+
+static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n,
+                           float *c, int64_t ldc, void *scratch) {
+  const int64_t nkb = ceil_div(w->cols, K_I8);
+  char *abuf = align_scratch(scratch), *cbuf = abuf + BLOCK_M * nkb * TILE_COLSB;
+  const a_q8_ctx x = {a, w->cols, nkb * K_I8};
+  const epilogue ep = {KIND_I8, a->scale, a->index, w->scale};
+  run_gemm(KIND_I8, a->count, fill_a_q8, &x, nkb * TILE_COLSB, 1, w->data, nkb * TILE_BYTES, 0,
+           nkb, &ep, n0, n, c, ldc, abuf, cbuf);
+}
+
+/* ---- "x W" --------------------------------------------------------------------------------- */
+
+/* The VNNI tiles of W[:, t_first*16 : (t_last+1)*16]^T: for output tile column t and reduction
+ * block cb (32 rows of W), tile row p, column j holds W[32 cb + 2p + {0, 1}, 16 t + j] as bf16
+ * (int8 values are exact in bf16); zero outside W. */
+static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int64_t ncb,
+                        uint16_t *panel) {
+  const int v = vnni(w->wtype);
+  const int64_t nkb = ceil_div(w->cols, TILE_ROWS * v);
+  memset(panel, 0, (size_t)((t_last - t_first + 1) * ncb) * TILE_BYTES);
+  for (int64_t t = t_first; t <= t_last; t++) {
+    const int64_t j1 = w->cols - t * TILE_ROWS < TILE_ROWS ? w->cols - t * TILE_ROWS : TILE_ROWS;
+    uint16_t *col = panel + (t - t_first) * ncb * (TILE_BYTES / 2);
+    for (int64_t r = 0; r < w->rows; r++) {
+      uint16_t *dst = col + (r / K_BF16) * (TILE_BYTES / 2) + ((r % K_BF16) / 2) * K_BF16 + r % 2;
+      const size_t at = packed_index(r, t * TILE_ROWS, nkb, v); /* the 16 columns share a tile */
+      if (w->wtype == KT_WTYPE_INT8) {
+        const int8_t *src = (const int8_t *)w->data + at;
+        for (int64_t j = 0; j < j1; j++)
+          dst[2 * j] = kt_f32_to_bf16((float)src[(j / v) * TILE_ROWS * v + j % v]);
+      } else {
+        const uint16_t *src = (const uint16_t *)w->data + at;
+        for (int64_t j = 0; j < j1; j++) dst[2 * j] = src[(j / v) * TILE_ROWS * v + j % v];
+      }
+    }
+  }
+}
+
+typedef struct a_nn_ctx {
+  const kt_rows *a;
+  const float *scale; /* int8 W: row scales, folded into A in fp32 and split in three parts */
+  int64_t k, kp;
+} a_nn_ctx;
+
+/* f = hi + mid + lo exactly, each a bf16: hi and mid keep the top 8 significant bits of f and of
+ * the remainder (truncation: exact remainders, and no overflow to infinity), lo the last 8.
+ * Non-finite f: hi carries it (rounded, so a NaN stays NaN), the other parts are zero. */
+static uint16_t bf16_trunc(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return (uint16_t)(u >> 16);
+}
+
+static void split3(float f, uint16_t *hi, uint16_t *mid, uint16_t *lo) {
+  if (!isfinite(f)) {
+    *hi = kt_f32_to_bf16(f);
+    *mid = *lo = 0;
+    return;
+  }
+  *hi = bf16_trunc(f);
+  const float r = f - kt_bf16_to_f32(*hi);
+  *mid = bf16_trunc(r);
+  *lo = bf16_trunc(r - kt_bf16_to_f32(*mid));
+}
+
+static void fill_a_nn(const void *vctx, int64_t m0, int64_t rows, char *abuf) {
+  const a_nn_ctx *x = vctx;
+  if (!x->scale) {
+    const a_bf16_ctx plain = {x->a, x->k, x->kp};
+    fill_a_bf16(&plain, m0, rows, abuf);
+    return;
+  }
+  uint16_t *hi = (uint16_t *)(void *)abuf, *mid = hi + BLOCK_M * x->kp, *lo = mid + BLOCK_M * x->kp;
+  const int64_t filled = rows > TILE_ROWS ? BLOCK_M : TILE_ROWS;
+  for (int64_t i = 0; i < filled; i++) {
+    const int64_t o = i * x->kp;
+    int64_t c = 0;
+    if (i < rows) {
+      const uint16_t *src = kt_row(x->a, m0 + i);
+      for (; c < x->k; c++)
+        split3(kt_bf16_to_f32(src[c]) * x->scale[c], hi + o + c, mid + o + c, lo + o + c);
+    }
+    for (; c < x->kp; c++) hi[o + c] = mid[o + c] = lo[o + c] = 0;
+  }
+}
+
+static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                        int64_t ldc, void *scratch) {
+  const int64_t ncb = ceil_div(w->rows, K_BF16), kp = ncb * K_BF16;
+  const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
+  const int q8 = w->wtype == KT_WTYPE_INT8;
+  char *panel = align_scratch(scratch);
+  char *abuf = panel + (t_last - t_first + 1) * ncb * TILE_BYTES;
+  char *cbuf = abuf + (q8 ? NN_PARTS : 1) * BLOCK_M * kp * 2;
+  build_panel(w, t_first, t_last, ncb, (uint16_t *)(void *)panel);
+  const a_nn_ctx x = {a, q8 ? w->scale : NULL, w->rows, kp};
+  const epilogue ep = {KIND_BF16, NULL, NULL, NULL};
+  run_gemm(KIND_BF16, a->count, fill_a_nn, &x, kp * 2, q8 ? NN_PARTS : 1, panel, ncb * TILE_BYTES,
+           t_first, ncb, &ep, n0, n, c, ldc, abuf, cbuf);
+}
+
+const kt_kernels KT_AMX_TABLE = {
+    .isa = KT_AMX_ISA,
+    .packed_bytes = amx_packed_bytes,
+    .pack = amx_pack,
+    .unpack = amx_unpack,
+    .gemm_scratch_bytes = amx_gemm_scratch_bytes,
+    .gemm_nt = amx_gemm_nt,
+    .gemm_nt_q8 = amx_gemm_nt_q8,
+    .gemm_nn = amx_gemm_nn,
+    .sigmoid = kt_act_generic_sigmoid,
+    .silu = kt_act_generic_silu,
+};
