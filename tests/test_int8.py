@@ -236,8 +236,10 @@ SIZES = st.one_of(st.integers(1, 100), st.sampled_from([1, 15, 16, 17, 33, 63, 6
     seed=st.integers(0, 2**32 - 1),
 )
 def test_int8_matches_int8_model_property(pool, isa, E, k, H, I, r, T, pad, seed):  # noqa: E741
-    """Random shapes (not tile multiples, empty experts, k = 1, T = 1, all padding): the int8
-    goals against the float64 int8 model."""
+    """Random shapes (not tile multiples, empty experts, k = 1, T = 1, all padding) against the
+    float64 int8 model: the forward to the bf16 goal (the model is faithful: it agrees to about
+    1e-5), the backward to the int8 goal (tiny shapes make some outputs ill-conditioned: a bf16
+    rounding of dg or du that falls the other way moves them by up to about 0.025)."""
     rng = np.random.default_rng(seed)
     p, x, ids, w, go = problem(rng, E, k, H, I, r, T, pad=pad)
     moe = make_moe(p, k, lora_alpha=8.0, pool=pool, isa=isa, quant="int8")
@@ -246,7 +248,7 @@ def test_int8_matches_int8_model_property(pool, isa, E, k, H, I, r, T, pad, seed
     out = moe.forward(x, ids, w, save_for_backward=True, out=np.full((T, H), np.nan, np.float32))
     g = moe.backward(go, grad_input=gi, lora_grads=lg)
     model_out, model_g = refs(p, x, ids, w, go, 8.0, "int8")
-    assert_close(out, model_out, INT8_FWD_TOL, "out")
+    assert_close(out, model_out, FWD_TOL, "out")
     assert_grads_close(g, model_g, INT8_BWD_TOL)
 
 
