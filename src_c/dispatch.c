@@ -70,8 +70,8 @@ kt_status kt_isa_resolve(const char *name, kt_isa *out, kt_error *err) {
       return KT_OK;
     }
     const char *why = !kt_isa_compiled((kt_isa)i) ? "not built into this library"
-                      : i == KT_ISA_AMX             ? kt_cpu_amx_status()
-                                                    : "not supported by this CPU";
+                      : i == KT_ISA_AMX           ? kt_cpu_amx_status()
+                                                  : "not supported by this CPU";
     return kt_fail(err, KT_ERR_ISA_UNAVAILABLE,
                    "KTSFT_ISA=%s: kernel family '%s' is unavailable: %s; available: auto, %s", name,
                    name, why, list);

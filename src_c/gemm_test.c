@@ -6,8 +6,8 @@
 #include "internal.h"
 
 kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
-                       const void *w, const float *w_scale, int64_t rows, int64_t cols,
-                       int w_int8, int64_t n0, int64_t n, float *c, kt_error *err) {
+                       const void *w, const float *w_scale, int64_t rows, int64_t cols, int w_int8,
+                       int64_t n0, int64_t n, float *c, kt_error *err) {
   const kt_kernels *kern = kt_kernels_for(isa);
   if (!kern)
     return kt_fail(err, KT_ERR_ISA_UNAVAILABLE, "kernel family '%s' is not available here",

@@ -236,8 +236,8 @@ typedef enum kt_gemm_op {
 /* Packs W [rows, cols] (bf16 bits, or int8 when w_int8, with w_scale [rows]) in the family's
  * layout and writes the output columns [n0, n0 + n) of the product into c [m, n] (fp32). */
 kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
-                       const void *w, const float *w_scale, int64_t rows, int64_t cols,
-                       int w_int8, int64_t n0, int64_t n, float *c, kt_error *err);
+                       const void *w, const float *w_scale, int64_t rows, int64_t cols, int w_int8,
+                       int64_t n0, int64_t n, float *c, kt_error *err);
 
 /* ---- the AMX software model (amx-emu), exposed for tests --------------------------------- */
 

@@ -221,12 +221,10 @@ int kt_amx_emu_dp(kt_amx_op op, int d, int a, int b) {
   if (d == a || d == b || a == b)
     return fault("%s: #UD: operands tmm%d, tmm%d, tmm%d are not distinct", name, d, a, b);
   const int m = st.rows[d], n = st.colsb[d] / 4, k = st.colsb[a] / 4;
-  if (st.rows[a] != m)
-    return fault("%s: #UD: a.rows %d != dst.rows %d", name, st.rows[a], m);
+  if (st.rows[a] != m) return fault("%s: #UD: a.rows %d != dst.rows %d", name, st.rows[a], m);
   if (st.colsb[b] != st.colsb[d])
     return fault("%s: #UD: b.colsb %d != dst.colsb %d", name, st.colsb[b], st.colsb[d]);
-  if (st.rows[b] != k)
-    return fault("%s: #UD: a.colsb / 4 = %d != b.rows %d", name, k, st.rows[b]);
+  if (st.rows[b] != k) return fault("%s: #UD: a.colsb / 4 = %d != b.rows %d", name, k, st.rows[b]);
   for (int r = 0; r < m; r++) {
     uint8_t tmp[MAX_COLSB];
     memcpy(tmp, st.data[d][r], sizeof tmp);
@@ -235,9 +233,8 @@ int kt_amx_emu_dp(kt_amx_op op, int d, int a, int b) {
       for (int j = 0; j < n; j++) {
         const uint32_t y = load32(st.data[b][kk] + 4 * j);
         const uint32_t acc = load32(tmp + 4 * j);
-        store32(tmp + 4 * j, op == KT_AMX_TDPBF16PS
-                                 ? f32_bits(dot_bf16(f32_from_bits(acc), x, y))
-                                 : dot_i8(op, acc, x, y));
+        store32(tmp + 4 * j, op == KT_AMX_TDPBF16PS ? f32_bits(dot_bf16(f32_from_bits(acc), x, y))
+                                                    : dot_i8(op, acc, x, y));
       }
     }
     memcpy(st.data[d][r], tmp, st.colsb[d]);

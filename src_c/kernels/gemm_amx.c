@@ -75,8 +75,8 @@ static void make_release_key(void) { (void)pthread_key_create(&release_key, rele
 static void configure_tiles(void) {
   static const tile_config want = {
       .palette = 1,
-      .colsb = {TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB,
-                TILE_COLSB, TILE_COLSB},
+      .colsb = {TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB, TILE_COLSB,
+                TILE_COLSB},
       .rows = {TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS, TILE_ROWS,
                TILE_ROWS},
   };
@@ -106,8 +106,7 @@ static size_t packed_index(int64_t row, int64_t col, int64_t nkb, int v) {
 }
 
 static size_t amx_packed_bytes(int64_t rows, int64_t cols, kt_wtype wtype) {
-  return (size_t)(ceil_div(rows, TILE_ROWS) * ceil_div(cols, TILE_ROWS * vnni(wtype))) *
-         TILE_BYTES;
+  return (size_t)(ceil_div(rows, TILE_ROWS) * ceil_div(cols, TILE_ROWS * vnni(wtype))) * TILE_BYTES;
 }
 
 static void amx_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype wtype) {
@@ -120,8 +119,7 @@ static void amx_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_
              (const char *)src + (r * cols + c) * esize, esize);
 }
 
-static void amx_unpack(void *dst, const void *packed, int64_t rows, int64_t cols,
-                       kt_wtype wtype) {
+static void amx_unpack(void *dst, const void *packed, int64_t rows, int64_t cols, kt_wtype wtype) {
   const int v = vnni(wtype), esize = wtype == KT_WTYPE_INT8 ? 1 : 2;
   const int64_t nkb = ceil_div(cols, TILE_ROWS * v);
   for (int64_t r = 0; r < rows; r++)
@@ -225,8 +223,8 @@ typedef void (*fill_a_fn)(const void *ctx, int64_t m0, int64_t rows, char *abuf)
 
 static void run_gemm(kind kd, int64_t M, fill_a_fn fill_a, const void *actx, int64_t lda_bytes,
                      int parts, const char *b, int64_t b_col_bytes, int64_t t_base, int64_t nkb,
-                     const epilogue *ep, int64_t n0, int64_t n, float *c, int64_t ldc,
-                     char *abuf, char *cbuf) {
+                     const epilogue *ep, int64_t n0, int64_t n, float *c, int64_t ldc, char *abuf,
+                     char *cbuf) {
   const uint64_t faults = thread_faults();
   configure_tiles();
   const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
@@ -281,8 +279,8 @@ static void amx_gemm_nt(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
   char *abuf = align_scratch(scratch), *cbuf = abuf + BLOCK_M * nkb * TILE_COLSB;
   const a_bf16_ctx x = {a, w->cols, nkb * K_BF16};
   const epilogue ep = {KIND_BF16, NULL, NULL, NULL};
-  run_gemm(KIND_BF16, a->count, fill_a_bf16, &x, nkb * TILE_COLSB, 1, w->data, nkb * TILE_BYTES,
-           0, nkb, &ep, n0, n, c, ldc, abuf, cbuf);
+  run_gemm(KIND_BF16, a->count, fill_a_bf16, &x, nkb * TILE_COLSB, 1, w->data, nkb * TILE_BYTES, 0,
+           nkb, &ep, n0, n, c, ldc, abuf, cbuf);
 }
 
 typedef struct a_q8_ctx {
@@ -305,14 +303,14 @@ static void fill_a_q8(const void *vctx, int64_t m0, int64_t rows, char *abuf) {
   }
 }
 
-static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n,
-                           float *c, int64_t ldc, void *scratch) {
+static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                           int64_t ldc, void *scratch) {
   const int64_t nkb = ceil_div(w->cols, K_I8);
   char *abuf = align_scratch(scratch), *cbuf = abuf + BLOCK_M * nkb * TILE_COLSB;
   const a_q8_ctx x = {a, w->cols, nkb * K_I8};
   const epilogue ep = {KIND_I8, a->scale, a->index, w->scale};
-  run_gemm(KIND_I8, a->count, fill_a_q8, &x, nkb * TILE_COLSB, 1, w->data, nkb * TILE_BYTES, 0,
-           nkb, &ep, n0, n, c, ldc, abuf, cbuf);
+  run_gemm(KIND_I8, a->count, fill_a_q8, &x, nkb * TILE_COLSB, 1, w->data, nkb * TILE_BYTES, 0, nkb,
+           &ep, n0, n, c, ldc, abuf, cbuf);
 }
 
 /* ---- "x W" --------------------------------------------------------------------------------- */
