@@ -2,7 +2,7 @@
 
 :class:`MoELoRA` is one MoE layer's routed experts with LoRA on gate, up and down (spec section
 8.3). It packs the frozen base weights into the engine (and keeps no copy of them), owns the six
-LoRA tensors as bf16 :class:`torch.nn.Parameter` objects that the engine reads in place at every
+LoRA tensors as bf16 ``torch.nn.Parameter`` objects that the engine reads in place at every
 call (zero copy: an optimizer step is seen by the next call), and takes
 ``(hidden_states, expert_ids, routing_weights)``. Gradients reach the hidden states, the routing
 weights (so a router upstream trains) and the six parameters; ``.grad`` accumulates over
@@ -10,8 +10,8 @@ backward calls as everywhere in PyTorch.
 
 Saved state lives in the autograd graph: each forward that records a graph keeps the engine's
 :class:`~ktsft.SavedState` on a tensor saved with ``ctx.save_for_backward``. So it is freed with
-the graph, it is dropped (and recomputed) by non-reentrant :func:`torch.utils.checkpoint.checkpoint`
-like any saved tensor, and a forward under :func:`torch.no_grad` saves nothing. The engine's
+the graph, it is dropped (and recomputed) by non-reentrant ``torch.utils.checkpoint.checkpoint``
+like any saved tensor, and a forward under ``torch.no_grad`` saves nothing. The engine's
 saved-state stack (``max_cache_depth``) is not used.
 
 Adapters are saved and loaded as safetensors with the parameter names as keys
@@ -136,6 +136,7 @@ class MoELoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, moe, x, expert_ids, weights, *lora):
+        """Runs the engine's forward, saving its state for this graph (see the class)."""
         T, L = x.shape[0], moe.config.max_len
         out = torch.empty((T, moe.config.hidden_size), dtype=torch.float32)
         states = []
@@ -159,6 +160,8 @@ class MoELoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        """Gradients for ``x`` (bf16), ``weights`` (float32) and the six LoRA tensors (bf16)
+        from ``grad_output`` [T, H]; None for ``moe`` and ``expert_ids``."""
         holder, *lora = ctx.saved_tensors
         moe = ctx.moe
         states = holder._ktsft_states
@@ -235,7 +238,7 @@ class MoELoRA(nn.Module):
 
     Base weights are packed into the native engine here (quantized to int8 with
     ``quant="int8"``); the module keeps no reference to them. The six LoRA tensors are
-    :class:`torch.nn.Parameter` objects in bf16 with the spec's shapes, read in place by the
+    ``torch.nn.Parameter`` objects in bf16 with the spec's shapes, read in place by the
     engine at every call.
 
     Parameters
