@@ -377,7 +377,8 @@ class MoELoRA(nn.Module):
         for n in LORA_NAMES:
             self.register_parameter(n, nn.Parameter(torch.zeros(shapes[n], dtype=torch.bfloat16)))
         lora = {n: getattr(self, n) for n in LORA_NAMES}
-        self.moe = MoESFT(config, pool=pool or default_pool(), isa=isa, **lora)
+        pool = pool if pool is not None else default_pool()
+        self.moe = MoESFT(config, pool=pool, isa=isa, **lora)
 
     # ---- construction from a checkpoint ------------------------------------------------------
 
@@ -468,10 +469,10 @@ class MoELoRA(nn.Module):
             raise ValueError(f"{key(0, 'gate_proj')} must be a matrix [I, H], got {list(gshape)}")
         I, H = gshape
         expected = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
         init = options.pop("init_lora_weights", True)
-        self._setup(expert_num, H, I, **options)
+        layer._setup(expert_num, H, I, **options)
         for e in range(expert_num):
             mats = []
             for n in BASE_NAMES:
@@ -485,10 +486,10 @@ class MoELoRA(nn.Module):
                     )
                 mats.append(_as_bf16_expert(t, k))
                 del t
-            self.moe.load_experts(e, *mats)
+            layer.moe.load_experts(e, *mats)
             del mats
-        self.reset_lora_parameters(init)
-        return self
+        layer.reset_lora_parameters(init)
+        return layer
 
     # ---- LoRA parameters ---------------------------------------------------------------------
 
