@@ -16,6 +16,9 @@ def main(argv: list | None = None) -> int:
     demo.add_argument("--tokens", type=int, default=None, help="tokens per step")
     demo.add_argument("--threads", type=int, default=None, help="native threads")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--quant", choices=("bf16", "int8"), default="bf16", help="how base weights are stored"
+    )
     sub.add_parser("info", help="kernel family, CPU features, threads (JSON)")
     args = parser.parse_args(argv)
 
@@ -28,7 +31,9 @@ def main(argv: list | None = None) -> int:
         return 0
     from .demo import run_demo
 
-    return run_demo(steps=args.steps, tokens=args.tokens, threads=args.threads, seed=args.seed)
+    return run_demo(
+        steps=args.steps, tokens=args.tokens, threads=args.threads, seed=args.seed, quant=args.quant
+    )
 
 
 if __name__ == "__main__":

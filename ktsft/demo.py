@@ -1,8 +1,10 @@
-"""``python -m ktsft demo``: LoRA-train a synthetic MoE layer toward a teacher.
+"""``python -m ktsft demo``: LoRA-train a synthetic MoE layer toward a teacher, PyTorch style.
 
-A teacher layer is the frozen base plus a random LoRA adapter; the student starts from the base
-alone (LoRA B = 0, as PEFT initializes it) and learns the teacher's outputs with Adam, the
-updates written in place into the arrays the engine reads (zero copy: no sync call).
+A teacher layer is the frozen base plus a random LoRA adapter; the student, a
+:class:`ktsft.torch.MoELoRA` over the same base, starts from the base alone (LoRA B = 0, PEFT's
+init) and learns the teacher's outputs with ``torch.optim.AdamW``: ``loss.backward()`` fills the
+parameters' ``.grad``, ``optimizer.step()`` updates them in place, and the engine reads the new
+values at the next call (zero copy: no sync). Needs PyTorch.
 """
 
 from __future__ import annotations
@@ -10,12 +12,6 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
-
-from ._arrays import BF16
-from .config import MoESFTConfig
-from .gradients import LORA_NAMES
-from .moe import MoESFT
 from .pool import ThreadPool
 
 DEMO_CONFIG = {
@@ -33,39 +29,19 @@ DEMO_LR = 3e-3
 CHECKED_STEPS = 50
 
 
-def _bf16(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32).astype(BF16)
+def _base_weights(torch, gen, E: int, H: int, I: int) -> dict:
+    def w(*shape):
+        return (torch.randn(shape, generator=gen) / shape[-1] ** 0.5).to(torch.bfloat16)
+
+    return {"gate_proj": w(E, I, H), "up_proj": w(E, I, H), "down_proj": w(E, H, I)}
 
 
-def _make_layer(cfg: MoESFTConfig, rng: np.random.Generator) -> dict:
-    E, H, I = cfg.expert_num, cfg.hidden_size, cfg.intermediate_size
-    return {
-        "gate_proj": _bf16(rng.standard_normal((E, I, H)) / np.sqrt(H)),
-        "up_proj": _bf16(rng.standard_normal((E, I, H)) / np.sqrt(H)),
-        "down_proj": _bf16(rng.standard_normal((E, H, I)) / np.sqrt(I)),
-    }
-
-
-def _lora(cfg: MoESFTConfig, rng: np.random.Generator, b_std: float) -> dict:
-    shapes = cfg.shapes()
-    out = {}
-    for name in LORA_NAMES:
-        shape = shapes[name]
-        if name.endswith("_a"):  # PEFT's kaiming-uniform bound for A: 1 / sqrt(fan_in)
-            bound = 1.0 / np.sqrt(shape[2])
-            out[name] = _bf16(rng.uniform(-bound, bound, shape))
-        else:
-            out[name] = _bf16(rng.standard_normal(shape) * b_std)
-    return out
-
-
-def _batch(cfg: MoESFTConfig, rng: np.random.Generator, tokens: int):
-    x = _bf16(rng.standard_normal((tokens, cfg.hidden_size)))
-    logits = rng.standard_normal((tokens, cfg.expert_num))
-    ids = np.argsort(-logits, axis=1)[:, : cfg.num_experts_per_tok].astype(np.int64)
-    top = np.take_along_axis(logits, ids, axis=1)
-    w = np.exp(top - top.max(axis=1, keepdims=True))
-    return x, ids, (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+def _batch(torch, gen, tokens: int, H: int, E: int, k: int):
+    """Tokens [T, H] bf16 and a softmax-over-top-k routing (ids int64, weights float32)."""
+    x = torch.randn((tokens, H), generator=gen).to(torch.bfloat16)
+    logits = torch.randn((tokens, E), generator=gen)
+    top, ids = torch.topk(logits, k, dim=-1)
+    return x, ids, torch.softmax(top, dim=-1)
 
 
 class _Progress:
@@ -85,55 +61,69 @@ class _Progress:
             self.stream.write(line + "\n")
 
 
-def run_demo(steps=None, tokens=None, threads=None, seed=0, lr=DEMO_LR) -> int:
+def run_demo(steps=None, tokens=None, threads=None, seed=0, lr=DEMO_LR, quant="bf16") -> int:
     """Runs the demo and returns its exit status.
 
     0 when it ran to the end; runs of at least ``CHECKED_STEPS`` steps also need the loss to
-    have fallen (shorter runs are too noisy to judge on fresh random batches).
+    have fallen (shorter runs are too noisy to judge on fresh random batches). 2 without
+    PyTorch.
     """
+    try:
+        import torch
+
+        from .torch import MoELoRA
+    except ImportError as e:
+        print(f"the demo needs PyTorch ({e}): pip install 'ktsft[torch]'", file=sys.stderr)
+        return 2
     steps = DEMO_STEPS if steps is None else steps
     tokens = DEMO_TOKENS if tokens is None else tokens
-    cfg = MoESFTConfig(**DEMO_CONFIG, max_len=max(tokens, 1))
-    rng = np.random.default_rng(seed)
+    c = DEMO_CONFIG
+    E, k, H, I = c["expert_num"], c["num_experts_per_tok"], c["hidden_size"], c["intermediate_size"]
+    r = c["lora_rank"]
+    torch.manual_seed(seed)  # the LoRA init uses torch's global generator, as PEFT does
+    gen = torch.Generator().manual_seed(seed)
     pool = ThreadPool(threads)
-    base = _make_layer(cfg, rng)
-    # The teacher shares the student's initial A factors: its adapter is reachable by training.
-    student_lora = _lora(cfg, rng, b_std=0.0)
-    teacher_lora = _lora(cfg, rng, b_std=0.5 / np.sqrt(cfg.lora_rank))
-    teacher_lora.update({n: a.copy() for n, a in student_lora.items() if n.endswith("_a")})
-    teacher = MoESFT(cfg, **base, **teacher_lora, pool=pool)
-    student = MoESFT(cfg, **base, **student_lora, pool=pool)
-    print(
-        f"ktsft demo: E={cfg.expert_num} k={cfg.num_experts_per_tok} H={cfg.hidden_size} "
-        f"I={cfg.intermediate_size} r={cfg.lora_rank}, {tokens} tokens/step, {steps} steps, "
-        f"kernels={student.isa}, threads={pool.num_threads}"
+    options = dict(
+        lora_rank=r,
+        lora_alpha=c["lora_alpha"],
+        quant=quant,
+        max_len=max(tokens, 1),
+        pool=pool,
+        num_experts_per_tok=k,
     )
-    master = {n: a.astype(np.float32) for n, a in student_lora.items()}
-    m1 = {n: np.zeros_like(a) for n, a in master.items()}
-    m2 = {n: np.zeros_like(a) for n, a in master.items()}
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    base = _base_weights(torch, gen, E, H, I)
+    student = MoELoRA(**base, **options)  # PEFT init: A random, B = 0
+    teacher = MoELoRA(**base, **options).requires_grad_(False)
+    del base  # both layers packed their own copy; nothing else holds the weights
+    with torch.no_grad():  # the teacher: the student's A factors and a random B (reachable)
+        for name, p in teacher.lora_parameters().items():
+            if name.endswith("_a"):
+                p.copy_(getattr(student, name))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / r**0.5))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    print(
+        f"ktsft demo: E={E} k={k} H={H} I={I} r={r} quant={quant}, {tokens} tokens/step, "
+        f"{steps} steps, kernels={student.moe.isa}, threads={pool.num_threads}"
+    )
     progress = _Progress(steps)
     losses, busy = [], 0.0
     for step in range(1, steps + 1):
-        x, ids, w = _batch(cfg, rng, tokens)
-        target = teacher.forward(x, ids, w)
+        x, ids, w = _batch(torch, gen, tokens, H, E, k)
+        with torch.no_grad():
+            target = teacher(x, ids, w)
         t0 = time.perf_counter()
-        out = student.forward(x, ids, w, save_for_backward=True)
-        diff = out - target
-        grads = student.backward((2.0 / diff.size) * diff, need_grad_weights=False)
+        out = student(x, ids, w)  # bf16 [T, H]
+        loss = torch.nn.functional.mse_loss(out.float(), target.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         busy += time.perf_counter() - t0
-        losses.append(float(np.mean(diff * diff)))
-        for n in LORA_NAMES:  # Adam, then the in-place bf16 write the engine will read
-            g = grads.lora()[n].astype(np.float32)
-            m1[n] = beta1 * m1[n] + (1 - beta1) * g
-            m2[n] = beta2 * m2[n] + (1 - beta2) * g * g
-            update = (m1[n] / (1 - beta1**step)) / (np.sqrt(m2[n] / (1 - beta2**step)) + eps)
-            master[n] -= lr * update
-            student_lora[n][...] = master[n].astype(BF16)
+        optimizer.step()  # in place: the engine sees it at the next call
+        losses.append(loss.item())
         progress.update(step, f"loss {losses[-1]:.3e}  {tokens * step / busy:,.0f} tok/s")
-    first, last = losses[0], float(np.mean(losses[-max(1, steps // 10) :]))
+    first, last = losses[0], sum(losses[-max(1, steps // 10) :]) / max(1, steps // 10)
     print(
         f"loss {first:.4e} -> {last:.4e} ({first / max(last, 1e-30):.1f}x lower); "
-        f"{tokens * steps / busy:,.0f} tokens/s forward+backward on '{student.isa}'"
+        f"{tokens * steps / busy:,.0f} tokens/s forward+backward on '{student.moe.isa}'"
     )
     return 1 if steps >= CHECKED_STEPS and last >= first else 0
