@@ -16,7 +16,7 @@ from ktsft._c_api cimport (
     kt_moe_destroy, kt_moe_forward, kt_moe_isa, kt_moe_load_weights, kt_moe_packed_bytes,
     kt_moe_weights_loaded, kt_moe_experts_loaded, kt_moe_load_experts, kt_moe_read_experts,
     kt_expert_weights, kt_expert_buffers, kt_saved, kt_saved_release, kt_saved_num_tokens, kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_status,
-    kt_vec_sigmoid, kt_vec_silu,
+    kt_vec_sigmoid, kt_vec_silu, kt_isa_variant, kt_kernels_testing_set, kt_moe_kernel_variant,
 )
 
 
@@ -68,6 +68,18 @@ def isa_lists():
     available = [kt_isa_name(<kt_isa>i).decode() for i in range(KT_ISA_COUNT)
                  if kt_isa_available(<kt_isa>i)]
     return compiled, available, kt_isa_name(kt_isa_best()).decode()
+
+
+def isa_variant(str name):
+    """The instructions the family ``name`` ("auto" or a family name) uses on this CPU."""
+    return kt_isa_variant(_resolve(name)).decode()
+
+
+def kernels_testing_set(uint32_t feature_mask, bint emulate_bf16):
+    """Tests only: engines created afterwards pick their kernel variant as if the CPU had only
+    ``feature_mask`` (bits of :func:`cpu_features`), with ``emulate_bf16`` the avx512 family's
+    vdpbf16ps code on a software model. ``(0xFFFFFFFF, False)`` restores."""
+    kt_kernels_testing_set(feature_mask, emulate_bf16)
 
 
 def cpu_features():
@@ -312,3 +324,7 @@ cdef class Engine:
     @property
     def isa(self):
         return kt_isa_name(kt_moe_isa(self.ptr)).decode()
+
+    @property
+    def kernel_variant(self):
+        return kt_moe_kernel_variant(self.ptr).decode()

@@ -249,6 +249,8 @@ size_t kt_moe_packed_bytes(const kt_moe *m) {
 
 kt_isa kt_moe_isa(const kt_moe *m) { return m->cfg.isa; }
 
+const char *kt_moe_kernel_variant(const kt_moe *m) { return m->kern->variant; }
+
 kt_status kt_lora_check(const kt_lora *l, kt_error *err) {
   const struct {
     const char *name;

@@ -108,8 +108,21 @@ static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, in
   }
 }
 
+static void generic_lora_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c,
+                            int64_t ldc, void *scratch) {
+  const kt_packed w = kt_bf16_matrix(b, n, k);
+  generic_gemm_nt(a, &w, 0, n, c, ldc, scratch);
+}
+
+static void generic_lora_nn(const kt_rows *a, const uint16_t *b, int64_t k, int64_t n, float *c,
+                            int64_t ldc, void *scratch) {
+  const kt_packed w = kt_bf16_matrix(b, k, n);
+  generic_gemm_nn(a, &w, 0, n, c, ldc, scratch);
+}
+
 const kt_kernels kt_kernels_generic = {
     .isa = KT_ISA_GENERIC,
+    .variant = "generic",
     .packed_bytes = generic_packed_bytes,
     .pack = generic_pack,
     .unpack = generic_unpack,
@@ -119,4 +132,10 @@ const kt_kernels kt_kernels_generic = {
     .gemm_nn = generic_gemm_nn,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
+    .lora_nt = generic_lora_nt,
+    .lora_nn = generic_lora_nn,
+    .lora_add_nt = kt_lora_add_nt,
+    .lora_add_nn = kt_lora_add_nn,
+    .outer_rn = kt_outer_rn,
+    .outer_nr = kt_outer_nr,
 };

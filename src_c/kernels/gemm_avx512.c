@@ -1,0 +1,530 @@
+/* gemm_avx512.c - the avx512 family (AVX-512 F/BW/VL + FMA): packing, the GEMMs without the
+ * optional instructions, the LoRA products, and the choice among the family's variants.
+ *
+ *   x W^T, bf16   fp32 FMA: each W unit is split into its even and odd columns (shift, and)
+ *                 and feeds a 12 x 32 register tile; vdpbf16ps where the CPU has it
+ *                 (gemm_avx512_bf16.c)
+ *   x W^T, int8   vpmaddwd on sign-extended byte pairs (exact in int32); vpdpbusd where the CPU
+ *                 has it (gemm_avx512_vnni.c)
+ *   x W           W is transposed, 16 x 16 units at a time in registers, into a per-thread fp32
+ *                 scratch of NN_CH rows x 64 columns; a 6 x 64 register tile of fp32 FMAs then
+ *                 runs over it. The LoRA products use the same tile.
+ * Every sum runs over its index in ascending order within one fp32 (or int32) lane. */
+#include "avx512_layout.h"
+
+void kt_avx512_nt_bf16_dp(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch);
+void kt_avx512_nt_bf16_dp_model(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                                float *c, int64_t ldc, void *scratch);
+void kt_avx512_nt_q8_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch);
+void kt_act_avx512_sigmoid(const float *x, float *y, int64_t n);
+void kt_act_avx512_silu(const float *x, float *y, int64_t n);
+
+enum {
+  NN_MR = 6,   /* rows of A per x W register tile */
+  NN_CH = 128, /* rows of W transposed into the scratch at a time */
+  WT_LD = 64,  /* columns of the transposed scratch */
+};
+
+/* ---- packing ------------------------------------------------------------------------------ */
+
+static size_t z_packed_bytes(int64_t rows, int64_t cols, kt_wtype t) {
+  const size_t data = (size_t)(kt_z_rows_padded(rows) * kt_z_units(cols, t)) * KT_Z_UNIT / 16;
+  return t == KT_WTYPE_INT8 ? data + (size_t)kt_z_rows_padded(rows) * sizeof(int32_t) : data;
+}
+
+/* Byte offset of W[r, c] in the packed layout. */
+static inline size_t z_offset(int64_t units, int64_t r, int64_t c, kt_wtype t) {
+  const int64_t per = kt_z_per_unit(t), size = t == KT_WTYPE_INT8 ? 1 : 2;
+  return (size_t)(((r / 16) * units + c / per) * KT_Z_UNIT + (r % 16) * 4 + (c % per) * size);
+}
+
+static void z_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype t) {
+  const int64_t units = kt_z_units(cols, t);
+  memset(dst, 0, z_packed_bytes(rows, cols, t));
+  char *d = dst;
+  if (t == KT_WTYPE_BF16) {
+    const uint16_t *s = src;
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t c = 0; c < cols; c++) memcpy(d + z_offset(units, r, c, t), s + r * cols + c, 2);
+    return;
+  }
+  const int8_t *s = src;
+  int32_t *rowsum = (int32_t *)(d + kt_z_rows_padded(rows) * units * KT_Z_UNIT / 16);
+  for (int64_t r = 0; r < rows; r++) {
+    int32_t sum = 0;
+    for (int64_t c = 0; c < cols; c++) {
+      d[z_offset(units, r, c, t)] = (char)s[r * cols + c];
+      sum += s[r * cols + c];
+    }
+    rowsum[r] = sum;
+  }
+}
+
+static void z_unpack(void *dst, const void *packed, int64_t rows, int64_t cols, kt_wtype t) {
+  const int64_t units = kt_z_units(cols, t), size = t == KT_WTYPE_INT8 ? 1 : 2;
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < cols; c++)
+      memcpy((char *)dst + (r * cols + c) * size, (const char *)packed + z_offset(units, r, c, t),
+             (size_t)size);
+}
+
+/* x W^T: A rows as fp32 (or int16 pairs), 12 rows x (cols rounded up to 64);
+ * x W: the transposed block and a 6-row slice of A. */
+static size_t z_scratch_bytes(int64_t n, int64_t k) {
+  (void)n;
+  const size_t nt = (size_t)KT_Z_NT_MR * (size_t)(kt_z_units(k, KT_WTYPE_BF16) * 2) * 4;
+  const size_t nn = (size_t)(NN_CH * WT_LD + NN_MR * NN_CH) * 4;
+  return nt + nn + KT_CACHE_LINE;
+}
+
+/* ---- x W^T, bf16, fp32 FMA ------------------------------------------------------------------ */
+
+/* bf16 to fp32, n values, zero padded to len. */
+static inline void z_row_to_f32(const uint16_t *src, int64_t n, float *dst, int64_t len,
+                                const float *scale) {
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = kt_z_mask(n - i > 0 ? n - i : 0);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, src + i);
+    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, scale + i));
+    _mm512_storeu_ps(dst + i, v);
+  }
+}
+
+static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, const int nb,
+                                                              const float *af, int64_t len,
+                                                              const char *p0, int64_t bstride,
+                                                              int64_t used, float *c, int64_t ldc,
+                                                              int64_t ncols) {
+  const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+  __m512 acc[KT_Z_NT_MR][2];
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < used; u++) {
+    const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
+    const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16));
+    const __m512 o0 = _mm512_castsi512_ps(_mm512_and_si512(w0, hi));
+    __m512 e1 = e0, o1 = o0;
+    if (nb > 1) {
+      const __m512i w1 = _mm512_loadu_si512(p0 + bstride + u * KT_Z_UNIT);
+      e1 = _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16));
+      o1 = _mm512_castsi512_ps(_mm512_and_si512(w1, hi));
+    }
+    for (int m = 0; m < mr; m++) {
+      const __m512 ae = _mm512_set1_ps(af[m * len + 2 * u]);
+      const __m512 ao = _mm512_set1_ps(af[m * len + 2 * u + 1]);
+      acc[m][0] = _mm512_fmadd_ps(ao, o0, _mm512_fmadd_ps(ae, e0, acc[m][0]));
+      if (nb > 1) acc[m][1] = _mm512_fmadd_ps(ao, o1, _mm512_fmadd_ps(ae, e1, acc[m][1]));
+    }
+  }
+  for (int m = 0; m < mr; m++) {
+    kt_z_store(c + m * ldc, acc[m][0], ncols);
+    if (nb > 1) kt_z_store(c + m * ldc + 16, acc[m][1], ncols - 16);
+  }
+}
+
+#define NT_FMA_CASE(MR)                                               \
+  case MR:                                                            \
+    if (nb > 1)                                                       \
+      nt_fma_tile(MR, 2, af, len, p0, bstride, used, cc, ldc, ncols); \
+    else                                                              \
+      nt_fma_tile(MR, 1, af, len, p0, bstride, used, cc, ldc, ncols); \
+    break;
+
+static void z_gemm_nt_fma(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_BF16), len = 2 * units;
+  const int64_t used = (k + 1) / 2, bstride = units * KT_Z_UNIT;
+  float *af = scratch;
+  for (int64_t m0 = 0; m0 < a->count; m0 += KT_Z_NT_MR) {
+    const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
+    for (int64_t i = 0; i < mr; i++) z_row_to_f32(kt_row(a, m0 + i), k, af + i * len, len, NULL);
+    for (int64_t j0 = 0; j0 < n; j0 += 32) {
+      const char *p0 = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
+      const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
+      float *cc = c + m0 * ldc + j0;
+      switch (mr) {
+        NT_FMA_CASE(1)
+        NT_FMA_CASE(2)
+        NT_FMA_CASE(3)
+        NT_FMA_CASE(4)
+        NT_FMA_CASE(5)
+        NT_FMA_CASE(6)
+        NT_FMA_CASE(7)
+        NT_FMA_CASE(8)
+        NT_FMA_CASE(9)
+        NT_FMA_CASE(10)
+        NT_FMA_CASE(11)
+        NT_FMA_CASE(12)
+      }
+    }
+  }
+}
+
+/* ---- x W^T, int8, vpmaddwd ------------------------------------------------------------------- */
+
+/* Each W unit holds 4 bytes per row: k0 k1 k2 k3. Shifts split it into the int16 pairs (k0, k2)
+ * and (k1, k3); A is stored as the matching pairs, so two vpmaddwd give the exact 4-term sum. */
+static inline __attribute__((always_inline)) void q8_madd_tile(const int mr, const int nb,
+                                                               const int32_t *ap, int64_t len,
+                                                               const char *p0, int64_t bstride,
+                                                               int64_t used, __m512i acc[][2]) {
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+  for (int64_t u = 0; u < used; u++) {
+    const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
+    const __m512i l0 = _mm512_srai_epi16(_mm512_slli_epi16(w0, 8), 8),
+                  h0 = _mm512_srai_epi16(w0, 8);
+    __m512i l1 = l0, h1 = h0;
+    if (nb > 1) {
+      const __m512i w1 = _mm512_loadu_si512(p0 + bstride + u * KT_Z_UNIT);
+      l1 = _mm512_srai_epi16(_mm512_slli_epi16(w1, 8), 8);
+      h1 = _mm512_srai_epi16(w1, 8);
+    }
+    for (int m = 0; m < mr; m++) {
+      const __m512i al = _mm512_set1_epi32(ap[m * len + 2 * u]);
+      const __m512i ah = _mm512_set1_epi32(ap[m * len + 2 * u + 1]);
+      acc[m][0] = _mm512_add_epi32(
+          acc[m][0], _mm512_add_epi32(_mm512_madd_epi16(l0, al), _mm512_madd_epi16(h0, ah)));
+      if (nb > 1)
+        acc[m][1] = _mm512_add_epi32(
+            acc[m][1], _mm512_add_epi32(_mm512_madd_epi16(l1, al), _mm512_madd_epi16(h1, ah)));
+    }
+  }
+}
+
+#define Q8_MADD_CASE(MR)                                    \
+  case MR:                                                  \
+    if (nb > 1)                                             \
+      q8_madd_tile(MR, 2, ap, len, p0, bstride, used, acc); \
+    else                                                    \
+      q8_madd_tile(MR, 1, ap, len, p0, bstride, used, acc); \
+    break;
+
+static void z_gemm_nt_q8_madd(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n,
+                              float *c, int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_INT8), len = 2 * units;
+  const int64_t used = (k + 3) / 4, bstride = units * KT_Z_UNIT;
+  int32_t *ap = scratch;
+  __m512i acc[KT_Z_NT_MR][2];
+  for (int64_t m0 = 0; m0 < a->count; m0 += KT_Z_NT_MR) {
+    const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
+    for (int64_t i = 0; i < mr; i++) {
+      const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
+      const int8_t *row = a->base + src * a->ld;
+      for (int64_t u = 0; u < units; u++) {
+        int32_t q[4] = {0, 0, 0, 0};
+        for (int64_t t = 0; t < 4 && 4 * u + t < k; t++) q[t] = row[4 * u + t];
+        ap[i * len + 2 * u] = (int32_t)(((uint32_t)q[2] << 16) | ((uint32_t)q[0] & 0xffffu));
+        ap[i * len + 2 * u + 1] = (int32_t)(((uint32_t)q[3] << 16) | ((uint32_t)q[1] & 0xffffu));
+      }
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += 32) {
+      const char *p0 = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
+      const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
+      switch (mr) {
+        Q8_MADD_CASE(1)
+        Q8_MADD_CASE(2)
+        Q8_MADD_CASE(3)
+        Q8_MADD_CASE(4)
+        Q8_MADD_CASE(5)
+        Q8_MADD_CASE(6)
+        Q8_MADD_CASE(7)
+        Q8_MADD_CASE(8)
+        Q8_MADD_CASE(9)
+        Q8_MADD_CASE(10)
+        Q8_MADD_CASE(11)
+        Q8_MADD_CASE(12)
+      }
+      for (int64_t i = 0; i < mr; i++) {
+        const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
+        const float sa = a->scale[src];
+        for (int v = 0; v < nb; v++) {
+          const int64_t j = n0 + j0 + 16 * v;
+          const __m512 s = _mm512_mul_ps(
+              _mm512_set1_ps(sa), _mm512_maskz_loadu_ps(kt_z_mask(ncols - 16 * v), w->scale + j));
+          kt_z_store(c + (m0 + i) * ldc + j0 + 16 * v,
+                     _mm512_mul_ps(s, _mm512_cvtepi32_ps(acc[i][v])), ncols - 16 * v);
+        }
+      }
+    }
+  }
+}
+
+/* ---- x W and the LoRA products: one register tile over a row-major fp32 block ------------- */
+
+/* c[m, 0:ncols] (+)= s * sum_cc af[m, cc] * wt[cc, 0:ncols], m < mr, ncols <= 16 nv. */
+static inline __attribute__((always_inline)) void nn_tile(const int mr, const int nv,
+                                                          const float *af, int64_t ldaf,
+                                                          const float *wt, int64_t cnt, float *c,
+                                                          int64_t ldc, int64_t ncols, int add,
+                                                          float s) {
+  __m512 acc[NN_MR][4];
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t cc = 0; cc < cnt; cc++) {
+    __m512 wv[4];
+    for (int v = 0; v < nv; v++) wv[v] = _mm512_loadu_ps(wt + cc * WT_LD + 16 * v);
+    for (int m = 0; m < mr; m++) {
+      const __m512 av = _mm512_set1_ps(af[m * ldaf + cc]);
+      for (int v = 0; v < nv; v++) acc[m][v] = _mm512_fmadd_ps(av, wv[v], acc[m][v]);
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++) {
+      const __mmask16 k = kt_z_mask(ncols - 16 * v);
+      float *p = c + m * ldc + 16 * v;
+      __m512 r = _mm512_mul_ps(sv, acc[m][v]);
+      if (add) r = _mm512_add_ps(_mm512_maskz_loadu_ps(k, p), r);
+      _mm512_mask_storeu_ps(p, k, r);
+    }
+}
+
+#define NN_CASE(MR, NV) \
+  case MR * 8 + NV: nn_tile(MR, NV, af, ldaf, wt, cnt, c, ldc, ncols, add, s); break;
+#define NN_CASES(MR) NN_CASE(MR, 1) NN_CASE(MR, 2) NN_CASE(MR, 3) NN_CASE(MR, 4)
+
+/* All rows of af (count of them) against wt: the tile over rows of 6. */
+static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *wt, int64_t cnt,
+                    float *c0, int64_t ldc, int64_t ncols, int add, float s) {
+  const int nv = (int)((ncols + 15) / 16);
+  for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {
+    const int mr = (int)(count - m0 < NN_MR ? count - m0 : NN_MR);
+    const float *af = a0 + m0 * ldaf;
+    float *c = c0 + m0 * ldc;
+    switch (mr * 8 + nv) {
+      NN_CASES(1)
+      NN_CASES(2)
+      NN_CASES(3)
+      NN_CASES(4)
+      NN_CASES(5)
+      NN_CASES(6)
+    }
+  }
+}
+
+/* In-register transpose of 16 x 16 dwords: r[i] lane j becomes r[j] lane i. */
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) { /* s[4i + c]: rows 4i..4i+3, column c of each 128-bit lane */
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; c++) { /* 4 x 4 transpose of the 128-bit lanes of s[c], s[4+c], ... */
+    const __m512i u0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
+    const __m512i u1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
+    const __m512i u2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512i u3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+    t[c] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(u0, u2, 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(u1, u3, 0xdd);
+  }
+  for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64) as fp32 for cc < cnt (rounded up to the block; columns
+ * past W's are zero). c0 is a multiple of 16. */
+static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t n0, int64_t n,
+                            float *wt) {
+  const int64_t units = kt_z_units(w->cols, w->wtype);
+  for (int64_t b = c0 / 16; b * 16 < c0 + cnt; b++) {
+    float *dst = wt + (b * 16 - c0) * WT_LD;
+    __m512i r[16];
+    if (w->wtype == KT_WTYPE_INT8) {
+      for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 4 + i));
+      transpose16(r);
+      for (int i = 0; i < 16; i++) {
+        float *d = dst + i * WT_LD;
+        _mm512_storeu_ps(
+            d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 0))));
+        _mm512_storeu_ps(
+            d + 16, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 1))));
+        _mm512_storeu_ps(
+            d + 32, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 2))));
+        _mm512_storeu_ps(
+            d + 48, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 3))));
+      }
+      continue;
+    }
+    for (int64_t g = 0; g * 32 < n; g++) {
+      for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 2 + 16 * g + i));
+      transpose16(r);
+      for (int i = 0; i < 16; i++) {
+        float *d = dst + i * WT_LD + 32 * g;
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(r[i]));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r[i], 1));
+        _mm512_storeu_ps(d, _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)));
+        _mm512_storeu_ps(d + 16, _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)));
+      }
+    }
+  }
+}
+
+static void z_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                      int64_t ldc, void *scratch) {
+  const int64_t k = w->rows;
+  float *wt = scratch, *af = wt + NN_CH * WT_LD;
+  const float *scale = w->wtype == KT_WTYPE_INT8 ? w->scale : NULL;
+  for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
+    const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH;
+    transpose_block(w, c0, cnt, n0, n, wt);
+    for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
+      const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
+      for (int64_t i = 0; i < mr; i++)
+        z_row_to_f32(kt_row(a, m0 + i) + c0, cnt, af + i * NN_CH, (cnt + 15) & ~(int64_t)15,
+                     scale ? scale + c0 : NULL);
+      nn_rows(mr, af, NN_CH, wt, cnt, c + m0 * ldc, ldc, n, c0 > 0, 1.0f);
+    }
+  }
+}
+
+/* ---- the LoRA products ------------------------------------------------------------------- */
+
+/* The LoRA operands are small (one side is the rank): they are rearranged into a stack block
+ * in the tile's layout, the scalar copy costing about as much as one row of the product. */
+typedef struct lora_block {
+  _Alignas(KT_CACHE_LINE) float wt[NN_CH * WT_LD];
+  _Alignas(KT_CACHE_LINE) float af[NN_MR * NN_CH];
+} lora_block;
+
+/* C[m, q] = sum_c A[m, c] B[q, c] (transposed) or B[c, q]: A bf16 rows, B [n, k] or [k, n]. */
+static void z_lora_product(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, int trans,
+                           float *c, int64_t ldc) {
+  lora_block blk;
+  for (int64_t q0 = 0; q0 < n; q0 += WT_LD) {
+    const int64_t nq = n - q0 < WT_LD ? n - q0 : WT_LD;
+    for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
+      const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH;
+      for (int64_t cc = 0; cc < cnt; cc++)
+        for (int64_t q = 0; q < nq; q++)
+          blk.wt[cc * WT_LD + q] =
+              kt_bf16_to_f32(trans ? b[(q0 + q) * k + c0 + cc] : b[(c0 + cc) * n + q0 + q]);
+      for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
+        const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
+        for (int64_t i = 0; i < mr; i++)
+          z_row_to_f32(kt_row(a, m0 + i) + c0, cnt, blk.af + i * NN_CH, (cnt + 15) & ~(int64_t)15,
+                       NULL);
+        nn_rows(mr, blk.af, NN_CH, blk.wt, cnt, c + m0 * ldc + q0, ldc, nq, c0 > 0, 1.0f);
+      }
+    }
+  }
+}
+
+static void z_lora_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c,
+                      int64_t ldc, void *scratch) {
+  (void)scratch;
+  z_lora_product(a, b, n, k, 1, c, ldc);
+}
+
+static void z_lora_nn(const kt_rows *a, const uint16_t *b, int64_t k, int64_t n, float *c,
+                      int64_t ldc, void *scratch) {
+  (void)scratch;
+  z_lora_product(a, b, n, k, 0, c, ldc);
+}
+
+/* C[m, j] += s * sum_q a[m, q] * B[n0 + j, q] (trans) or B[q, n0 + j] (B: [r, ldb]). */
+static void z_lora_add(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
+                       int64_t ldb, int trans, int64_t n0, float s, float *c, int64_t ldc) {
+  lora_block blk;
+  for (int64_t j0 = 0; j0 < n; j0 += WT_LD) {
+    const int64_t nj = n - j0 < WT_LD ? n - j0 : WT_LD;
+    for (int64_t q0 = 0; q0 < r; q0 += NN_CH) {
+      const int64_t cnt = r - q0 < NN_CH ? r - q0 : NN_CH;
+      for (int64_t q = 0; q < cnt; q++)
+        for (int64_t j = 0; j < nj; j++)
+          blk.wt[q * WT_LD + j] = kt_bf16_to_f32(trans ? b[(n0 + j0 + j) * r + q0 + q]
+                                                       : b[(q0 + q) * ldb + n0 + j0 + j]);
+      nn_rows(M, a + q0, r, blk.wt, cnt, c + j0, ldc, nj, 1, s);
+    }
+  }
+}
+
+static void z_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
+                          int64_t n0, float s, float *c, int64_t ldc) {
+  z_lora_add(M, n, r, a, b, r, 1, n0, s, c, ldc);
+}
+
+static void z_lora_add_nn(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
+                          int64_t ldb, int64_t n0, float s, float *c, int64_t ldc) {
+  z_lora_add(M, n, r, a, b, ldb, 0, n0, s, c, ldc);
+}
+
+/* out[i, j] = s * sum_m P[m, i] * rowscale[m] * Q[m, j]  ->  [ni, nj] (ld nj): P [M, ldp],
+ * Q [M, ldq], both fp32; the sum over m runs in chunks of NN_CH. */
+static void z_outer(int64_t M, int64_t ni, int64_t nj, const float *p, int64_t ldp,
+                    const float *rowscale, const float *qm, int64_t ldq, float s, float *out) {
+  lora_block blk;
+  for (int64_t j0 = 0; j0 < nj; j0 += WT_LD) {
+    const int64_t w = nj - j0 < WT_LD ? nj - j0 : WT_LD;
+    for (int64_t m0 = 0; m0 < M; m0 += NN_CH) {
+      const int64_t cnt = M - m0 < NN_CH ? M - m0 : NN_CH;
+      for (int64_t mm = 0; mm < cnt; mm++)
+        for (int64_t j = 0; j < w; j++) blk.wt[mm * WT_LD + j] = qm[(m0 + mm) * ldq + j0 + j];
+      for (int64_t i0 = 0; i0 < ni; i0 += NN_MR) {
+        const int64_t mr = ni - i0 < NN_MR ? ni - i0 : NN_MR;
+        for (int64_t i = 0; i < mr; i++)
+          for (int64_t mm = 0; mm < cnt; mm++)
+            blk.af[i * NN_CH + mm] =
+                p[(m0 + mm) * ldp + i0 + i] * (rowscale ? rowscale[m0 + mm] : 1.0f);
+        nn_rows(mr, blk.af, NN_CH, blk.wt, cnt, out + i0 * nj + j0, nj, w, m0 > 0, s);
+      }
+    }
+  }
+}
+
+static void z_outer_rn(int64_t M, int64_t r, int64_t n, const float *coef, const float *rowscale,
+                       const float *x, int64_t ldx, float s, float *out) {
+  z_outer(M, r, n, coef, r, rowscale, x, ldx, s, out);
+}
+
+static void z_outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd,
+                       const float *coef, float s, float *out) {
+  z_outer(M, n, r, d, ldd, NULL, coef, r, s, out);
+}
+
+/* ---- the variants ---------------------------------------------------------------------------- */
+
+#define Z_TABLE(NAME, VARIANT, NT, NT_Q8)    \
+  static const kt_kernels NAME = {           \
+      .isa = KT_ISA_AVX512,                  \
+      .variant = VARIANT,                    \
+      .packed_bytes = z_packed_bytes,        \
+      .pack = z_pack,                        \
+      .unpack = z_unpack,                    \
+      .gemm_scratch_bytes = z_scratch_bytes, \
+      .gemm_nt = NT,                         \
+      .gemm_nt_q8 = NT_Q8,                   \
+      .gemm_nn = z_gemm_nn,                  \
+      .sigmoid = kt_act_avx512_sigmoid,      \
+      .silu = kt_act_avx512_silu,            \
+      .lora_nt = z_lora_nt,                  \
+      .lora_nn = z_lora_nn,                  \
+      .lora_add_nt = z_lora_add_nt,          \
+      .lora_add_nn = z_lora_add_nn,          \
+      .outer_rn = z_outer_rn,                \
+      .outer_nr = z_outer_nr,                \
+  };
+
+Z_TABLE(fma_madd, "avx512-fma+vpmaddwd", z_gemm_nt_fma, z_gemm_nt_q8_madd)
+Z_TABLE(fma_vnni, "avx512-fma+vnni", z_gemm_nt_fma, kt_avx512_nt_q8_vnni)
+Z_TABLE(bf16_madd, "avx512-bf16+vpmaddwd", kt_avx512_nt_bf16_dp, z_gemm_nt_q8_madd)
+Z_TABLE(bf16_vnni, "avx512-bf16+vnni", kt_avx512_nt_bf16_dp, kt_avx512_nt_q8_vnni)
+Z_TABLE(emu_madd, "avx512-bf16emu+vpmaddwd", kt_avx512_nt_bf16_dp_model, z_gemm_nt_q8_madd)
+Z_TABLE(emu_vnni, "avx512-bf16emu+vnni", kt_avx512_nt_bf16_dp_model, kt_avx512_nt_q8_vnni)
+
+const kt_kernels *kt_kernels_avx512(uint32_t f) {
+  const int vnni = (f & KT_CPU_AVX512_VNNI) != 0;
+  if (f & KT_CPU_TEST_EMULATE_BF16) return vnni ? &emu_vnni : &emu_madd;
+  if (f & KT_CPU_AVX512_BF16) return vnni ? &bf16_vnni : &bf16_madd;
+  return vnni ? &fma_vnni : &fma_madd;
+}
