@@ -25,50 +25,8 @@ enum {
   NN_MR = 6,   /* rows of A per x W register tile */
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
+  Z_PREFETCH_BLOCKS = 4,
 };
-
-/* ---- packing ------------------------------------------------------------------------------ */
-
-static size_t z_packed_bytes(int64_t rows, int64_t cols, kt_wtype t) {
-  const size_t data = (size_t)(kt_z_rows_padded(rows) * kt_z_units(cols, t)) * KT_Z_UNIT / 16;
-  return t == KT_WTYPE_INT8 ? data + (size_t)kt_z_rows_padded(rows) * sizeof(int32_t) : data;
-}
-
-/* Byte offset of W[r, c] in the packed layout. */
-static inline size_t z_offset(int64_t units, int64_t r, int64_t c, kt_wtype t) {
-  const int64_t per = kt_z_per_unit(t), size = t == KT_WTYPE_INT8 ? 1 : 2;
-  return (size_t)(((r / 16) * units + c / per) * KT_Z_UNIT + (r % 16) * 4 + (c % per) * size);
-}
-
-static void z_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype t) {
-  const int64_t units = kt_z_units(cols, t);
-  memset(dst, 0, z_packed_bytes(rows, cols, t));
-  char *d = dst;
-  if (t == KT_WTYPE_BF16) {
-    const uint16_t *s = src;
-    for (int64_t r = 0; r < rows; r++)
-      for (int64_t c = 0; c < cols; c++) memcpy(d + z_offset(units, r, c, t), s + r * cols + c, 2);
-    return;
-  }
-  const int8_t *s = src;
-  int32_t *rowsum = (int32_t *)(d + kt_z_rows_padded(rows) * units * KT_Z_UNIT / 16);
-  for (int64_t r = 0; r < rows; r++) {
-    int32_t sum = 0;
-    for (int64_t c = 0; c < cols; c++) {
-      d[z_offset(units, r, c, t)] = (char)s[r * cols + c];
-      sum += s[r * cols + c];
-    }
-    rowsum[r] = sum;
-  }
-}
-
-static void z_unpack(void *dst, const void *packed, int64_t rows, int64_t cols, kt_wtype t) {
-  const int64_t units = kt_z_units(cols, t), size = t == KT_WTYPE_INT8 ? 1 : 2;
-  for (int64_t r = 0; r < rows; r++)
-    for (int64_t c = 0; c < cols; c++)
-      memcpy((char *)dst + (r * cols + c) * size, (const char *)packed + z_offset(units, r, c, t),
-             (size_t)size);
-}
 
 /* x W^T: A rows as fp32 (or int16 pairs), 12 rows x (cols rounded up to 64);
  * x W: the transposed block and a 6-row slice of A. */
@@ -82,8 +40,8 @@ static size_t z_scratch_bytes(int64_t n, int64_t k) {
 /* ---- x W^T, bf16, fp32 FMA ------------------------------------------------------------------ */
 
 /* bf16 to fp32, n values, zero padded to len. */
-static inline void z_row_to_f32(const uint16_t *src, int64_t n, float *dst, int64_t len,
-                                const float *scale) {
+static inline void row_to_f32(const uint16_t *src, int64_t n, float *dst, int64_t len,
+                              const float *scale) {
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 m = kt_z_mask(n - i > 0 ? n - i : 0);
     const __m256i h = _mm256_maskz_loadu_epi16(m, src + i);
@@ -139,7 +97,7 @@ static void z_gemm_nt_fma(const kt_rows *a, const kt_packed *w, int64_t n0, int6
   float *af = scratch;
   for (int64_t m0 = 0; m0 < a->count; m0 += KT_Z_NT_MR) {
     const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
-    for (int64_t i = 0; i < mr; i++) z_row_to_f32(kt_row(a, m0 + i), k, af + i * len, len, NULL);
+    for (int64_t i = 0; i < mr; i++) row_to_f32(kt_row(a, m0 + i), k, af + i * len, len, NULL);
     for (int64_t j0 = 0; j0 < n; j0 += 32) {
       const char *p0 = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
       const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
@@ -335,9 +293,16 @@ static inline void transpose16(__m512i r[16]) {
 static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t n0, int64_t n,
                             float *wt) {
   const int64_t units = kt_z_units(w->cols, w->wtype);
+  const int64_t lines = (n + kt_z_per_unit(w->wtype) - 1) / kt_z_per_unit(w->wtype);
+  const int64_t u0 = n0 / kt_z_per_unit(w->wtype), nblocks = kt_z_rows_padded(w->rows) / 16;
   for (int64_t b = c0 / 16; b * 16 < c0 + cnt; b++) {
     float *dst = wt + (b * 16 - c0) * WT_LD;
     __m512i r[16];
+    /* Each block contributes one short run (2 KB for 64 bf16 columns) far from the next: too
+     * short for the hardware prefetchers, so ask for the runs a few blocks ahead. */
+    if (b + Z_PREFETCH_BLOCKS < nblocks)
+      for (int64_t l = 0; l < lines; l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Z_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
     if (w->wtype == KT_WTYPE_INT8) {
       for (int i = 0; i < 16; i++)
         r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 4 + i));
@@ -370,127 +335,7 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
   }
 }
 
-static void z_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
-                      int64_t ldc, void *scratch) {
-  const int64_t k = w->rows;
-  float *wt = scratch, *af = wt + NN_CH * WT_LD;
-  const float *scale = w->wtype == KT_WTYPE_INT8 ? w->scale : NULL;
-  for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
-    const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH;
-    transpose_block(w, c0, cnt, n0, n, wt);
-    for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
-      const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
-      for (int64_t i = 0; i < mr; i++)
-        z_row_to_f32(kt_row(a, m0 + i) + c0, cnt, af + i * NN_CH, (cnt + 15) & ~(int64_t)15,
-                     scale ? scale + c0 : NULL);
-      nn_rows(mr, af, NN_CH, wt, cnt, c + m0 * ldc, ldc, n, c0 > 0, 1.0f);
-    }
-  }
-}
-
-/* ---- the LoRA products ------------------------------------------------------------------- */
-
-/* The LoRA operands are small (one side is the rank): they are rearranged into a stack block
- * in the tile's layout, the scalar copy costing about as much as one row of the product. */
-typedef struct lora_block {
-  _Alignas(KT_CACHE_LINE) float wt[NN_CH * WT_LD];
-  _Alignas(KT_CACHE_LINE) float af[NN_MR * NN_CH];
-} lora_block;
-
-/* C[m, q] = sum_c A[m, c] B[q, c] (transposed) or B[c, q]: A bf16 rows, B [n, k] or [k, n]. */
-static void z_lora_product(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, int trans,
-                           float *c, int64_t ldc) {
-  lora_block blk;
-  for (int64_t q0 = 0; q0 < n; q0 += WT_LD) {
-    const int64_t nq = n - q0 < WT_LD ? n - q0 : WT_LD;
-    for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
-      const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH;
-      for (int64_t cc = 0; cc < cnt; cc++)
-        for (int64_t q = 0; q < nq; q++)
-          blk.wt[cc * WT_LD + q] =
-              kt_bf16_to_f32(trans ? b[(q0 + q) * k + c0 + cc] : b[(c0 + cc) * n + q0 + q]);
-      for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
-        const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
-        for (int64_t i = 0; i < mr; i++)
-          z_row_to_f32(kt_row(a, m0 + i) + c0, cnt, blk.af + i * NN_CH, (cnt + 15) & ~(int64_t)15,
-                       NULL);
-        nn_rows(mr, blk.af, NN_CH, blk.wt, cnt, c + m0 * ldc + q0, ldc, nq, c0 > 0, 1.0f);
-      }
-    }
-  }
-}
-
-static void z_lora_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c,
-                      int64_t ldc, void *scratch) {
-  (void)scratch;
-  z_lora_product(a, b, n, k, 1, c, ldc);
-}
-
-static void z_lora_nn(const kt_rows *a, const uint16_t *b, int64_t k, int64_t n, float *c,
-                      int64_t ldc, void *scratch) {
-  (void)scratch;
-  z_lora_product(a, b, n, k, 0, c, ldc);
-}
-
-/* C[m, j] += s * sum_q a[m, q] * B[n0 + j, q] (trans) or B[q, n0 + j] (B: [r, ldb]). */
-static void z_lora_add(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
-                       int64_t ldb, int trans, int64_t n0, float s, float *c, int64_t ldc) {
-  lora_block blk;
-  for (int64_t j0 = 0; j0 < n; j0 += WT_LD) {
-    const int64_t nj = n - j0 < WT_LD ? n - j0 : WT_LD;
-    for (int64_t q0 = 0; q0 < r; q0 += NN_CH) {
-      const int64_t cnt = r - q0 < NN_CH ? r - q0 : NN_CH;
-      for (int64_t q = 0; q < cnt; q++)
-        for (int64_t j = 0; j < nj; j++)
-          blk.wt[q * WT_LD + j] = kt_bf16_to_f32(trans ? b[(n0 + j0 + j) * r + q0 + q]
-                                                       : b[(q0 + q) * ldb + n0 + j0 + j]);
-      nn_rows(M, a + q0, r, blk.wt, cnt, c + j0, ldc, nj, 1, s);
-    }
-  }
-}
-
-static void z_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
-                          int64_t n0, float s, float *c, int64_t ldc) {
-  z_lora_add(M, n, r, a, b, r, 1, n0, s, c, ldc);
-}
-
-static void z_lora_add_nn(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
-                          int64_t ldb, int64_t n0, float s, float *c, int64_t ldc) {
-  z_lora_add(M, n, r, a, b, ldb, 0, n0, s, c, ldc);
-}
-
-/* out[i, j] = s * sum_m P[m, i] * rowscale[m] * Q[m, j]  ->  [ni, nj] (ld nj): P [M, ldp],
- * Q [M, ldq], both fp32; the sum over m runs in chunks of NN_CH. */
-static void z_outer(int64_t M, int64_t ni, int64_t nj, const float *p, int64_t ldp,
-                    const float *rowscale, const float *qm, int64_t ldq, float s, float *out) {
-  lora_block blk;
-  for (int64_t j0 = 0; j0 < nj; j0 += WT_LD) {
-    const int64_t w = nj - j0 < WT_LD ? nj - j0 : WT_LD;
-    for (int64_t m0 = 0; m0 < M; m0 += NN_CH) {
-      const int64_t cnt = M - m0 < NN_CH ? M - m0 : NN_CH;
-      for (int64_t mm = 0; mm < cnt; mm++)
-        for (int64_t j = 0; j < w; j++) blk.wt[mm * WT_LD + j] = qm[(m0 + mm) * ldq + j0 + j];
-      for (int64_t i0 = 0; i0 < ni; i0 += NN_MR) {
-        const int64_t mr = ni - i0 < NN_MR ? ni - i0 : NN_MR;
-        for (int64_t i = 0; i < mr; i++)
-          for (int64_t mm = 0; mm < cnt; mm++)
-            blk.af[i * NN_CH + mm] =
-                p[(m0 + mm) * ldp + i0 + i] * (rowscale ? rowscale[m0 + mm] : 1.0f);
-        nn_rows(mr, blk.af, NN_CH, blk.wt, cnt, out + i0 * nj + j0, nj, w, m0 > 0, s);
-      }
-    }
-  }
-}
-
-static void z_outer_rn(int64_t M, int64_t r, int64_t n, const float *coef, const float *rowscale,
-                       const float *x, int64_t ldx, float s, float *out) {
-  z_outer(M, r, n, coef, r, rowscale, x, ldx, s, out);
-}
-
-static void z_outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd,
-                       const float *coef, float s, float *out) {
-  z_outer(M, n, r, d, ldd, NULL, coef, r, s, out);
-}
+#include "nn_drive.h"
 
 /* ---- the variants ---------------------------------------------------------------------------- */
 
@@ -498,21 +343,21 @@ static void z_outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t 
   static const kt_kernels NAME = {           \
       .isa = KT_ISA_AVX512,                  \
       .variant = VARIANT,                    \
-      .packed_bytes = z_packed_bytes,        \
-      .pack = z_pack,                        \
-      .unpack = z_unpack,                    \
+      .packed_bytes = kt_z_packed_bytes,     \
+      .pack = kt_z_pack,                     \
+      .unpack = kt_z_unpack,                 \
       .gemm_scratch_bytes = z_scratch_bytes, \
       .gemm_nt = NT,                         \
       .gemm_nt_q8 = NT_Q8,                   \
-      .gemm_nn = z_gemm_nn,                  \
+      .gemm_nn = nn_gemm,                    \
       .sigmoid = kt_act_avx512_sigmoid,      \
       .silu = kt_act_avx512_silu,            \
-      .lora_nt = z_lora_nt,                  \
-      .lora_nn = z_lora_nn,                  \
-      .lora_add_nt = z_lora_add_nt,          \
-      .lora_add_nn = z_lora_add_nn,          \
-      .outer_rn = z_outer_rn,                \
-      .outer_nr = z_outer_nr,                \
+      .lora_nt = lora_nt,                    \
+      .lora_nn = lora_nn,                    \
+      .lora_add_nt = lora_add_nt,            \
+      .lora_add_nn = lora_add_nn,            \
+      .outer_rn = outer_rn,                  \
+      .outer_nr = outer_nr,                  \
   };
 
 Z_TABLE(fma_madd, "avx512-fma+vpmaddwd", z_gemm_nt_fma, z_gemm_nt_q8_madd)
