@@ -49,6 +49,9 @@ kt_status kt_fail(kt_error *err, kt_status status, const char *fmt, ...)
 /* 64-byte aligned; NULL on failure or when bytes is 0. */
 void *kt_alloc(size_t bytes);
 void kt_free(void *p);
+/* Like kt_alloc, for large long-lived blocks (the packed weights): 2 MB aligned and, on Linux,
+ * backed by transparent huge pages where the system allows. Freed by kt_free. */
+void *kt_alloc_huge(size_t bytes);
 
 /* Carves one allocation into aligned pieces: first pass sums sizes, second hands out pointers. */
 typedef struct kt_arena {

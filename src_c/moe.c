@@ -82,7 +82,7 @@ static kt_status alloc_packed(kt_moe *m, kt_error *err) {
   for (int p = 0; p < 3; p++) {
     m->packed_stride[p] =
         kt_align_up(m->kern->packed_bytes(proj_rows(m, p), proj_cols(m, p), m->wtype));
-    m->packed[p] = kt_alloc(m->packed_stride[p] * E);
+    m->packed[p] = kt_alloc_huge(m->packed_stride[p] * E);
     total += m->packed_stride[p] * E;
     if (m->wtype == KT_WTYPE_INT8) {
       m->scales[p] = kt_alloc(E * (size_t)proj_rows(m, p) * sizeof(float));

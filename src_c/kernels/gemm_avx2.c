@@ -240,7 +240,7 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
   for (int64_t b = c0 / 16; b * 16 < c0 + cnt; b++) {
     if (b + Y_PREFETCH_BLOCKS < nblocks) /* short runs far apart: see gemm_avx512.c */
       for (int64_t l = 0; l < lines; l++)
-        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Y_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Y_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
     for (int64_t half = 0; half < 2; half++) { /* rows 8 half .. 8 half + 7 of the block */
       float *dst = wt + (b * 16 + 8 * half - c0) * WT_LD;
       for (int64_t g = 0; g * 8 < lines; g++) { /* 8 units: 16 bf16 or 32 int8 columns */

@@ -302,7 +302,7 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
      * short for the hardware prefetchers, so ask for the runs a few blocks ahead. */
     if (b + Z_PREFETCH_BLOCKS < nblocks)
       for (int64_t l = 0; l < lines; l++)
-        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Z_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Z_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
     if (w->wtype == KT_WTYPE_INT8) {
       for (int i = 0; i < 16; i++)
         r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 4 + i));
