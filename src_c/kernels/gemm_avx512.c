@@ -26,6 +26,7 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Z_PREFETCH_BLOCKS = 4,
+  Z_PREFETCH_UNITS = 64, /* x W^T: how far ahead each stream of units is fetched */
 };
 
 /* x W^T: A rows as fp32 (or int16 pairs), 12 rows x (cols rounded up to 64);
@@ -60,6 +61,9 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
   __m512 acc[KT_Z_NT_MR][2];
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t u = 0; u < used; u++) {
+    /* The hardware prefetchers restart at every 4 KB page: keep DRAM busy from here. */
+    _mm_prefetch(p0 + (u + Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+    if (nb > 1) _mm_prefetch(p0 + bstride + (u + Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
     const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
     const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16));
     const __m512 o0 = _mm512_castsi512_ps(_mm512_and_si512(w0, hi));
@@ -337,6 +341,79 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
 
 #include "nn_drive.h"
 
+/* x W for at most NN_FEW_M rows (a few tokens per expert): no transpose. A unit's 16 lanes are
+ * 16 rows c of W; they are multiplied by A[m, c] lane by lane and summed over the blocks, one
+ * accumulator per (m, column), and each accumulator is summed across its lanes at the end. Per
+ * unit that is 2 shifts (bf16; 11 operations for int8's 4 columns) and 2 (4) FMAs per row of A,
+ * where a transpose costs about 10 operations. 2 rows x 8 columns of accumulators at a time. */
+enum { NN_FEW_M = 4, FEW_COLS = 8 };
+
+static inline __attribute__((always_inline)) void nn_few_tile(const int mr, kt_wtype t,
+                                                              const float *af, int64_t ldaf,
+                                                              const kt_packed *w, int64_t units,
+                                                              int64_t nblocks, int64_t u0, float *c,
+                                                              int64_t ldc, int64_t ncols) {
+  const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+  const int per = t == KT_WTYPE_INT8 ? 4 : 2, nu = FEW_COLS / per;
+  __m512 acc[2][FEW_COLS];
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < FEW_COLS; j++) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblocks; b++) {
+    const char *p = kt_z_unit_ptr(w->data, units, b, u0);
+    __m512 av[2];
+    for (int m = 0; m < mr; m++) av[m] = _mm512_loadu_ps(af + m * ldaf + 16 * b);
+    for (int i = 0; i < nu; i++) {
+      const __m512i v = _mm512_loadu_si512(p + i * KT_Z_UNIT);
+      __m512 col[4];
+      if (t == KT_WTYPE_INT8) {
+        col[0] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
+        col[1] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
+        col[2] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
+        col[3] = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
+      } else {
+        col[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        col[1] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+      }
+      for (int m = 0; m < mr; m++)
+        for (int q = 0; q < per; q++)
+          acc[m][i * per + q] = _mm512_fmadd_ps(av[m], col[q], acc[m][i * per + q]);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < FEW_COLS && j < ncols; j++)
+      c[m * ldc + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+static void z_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                      int64_t ldc, void *scratch) {
+  if (a->count > NN_FEW_M) {
+    nn_gemm(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
+  const int64_t units = kt_z_units(w->cols, w->wtype), per = kt_z_per_unit(w->wtype);
+  const float *scale = w->wtype == KT_WTYPE_INT8 ? w->scale : NULL;
+  float *af = scratch;
+  for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, scale);
+  for (int64_t j0 = 0; j0 < n; j0 += FEW_COLS)
+    for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
+      const float *am = af + m0 * len;
+      float *cm = c + m0 * ldc + j0;
+      const int64_t u0 = (n0 + j0) / per;
+      if (w->wtype == KT_WTYPE_INT8) {
+        if (a->count - m0 > 1)
+          nn_few_tile(2, KT_WTYPE_INT8, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
+        else
+          nn_few_tile(1, KT_WTYPE_INT8, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
+      } else {
+        if (a->count - m0 > 1)
+          nn_few_tile(2, KT_WTYPE_BF16, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
+        else
+          nn_few_tile(1, KT_WTYPE_BF16, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
+      }
+    }
+}
+
 /* ---- the variants ---------------------------------------------------------------------------- */
 
 #define Z_TABLE(NAME, VARIANT, NT, NT_Q8)    \
@@ -349,7 +426,7 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
       .gemm_scratch_bytes = z_scratch_bytes, \
       .gemm_nt = NT,                         \
       .gemm_nt_q8 = NT_Q8,                   \
-      .gemm_nn = nn_gemm,                    \
+      .gemm_nn = z_gemm_nn,                  \
       .sigmoid = kt_act_avx512_sigmoid,      \
       .silu = kt_act_avx512_silu,            \
       .lora_nt = lora_nt,                    \
