@@ -7,14 +7,17 @@ Usage: python benchmarks/bench_sft.py [--threads N] [--shapes qwen3-30b-a3b,dsv2
 For each layer shape, T and base-weight mode it times ktsft's forward, backward and the step
 (forward + backward; the median of R steps after a warm-up), and PyTorch eager doing the same
 step as /work/shared/bench/torch_baseline.py (imported from there, run in this process with the
-same number of threads). Both ceilings of the roofline are measured at the start of the run:
+same number of threads). The ceilings of the roofline are measured at the start of the run:
 
   read bandwidth   torch.sum over a 1 GiB float32 tensor (best of 5)
   bf16 GEMM rate   torch.matmul of bf16 [4096, 2048] x [2048, 2048] (best of 5)
+  fp32 GEMM rate   the same in float32
 
 and the floor of a step is max(bytes of the active experts' base weights, read once by the
-forward and once by the backward / bandwidth, FLOPs / GEMM rate). FLOPs per route: 12 H I for
-the six base GEMMs plus 18 r (H + I) for the LoRA products. "roof" is floor / measured step.
+forward and once by the backward / bandwidth, FLOPs / bf16 GEMM rate). FLOPs per route: 12 H I
+for the six base GEMMs plus 18 r (H + I) for the LoRA products. "roof" is floor / measured step.
+On CPUs without AVX512_BF16, PyTorch's bf16 GEMM is far below what the FMA units do in fp32, so
+"roof32" also gives the stricter floor with the faster of the two GEMM rates.
 With T = 1024 it also reports the peak memory the step allocates beyond the packed weights
 (resident set sampled every millisecond, minus the resident set before the step).
 """
@@ -51,8 +54,8 @@ def load_baseline():
     return mod
 
 
-def measure_ceilings(threads: int) -> tuple[float, float]:
-    """(read bandwidth in bytes/s, bf16 GEMM rate in FLOP/s), best of 5 each."""
+def measure_ceilings(threads: int) -> tuple[float, float, float]:
+    """(read bandwidth in bytes/s, bf16 and fp32 GEMM rates in FLOP/s), best of 5 each."""
     import torch
 
     torch.set_num_threads(threads)
@@ -64,15 +67,18 @@ def measure_ceilings(threads: int) -> tuple[float, float]:
         best = min(best, time.perf_counter() - t0)
     bandwidth = big.numel() * 4 / best
     del big
-    a = torch.randn(4096, 2048).to(torch.bfloat16)
-    b = torch.randn(2048, 2048).to(torch.bfloat16)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
+    rates = []
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(4096, 2048).to(dtype)
+        b = torch.randn(2048, 2048).to(dtype)
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return bandwidth, 2.0 * 4096 * 2048 * 2048 / best
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        rates.append(2.0 * 4096 * 2048 * 2048 / best)
+    return bandwidth, rates[0], rates[1]
 
 
 def rss_bytes() -> int:
@@ -213,15 +219,16 @@ def main() -> int:
 
     pool = ktsft.ThreadPool(a.threads)
     threads = pool.num_threads
-    bandwidth, gemm = measure_ceilings(threads)
+    bandwidth, gemm, gemm32 = measure_ceilings(threads)
     baseline = None if a.no_torch else load_baseline()
     print(
         f"threads {threads}; measured: read bandwidth {bandwidth / 1e9:.1f} GB/s, "
-        f"bf16 GEMM {gemm / 1e9:.0f} GFLOP/s; ktsft {ktsft.runtime_info()['isa']}"
+        f"bf16 GEMM {gemm / 1e9:.0f} GFLOP/s (fp32 GEMM {gemm32 / 1e9:.0f}); "
+        f"ktsft {ktsft.runtime_info()['isa']}"
     )
     head = (
         f"{'shape':<14}{'T':>5} {'quant':<5}{'fwd ms':>9}{'bwd ms':>9}{'step ms':>9}"
-        f"{'tok/s':>9}{'torch ms':>10}{'vs torch':>9}{'floor ms':>9}{'roof':>7}"
+        f"{'tok/s':>9}{'torch ms':>10}{'vs torch':>9}{'floor ms':>9}{'roof':>7}{'roof32':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -235,12 +242,13 @@ def main() -> int:
                 wbytes = r["active"] * 3 * H * I * (1 if quant == "int8" else 2) * 2
                 flops = T * k * (12.0 * H * I + 18.0 * a.rank * (H + I))
                 floor = max(wbytes / bandwidth, flops / gemm)
+                floor32 = max(wbytes / bandwidth, flops / max(gemm, gemm32))
                 vs = "" if torch_ms is None else f"{torch_ms / r['step']:.1f}x"
                 tms = "" if torch_ms is None else f"{torch_ms * 1e3:.1f}"
                 print(
                     f"{shape:<14}{T:>5} {quant:<5}{r['fwd'] * 1e3:>9.1f}{r['bwd'] * 1e3:>9.1f}"
                     f"{r['step'] * 1e3:>9.1f}{T / r['step']:>9.0f}{tms:>10}{vs:>9}"
-                    f"{floor * 1e3:>9.1f}{floor / r['step']:>7.0%}",
+                    f"{floor * 1e3:>9.1f}{floor / r['step']:>7.0%}{floor32 / r['step']:>8.0%}",
                     flush=True,
                 )
                 rows.append((shape, T, quant, r))

@@ -188,3 +188,11 @@ def test_best_variant_uses_what_the_cpu_has():
     features, name = set(_core.cpu_features()), _core.isa_variant("avx512")
     assert name.startswith("avx512-bf16+" if "avx512_bf16" in features else "avx512-fma+")
     assert name.endswith("+vnni" if "avx512_vnni" in features else "+vpmaddwd")
+
+
+def test_runtime_info_reports_the_variant():
+    import ktsft
+
+    info = ktsft.runtime_info()
+    assert info["kernels"] == _core.isa_variant(info["isa"])
+    assert info["kernels"].startswith(info["isa"])
