@@ -36,6 +36,8 @@ cdef extern from "ktsft.h" nogil:
     int kt_isa_available(kt_isa isa)
     kt_isa kt_isa_best()
     kt_status kt_isa_resolve(const char *name, kt_isa *out, kt_error *err)
+    const char *kt_isa_variant(kt_isa isa)
+    void kt_kernels_testing_set(uint32_t feature_mask, int emulate_bf16)
 
     ctypedef struct kt_pool:
         pass
@@ -141,6 +143,7 @@ cdef extern from "ktsft.h" nogil:
     int32_t kt_moe_experts_loaded(const kt_moe *moe)
     size_t kt_moe_packed_bytes(const kt_moe *moe)
     kt_isa kt_moe_isa(const kt_moe *moe)
+    const char *kt_moe_kernel_variant(const kt_moe *moe)
     kt_status kt_moe_forward(kt_moe *moe, const kt_forward_args *args, kt_error *err)
     kt_status kt_moe_backward(kt_moe *moe, const kt_backward_args *args, kt_error *err)
     int32_t kt_moe_cache_depth(const kt_moe *moe)

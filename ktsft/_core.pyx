@@ -7,24 +7,22 @@ pointers and C status codes into Python exceptions.
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
 
 from ktsft._c_api cimport (
-    KT_DTYPE_BF16, KT_DTYPE_F32, KT_DTYPE_INT8, KT_ERR_CACHE_EMPTY, KT_ERR_CACHE_FULL,
-    KT_ERR_EXPERT_ID, KT_ERR_INVALID_ARGUMENT, KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY,
-    KT_ERR_WEIGHTS_NOT_LOADED, KT_ISA_COUNT, KT_OK, KT_QUANT_BF16, KT_QUANT_INT8, kt_backward_args,
-    kt_cpu_feature_name, kt_cpu_features, kt_error, kt_expert_buffers, kt_expert_weights,
-    kt_forward_args, kt_isa, kt_isa_available, kt_isa_best, kt_isa_compiled, kt_isa_name,
-    kt_isa_resolve, kt_lora, kt_moe, kt_moe_backward, kt_moe_cache_clear, kt_moe_cache_depth,
-    kt_moe_cache_top_tokens, kt_moe_config, kt_moe_create, kt_moe_destroy, kt_moe_experts_loaded,
-    kt_moe_forward, kt_moe_isa, kt_moe_load_experts, kt_moe_load_weights, kt_moe_packed_bytes,
-    kt_moe_read_experts, kt_moe_weights_loaded, kt_pool, kt_pool_create, kt_pool_destroy,
-    kt_pool_num_threads, kt_saved, kt_saved_num_tokens, kt_saved_release, kt_status,
-    kt_status_string, kt_vec_sigmoid, kt_vec_silu,
-)
-from ktsft._c_api cimport (
-    KT_AMX_TDPBF16PS, KT_AMX_TDPBSSD, KT_AMX_TDPBSUD, KT_AMX_TDPBUSD, KT_AMX_TDPBUUD,
-    kt_amx_emu_clear_faults, kt_amx_emu_dp, kt_amx_emu_first_fault, kt_amx_emu_last_fault,
-    kt_amx_emu_ldtilecfg, kt_amx_emu_sttilecfg, kt_amx_emu_tileloadd, kt_amx_emu_tilerelease,
-    kt_amx_emu_tilestored, kt_amx_emu_tilezero, kt_amx_op, kt_cpu_amx_status, KT_GEMM_NN,
-    KT_GEMM_NT, KT_GEMM_NT_Q8, kt_gemm_op, kt_gemm_test,
+    KT_AMX_TDPBF16PS, KT_AMX_TDPBSSD, KT_AMX_TDPBSUD, KT_AMX_TDPBUSD, KT_AMX_TDPBUUD, KT_DTYPE_BF16,
+    KT_DTYPE_F32, KT_DTYPE_INT8, KT_ERR_CACHE_EMPTY, KT_ERR_CACHE_FULL, KT_ERR_EXPERT_ID,
+    KT_ERR_INVALID_ARGUMENT, KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY,
+    KT_ERR_WEIGHTS_NOT_LOADED, KT_GEMM_NN, KT_GEMM_NT, KT_GEMM_NT_Q8, KT_ISA_COUNT, KT_OK,
+    KT_QUANT_BF16, KT_QUANT_INT8, kt_amx_emu_clear_faults, kt_amx_emu_dp, kt_amx_emu_first_fault,
+    kt_amx_emu_last_fault, kt_amx_emu_ldtilecfg, kt_amx_emu_sttilecfg, kt_amx_emu_tileloadd,
+    kt_amx_emu_tilerelease, kt_amx_emu_tilestored, kt_amx_emu_tilezero, kt_amx_op, kt_backward_args,
+    kt_cpu_amx_status, kt_cpu_feature_name, kt_cpu_features, kt_error, kt_expert_buffers,
+    kt_expert_weights, kt_forward_args, kt_gemm_op, kt_gemm_test, kt_isa, kt_isa_available,
+    kt_isa_best, kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_isa_variant,
+    kt_kernels_testing_set, kt_lora, kt_moe, kt_moe_backward, kt_moe_cache_clear,
+    kt_moe_cache_depth, kt_moe_cache_top_tokens, kt_moe_config, kt_moe_create, kt_moe_destroy,
+    kt_moe_experts_loaded, kt_moe_forward, kt_moe_isa, kt_moe_kernel_variant, kt_moe_load_experts,
+    kt_moe_load_weights, kt_moe_packed_bytes, kt_moe_read_experts, kt_moe_weights_loaded, kt_pool,
+    kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_saved, kt_saved_num_tokens,
+    kt_saved_release, kt_status, kt_status_string, kt_vec_sigmoid, kt_vec_silu,
 )
 
 
@@ -76,6 +74,18 @@ def isa_lists():
     available = [kt_isa_name(<kt_isa>i).decode() for i in range(KT_ISA_COUNT)
                  if kt_isa_available(<kt_isa>i)]
     return compiled, available, kt_isa_name(kt_isa_best()).decode()
+
+
+def isa_variant(str name):
+    """The instructions the family ``name`` ("auto" or a family name) uses on this CPU."""
+    return kt_isa_variant(_resolve(name)).decode()
+
+
+def kernels_testing_set(uint32_t feature_mask, bint emulate_bf16):
+    """Tests only: engines created afterwards pick their kernel variant as if the CPU had only
+    ``feature_mask`` (bits of :func:`cpu_features`), with ``emulate_bf16`` the avx512 family's
+    vdpbf16ps code on a software model. ``(0xFFFFFFFF, False)`` restores."""
+    kt_kernels_testing_set(feature_mask, emulate_bf16)
 
 
 def cpu_features():
@@ -410,3 +420,7 @@ cdef class Engine:
     @property
     def isa(self):
         return kt_isa_name(kt_moe_isa(self.ptr)).decode()
+
+    @property
+    def kernel_variant(self):
+        return kt_moe_kernel_variant(self.ptr).decode()

@@ -23,8 +23,10 @@ def runtime_info() -> dict:
         ``isa``: the family new layers get (``KTSFT_ISA`` or the best available; None when
         ``KTSFT_ISA`` names one that is unavailable, with the reason in ``isa_error``);
         ``best``: what ``auto`` picks; ``available``: families this CPU can run;
-        ``compiled``: families built into this library; ``cpu_features``: features that
-        both cpuid and the OS enable; ``num_threads``: the default pool size;
+        ``kernels``: the instructions that family uses here (e.g. ``avx512-fma+vnni``: fp32
+        FMA for bf16, vpdpbusd for int8); ``compiled``: families built into this library;
+        ``cpu_features``: features that both cpuid and the OS enable; ``num_threads``: the
+        default pool size;
         ``env``: the ktsft environment variables that are set.
     """
     compiled, available, best = _core.isa_lists()
@@ -40,6 +42,7 @@ def runtime_info() -> dict:
     }
     try:
         info["isa"] = _core.resolve_isa(requested)
+        info["kernels"] = _core.isa_variant(requested)
     except ValueError as e:
         info["isa_error"] = str(e)
     try:

@@ -4,26 +4,40 @@
 
 #include "internal.h"
 
+static const kt_kernels *generic_table(uint32_t features) {
+  (void)features;
+  return &kt_kernels_generic;
+}
 #ifdef KT_HAVE_AMX
-#define KT_AMX_TABLE (&kt_kernels_amx)
+static const kt_kernels *amx_table(uint32_t features) {
+  (void)features;
+  return &kt_kernels_amx;
+}
+#define KT_AMX_TABLE_FOR amx_table
 #else
-#define KT_AMX_TABLE NULL
+#define KT_AMX_TABLE_FOR NULL
 #endif
+
+static const kt_kernels *amx_emu_table(uint32_t features) {
+  (void)features;
+  return &kt_kernels_amx_emu;
+}
 
 typedef struct family {
   const char *name;
-  uint32_t needs;          /* every one of these CPU features */
-  const kt_kernels *table; /* NULL: not built into this library */
+  uint32_t needs;                           /* every one of these CPU features */
+  const kt_kernels *(*table)(uint32_t cpu); /* the variant for these features; NULL: not built */
 } family;
 
 /* Ordered from the fastest to the slowest; auto picks the first available. amx-emu is never
  * picked by auto: it is a slow software model for testing. */
 static const family families[KT_ISA_COUNT] = {
-    [KT_ISA_AMX] = {"amx", KT_CPU_AMX_TILE | KT_CPU_AMX_BF16 | KT_CPU_AMX_INT8, KT_AMX_TABLE},
-    [KT_ISA_AVX512] = {"avx512", KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL, NULL},
-    [KT_ISA_AVX2] = {"avx2", KT_CPU_AVX2 | KT_CPU_FMA, NULL},
-    [KT_ISA_GENERIC] = {"generic", 0, &kt_kernels_generic},
-    [KT_ISA_AMX_EMU] = {"amx-emu", 0, &kt_kernels_amx_emu},
+    [KT_ISA_AMX] = {"amx", KT_CPU_AMX_TILE | KT_CPU_AMX_BF16 | KT_CPU_AMX_INT8, KT_AMX_TABLE_FOR},
+    [KT_ISA_AVX512] = {"avx512", KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL,
+                       kt_kernels_avx512},
+    [KT_ISA_AVX2] = {"avx2", KT_CPU_AVX2 | KT_CPU_FMA, kt_kernels_avx2},
+    [KT_ISA_GENERIC] = {"generic", 0, generic_table},
+    [KT_ISA_AMX_EMU] = {"amx-emu", 0, amx_emu_table},
 };
 
 static const kt_isa auto_order[] = {KT_ISA_AMX, KT_ISA_AVX512, KT_ISA_AVX2, KT_ISA_GENERIC};
@@ -46,8 +60,24 @@ kt_isa kt_isa_best(void) {
   return KT_ISA_GENERIC;
 }
 
+/* Test narrowing of the features the variants are picked from (kt_kernels_testing_set). */
+static uint32_t test_mask = UINT32_MAX, test_extra = 0;
+
+void kt_kernels_testing_set(uint32_t feature_mask, int emulate_bf16) {
+  __atomic_store_n(&test_mask, feature_mask, __ATOMIC_RELAXED);
+  __atomic_store_n(&test_extra, emulate_bf16 ? KT_CPU_TEST_EMULATE_BF16 : 0u, __ATOMIC_RELAXED);
+}
+
 const kt_kernels *kt_kernels_for(kt_isa isa) {
-  return kt_isa_available(isa) ? families[isa].table : NULL;
+  if (!kt_isa_available(isa)) return NULL;
+  const uint32_t f = (kt_cpu_features() & __atomic_load_n(&test_mask, __ATOMIC_RELAXED)) |
+                     __atomic_load_n(&test_extra, __ATOMIC_RELAXED);
+  return families[isa].table(f);
+}
+
+const char *kt_isa_variant(kt_isa isa) {
+  const kt_kernels *k = kt_kernels_for(isa);
+  return k ? k->variant : "";
 }
 
 kt_status kt_isa_resolve(const char *name, kt_isa *out, kt_error *err) {

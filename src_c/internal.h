@@ -49,6 +49,9 @@ kt_status kt_fail(kt_error *err, kt_status status, const char *fmt, ...)
 /* 64-byte aligned; NULL on failure or when bytes is 0. */
 void *kt_alloc(size_t bytes);
 void kt_free(void *p);
+/* Like kt_alloc, for large long-lived blocks (the packed weights): 2 MB aligned and, on Linux,
+ * backed by transparent huge pages where the system allows. Freed by kt_free. */
+void *kt_alloc_huge(size_t bytes);
 
 /* Carves one allocation into aligned pieces: first pass sums sizes, second hands out pointers. */
 typedef struct kt_arena {
@@ -119,6 +122,7 @@ static inline kt_packed kt_bf16_matrix(const uint16_t *data, int64_t rows, int64
 
 typedef struct kt_kernels {
   kt_isa isa;
+  const char *variant; /* which instructions within the family, e.g. "avx512-bf16+vnni" */
   /* Bytes of one packed [rows, cols] matrix; packing from, and unpacking to, a row-major one
    * (bf16 for KT_WTYPE_BF16, int8 for KT_WTYPE_INT8; scales are kept by the caller). */
   size_t (*packed_bytes)(int64_t rows, int64_t cols, kt_wtype wtype);
@@ -127,7 +131,8 @@ typedef struct kt_kernels {
   /* Scratch any of the GEMMs needs for outputs of at most n columns and reductions of length
    * k. */
   size_t (*gemm_scratch_bytes)(int64_t n, int64_t k);
-  /* "x W^T", W bf16: C[m, j] = sum_c A[m, c] * W[n0 + j, c], m < A.count, j < n, c < W.cols. */
+  /* n0 is a multiple of KT_BLOCK_N in every GEMM below (faster families pack W in blocks).
+   * "x W^T", W bf16: C[m, j] = sum_c A[m, c] * W[n0 + j, c], m < A.count, j < n, c < W.cols. */
   void (*gemm_nt)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                   int64_t ldc, void *scratch);
   /* "x W^T", both int8: C[m, j] = sa[m] sw[n0 + j] sum_c qa[m, c] qw[n0 + j, c], the sum in
@@ -140,6 +145,25 @@ typedef struct kt_kernels {
                   int64_t ldc, void *scratch);
   void (*sigmoid)(const float *x, float *y, int64_t n);
   void (*silu)(const float *x, float *y, int64_t n);
+  /* The LoRA products: B is a row-major bf16 tensor in the caller's memory, one of the two
+   * sizes is the rank r. lora_nt: C[m, q] = sum_c A[m, c] B[q, c] (B: [n, k]); lora_nn:
+   * C[m, q] = sum_c A[m, c] B[c, q] (B: [k, n]); scratch: gemm_scratch_bytes(n, k). */
+  void (*lora_nt)(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c, int64_t ldc,
+                  void *scratch);
+  void (*lora_nn)(const kt_rows *a, const uint16_t *b, int64_t k, int64_t n, float *c, int64_t ldc,
+                  void *scratch);
+  /* C[m, j] += s * sum_q a[m, q] * B[n0 + j, q]   (a: [M, r] fp32, B: [*, r] bf16) */
+  void (*lora_add_nt)(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
+                      int64_t n0, float s, float *c, int64_t ldc);
+  /* C[m, j] += s * sum_q a[m, q] * B[q, n0 + j]   (a: [M, r] fp32, B: [r, ldb] bf16) */
+  void (*lora_add_nn)(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
+                      int64_t ldb, int64_t n0, float s, float *c, int64_t ldc);
+  /* out[q, j] = s * sum_m coef[m, q] * rowscale[m] * X[m, j]  -> [r, n]; rowscale may be NULL */
+  void (*outer_rn)(int64_t M, int64_t r, int64_t n, const float *coef, const float *rowscale,
+                   const float *x, int64_t ldx, float s, float *out);
+  /* out[j, q] = s * sum_m D[m, j] * coef[m, q]  -> [n, r] */
+  void (*outer_nr)(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd, const float *coef,
+                   float s, float *out);
 } kt_kernels;
 
 /* The table of an available family (NULL otherwise). */
@@ -154,6 +178,34 @@ extern const kt_kernels kt_kernels_amx;
 extern const kt_kernels kt_kernels_amx_emu;
 void kt_act_generic_sigmoid(const float *x, float *y, int64_t n);
 void kt_act_generic_silu(const float *x, float *y, int64_t n);
+
+/* The generic family's LoRA products (lora.c, gemm_generic.c) and its scratch size, also used by
+ * families that keep no LoRA kernels of their own; the kernel table says what each computes. */
+size_t kt_generic_gemm_scratch_bytes(int64_t n, int64_t k);
+void kt_lora_generic_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c,
+                        int64_t ldc, void *scratch);
+void kt_lora_generic_nn(const kt_rows *a, const uint16_t *b, int64_t k, int64_t n, float *c,
+                        int64_t ldc, void *scratch);
+
+/* C[m, j] += s * sum_c a[m, c] * B[n0 + j, c]   (a: [M, r] fp32, B: [*, r] bf16) */
+void kt_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b, int64_t n0,
+                    float s, float *c, int64_t ldc);
+/* C[m, j] += s * sum_c a[m, c] * B[c, n0 + j]   (a: [M, r] fp32, B: [r, ldb] bf16) */
+void kt_lora_add_nn(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b, int64_t ldb,
+                    int64_t n0, float s, float *c, int64_t ldc);
+/* out[c, j] = s * sum_m coef[m, c] * rowscale[m] * X[m, j]  -> [r, n]; rowscale may be NULL */
+void kt_outer_rn(int64_t M, int64_t r, int64_t n, const float *coef, const float *rowscale,
+                 const float *x, int64_t ldx, float s, float *out);
+/* out[j, c] = s * sum_m D[m, j] * coef[m, c]  -> [n, r] */
+void kt_outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd, const float *coef,
+                 float s, float *out);
+/* The faster families hold several variants and pick one from the CPU features they are given
+ * (kt_cpu_features(), narrowed for tests by kt_kernels_testing_set). */
+const kt_kernels *kt_kernels_avx512(uint32_t features);
+const kt_kernels *kt_kernels_avx2(uint32_t features);
+/* Not a CPU feature: asks the avx512 family for its vdpbf16ps code run on the software model of
+ * the instruction (kernels/gemm_avx512_bf16emu.c), so CPUs without AVX512_BF16 test it. */
+#define KT_CPU_TEST_EMULATE_BF16 (1u << 31)
 
 /* ---- int8 quantization (spec section 5) ------------------------------------------------ */
 

@@ -82,7 +82,7 @@ static kt_status alloc_packed(kt_moe *m, kt_error *err) {
   for (int p = 0; p < 3; p++) {
     m->packed_stride[p] =
         kt_align_up(m->kern->packed_bytes(proj_rows(m, p), proj_cols(m, p), m->wtype));
-    m->packed[p] = kt_alloc(m->packed_stride[p] * E);
+    m->packed[p] = kt_alloc_huge(m->packed_stride[p] * E);
     total += m->packed_stride[p] * E;
     if (m->wtype == KT_WTYPE_INT8) {
       m->scales[p] = kt_alloc(E * (size_t)proj_rows(m, p) * sizeof(float));
@@ -248,6 +248,8 @@ size_t kt_moe_packed_bytes(const kt_moe *m) {
 }
 
 kt_isa kt_moe_isa(const kt_moe *m) { return m->cfg.isa; }
+
+const char *kt_moe_kernel_variant(const kt_moe *m) { return m->kern->variant; }
 
 kt_status kt_lora_check(const kt_lora *l, kt_error *err) {
   const struct {

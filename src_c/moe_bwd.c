@@ -51,8 +51,8 @@ static void b1_q(void *vc, int64_t item, int32_t worker) {
   const int32_t e = rt->active[item];
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   const kt_rows go = {c->go, H, rt->token + off, M};
-  const kt_packed bd = kt_bf16_matrix(c->args->lora.down_b + e * H * r, H, r);
-  kt_kernels_generic.gemm_nn(&go, &bd, 0, r, c->q + off * r, r, worker_scratch(c, worker));
+  m->kern->lora_nn(&go, c->args->lora.down_b + e * H * r, H, r, c->q + off * r, r,
+                   worker_scratch(c, worker));
 }
 
 static void b2_down_act(void *vc, int64_t item, int32_t worker) {
@@ -86,7 +86,7 @@ static void b2_down_act(void *vc, int64_t item, int32_t worker) {
   }
   /* dh = w (z + s q A_d[:, block]), kept in z */
   const float *q = c->q + off * r;
-  kt_lora_add_nn(M, nb, r, q, a->lora.down_a + e * r * I, I, i0, s, z, nb);
+  m->kern->lora_add_nn(M, nb, r, q, a->lora.down_a + e * r * I, I, i0, s, z, nb);
   for (int64_t mm = 0; mm < M; mm++) {
     const float w = rt->weight[off + mm];
     for (int64_t j = 0; j < nb; j++) {
@@ -101,13 +101,13 @@ static void b2_down_act(void *vc, int64_t item, int32_t worker) {
     }
   }
   /* dA_d[e][:, block] = s sum_m w q^T h */
-  kt_outer_rn(M, r, nb, q, rt->weight + off, h, nb, s, small);
+  m->kern->outer_rn(M, r, nb, q, rt->weight + off, h, nb, s, small);
   for (int64_t qq = 0; qq < r; qq++)
     kt_store_bf16(a->grads.down_a + (e * r + qq) * I + i0, small + qq * nb, nb, a->accumulate);
   /* dB_g[e][block, :] = s dg^T a_g, dB_u likewise: rows of the block are contiguous */
-  kt_outer_nr(M, nb, r, g, nb, st->a_g + off * r, s, small);
+  m->kern->outer_nr(M, nb, r, g, nb, st->a_g + off * r, s, small);
   kt_store_bf16(a->grads.gate_b + (e * I + i0) * r, small, nb * r, a->accumulate);
-  kt_outer_nr(M, nb, r, u, nb, st->a_u + off * r, s, small);
+  m->kern->outer_nr(M, nb, r, u, nb, st->a_u + off * r, s, small);
   kt_store_bf16(a->grads.up_b + (e * I + i0) * r, small, nb * r, a->accumulate);
 }
 
@@ -121,10 +121,9 @@ static void b3_lora_b_and_weights(void *vc, int64_t item, int32_t worker) {
   const int32_t e = rt->active[item];
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   const kt_rows dg = {c->dg + off * I, I, NULL, M}, du = {c->du + off * I, I, NULL, M};
-  const kt_packed bg = kt_bf16_matrix(a->lora.gate_b + e * I * r, I, r),
-                  bu = kt_bf16_matrix(a->lora.up_b + e * I * r, I, r);
-  kt_kernels_generic.gemm_nn(&dg, &bg, 0, r, c->b_g + off * r, r, worker_scratch(c, worker));
-  kt_kernels_generic.gemm_nn(&du, &bu, 0, r, c->b_u + off * r, r, worker_scratch(c, worker));
+  float *scratch = worker_scratch(c, worker);
+  m->kern->lora_nn(&dg, a->lora.gate_b + e * I * r, I, r, c->b_g + off * r, r, scratch);
+  m->kern->lora_nn(&du, a->lora.up_b + e * I * r, I, r, c->b_u + off * r, r, scratch);
   if (!a->grad_weights) return;
   for (int64_t mm = off; mm < off + M; mm++) {
     float gw = 0.0f, lora = 0.0f;
@@ -158,13 +157,13 @@ static void b4_input(void *vc, int64_t item, int32_t worker) {
     const float *bg = c->b_g + off * r, *bu = c->b_u + off * r;
     const uint16_t *ag = a->lora.gate_a + e * r * H, *au = a->lora.up_a + e * r * H;
     m->kern->gemm_nn(&dg, &wg, h0, nb, yt, nb, gemm_scratch);
-    kt_lora_add_nn(M, nb, r, bg, ag, H, h0, s, yt, nb);
+    m->kern->lora_add_nn(M, nb, r, bg, ag, H, h0, s, yt, nb);
     for (int64_t mm = 0; mm < M; mm++) {
       float *dst = acc + (int64_t)rt->token[off + mm] * nb;
       for (int64_t j = 0; j < nb; j++) dst[j] += yt[mm * nb + j];
     }
     m->kern->gemm_nn(&du, &wu, h0, nb, yt, nb, gemm_scratch);
-    kt_lora_add_nn(M, nb, r, bu, au, H, h0, s, yt, nb);
+    m->kern->lora_add_nn(M, nb, r, bu, au, H, h0, s, yt, nb);
     for (int64_t mm = 0; mm < M; mm++) {
       float *dst = acc + (int64_t)rt->token[off + mm] * nb;
       for (int64_t j = 0; j < nb; j++) dst[j] += yt[mm * nb + j];
@@ -172,10 +171,10 @@ static void b4_input(void *vc, int64_t item, int32_t worker) {
     /* dA_g[e][:, block] = s b_g^T x, dA_u likewise */
     const kt_rows x = {st->x, H, rt->token + off, M};
     kt_rows_to_f32(&x, h0, nb, xt, nb);
-    kt_outer_rn(M, r, nb, bg, NULL, xt, nb, s, small);
+    m->kern->outer_rn(M, r, nb, bg, NULL, xt, nb, s, small);
     for (int64_t qq = 0; qq < r; qq++)
       kt_store_bf16(a->grads.gate_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
-    kt_outer_rn(M, r, nb, bu, NULL, xt, nb, s, small);
+    m->kern->outer_rn(M, r, nb, bu, NULL, xt, nb, s, small);
     for (int64_t qq = 0; qq < r; qq++)
       kt_store_bf16(a->grads.up_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
     /* dB_d[e][block, :] = s (w go)^T a_d */
@@ -183,7 +182,7 @@ static void b4_input(void *vc, int64_t item, int32_t worker) {
     kt_rows_to_f32(&go, h0, nb, xt, nb);
     for (int64_t mm = 0; mm < M; mm++)
       for (int64_t j = 0; j < nb; j++) xt[mm * nb + j] *= rt->weight[off + mm];
-    kt_outer_nr(M, nb, r, xt, nb, st->a_d + off * r, s, small);
+    m->kern->outer_nr(M, nb, r, xt, nb, st->a_d + off * r, s, small);
     kt_store_bf16(a->grads.down_b + (e * H + h0) * r, small, nb * r, a->accumulate);
   }
   for (int64_t t = 0; t < T; t++)
@@ -260,7 +259,7 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
     if (n > c.max_routes) c.max_routes = n;
   }
   const int64_t K = H > I ? H : I, Mx = c.max_routes, NB = KT_BLOCK_N;
-  size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K); /* B1, B3 */
+  size_t each = m->kern->gemm_scratch_bytes(r, K); /* B1, B3 */
   each = kt_max_size(each, (size_t)(6 * Mx * NB + NB * r) * sizeof(float) +
                                m->kern->gemm_scratch_bytes(NB, H)); /* B2 */
   each = kt_max_size(each, (size_t)((T + 2 * Mx) * NB + NB * r) * sizeof(float) +

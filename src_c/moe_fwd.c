@@ -51,10 +51,9 @@ static void f0_lora_a(void *vc, int64_t item, int32_t worker) {
   const int32_t e = rt->active[item];
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   const kt_rows x = {c->st->x, H, rt->token + off, M};
-  const kt_packed ag = kt_bf16_matrix(c->lora->gate_a + e * r * H, r, H),
-                  au = kt_bf16_matrix(c->lora->up_a + e * r * H, r, H);
-  kt_kernels_generic.gemm_nt(&x, &ag, 0, r, c->st->a_g + off * r, r, worker_scratch(c, worker));
-  kt_kernels_generic.gemm_nt(&x, &au, 0, r, c->st->a_u + off * r, r, worker_scratch(c, worker));
+  float *scratch = worker_scratch(c, worker);
+  m->kern->lora_nt(&x, c->lora->gate_a + e * r * H, r, H, c->st->a_g + off * r, r, scratch);
+  m->kern->lora_nt(&x, c->lora->up_a + e * r * H, r, H, c->st->a_u + off * r, r, scratch);
 }
 
 static void f1_gate_up(void *vc, int64_t item, int32_t worker) {
@@ -79,8 +78,10 @@ static void f1_gate_up(void *vc, int64_t item, int32_t worker) {
     m->kern->gemm_nt(&x, &wg, i0, nb, gt, nb, gemm_scratch);
     m->kern->gemm_nt(&x, &wu, i0, nb, ut, nb, gemm_scratch);
   }
-  kt_lora_add_nt(M, nb, r, st->a_g + off * r, c->lora->gate_b + e * I * r, i0, m->scale, gt, nb);
-  kt_lora_add_nt(M, nb, r, st->a_u + off * r, c->lora->up_b + e * I * r, i0, m->scale, ut, nb);
+  m->kern->lora_add_nt(M, nb, r, st->a_g + off * r, c->lora->gate_b + e * I * r, i0, m->scale, gt,
+                       nb);
+  m->kern->lora_add_nt(M, nb, r, st->a_u + off * r, c->lora->up_b + e * I * r, i0, m->scale, ut,
+                       nb);
   for (int64_t i = 0; i < M * nb; i++) {
     gt[i] = kt_round_bf16(gt[i]);
     ut[i] = kt_round_bf16(ut[i]);
@@ -105,8 +106,8 @@ static void f2_lora_down_a(void *vc, int64_t item, int32_t worker) {
   const int32_t e = rt->active[item];
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   const kt_rows h = {c->h + off * I, I, NULL, M};
-  const kt_packed ad = kt_bf16_matrix(c->lora->down_a + e * r * I, r, I);
-  kt_kernels_generic.gemm_nt(&h, &ad, 0, r, c->st->a_d + off * r, r, worker_scratch(c, worker));
+  m->kern->lora_nt(&h, c->lora->down_a + e * r * I, r, I, c->st->a_d + off * r, r,
+                   worker_scratch(c, worker));
   if (c->hq)
     for (int64_t i = off; i < off + M; i++)
       c->hs[i] = kt_quantize_row_bf16(c->h + i * I, I, c->hq + i * I);
@@ -134,7 +135,8 @@ static void f3_down(void *vc, int64_t item, int32_t worker) {
     } else {
       m->kern->gemm_nt(&h, &wd, h0, nb, yt, nb, gemm_scratch);
     }
-    kt_lora_add_nt(M, nb, r, st->a_d + off * r, c->lora->down_b + e * H * r, h0, m->scale, yt, nb);
+    m->kern->lora_add_nt(M, nb, r, st->a_d + off * r, c->lora->down_b + e * H * r, h0, m->scale, yt,
+                         nb);
     for (int64_t mm = 0; mm < M; mm++) {
       const float w = rt->weight[off + mm];
       float *dst = acc + (int64_t)rt->token[off + mm] * nb;
@@ -221,7 +223,7 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
     if (n > c.max_routes) c.max_routes = n;
   }
   const int64_t K = H > I ? H : I, Mx = c.max_routes;
-  size_t each = kt_kernels_generic.gemm_scratch_bytes(r, K); /* F0, F2 */
+  size_t each = m->kern->gemm_scratch_bytes(r, K); /* F0, F2 */
   each = kt_max_size(each, 3 * (size_t)(Mx * KT_BLOCK_N) * sizeof(float) +
                                m->kern->gemm_scratch_bytes(KT_BLOCK_N, H)); /* F1 */
   each = kt_max_size(each, (size_t)((T + Mx) * KT_BLOCK_N) * sizeof(float) +

@@ -66,20 +66,6 @@ static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
 
 kt_status kt_lora_check(const kt_lora *l, kt_error *err);
 
-/* ---- small LoRA products (portable; K or N is the rank r) -------------------------------- */
-
-/* C[m, j] += s * sum_c a[m, c] * B[n0 + j, c]   (a: [M, r] fp32, B: [*, r] bf16) */
-void kt_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b, int64_t n0,
-                    float s, float *c, int64_t ldc);
-/* C[m, j] += s * sum_c a[m, c] * B[c, n0 + j]   (a: [M, r] fp32, B: [r, ldb] bf16) */
-void kt_lora_add_nn(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b, int64_t ldb,
-                    int64_t n0, float s, float *c, int64_t ldc);
-/* out[c, j] = s * sum_m coef[m, c] * rowscale[m] * X[m, j]  -> [r, n]; rowscale may be NULL */
-void kt_outer_rn(int64_t M, int64_t r, int64_t n, const float *coef, const float *rowscale,
-                 const float *x, int64_t ldx, float s, float *out);
-/* out[j, c] = s * sum_m D[m, j] * coef[m, c]  -> [n, r] */
-void kt_outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd, const float *coef,
-                 float s, float *out);
 /* dst[i] = bf16(v[i]) or bf16(dst[i] + v[i]) */
 void kt_store_bf16(uint16_t *dst, const float *v, int64_t n, int accumulate);
 /* Rows of bf16 to fp32: out[m, j] = A[m, c0 + j] */

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import (
+    BF16,
     BWD_TOL,
     FWD_TOL,
     LORA_NAMES,
@@ -189,17 +190,24 @@ def test_module_equals_engine_property(E, k, extra_k, H, I, r, T, max_len, pad, 
     layer = build(p, k=k + extra_k, max_len=max_len)
     out, grads = run(layer, x, ids, w, go)
     assert layer.live_saved_states == 0
+    # The engine called on the same pieces (a fast family's rounding may depend on the rows per
+    # call, so a split input is compared with the same split).
     engine = make_moe(p, k, lora_alpha=16.0, max_len=T)
-    ref_out = engine.forward(x, ids, w, save_for_backward=True)
-    ref = engine.backward(go)
+    pieces = []
+    for s0 in range(0, T, max_len):
+        sl = slice(s0, min(T, s0 + max_len))
+        piece_out = engine.forward(x[sl], ids[sl], w[sl], save_for_backward=True)
+        pieces.append((piece_out, engine.backward(go[sl])))
+    ref_out = np.concatenate([o for o, _ in pieces])
     assert np.array_equal(out.numpy(), ref_out), "output"
-    assert np.array_equal(to_f64(grads["input"]), to_f64(ref.input)), "input"
-    assert np.array_equal(grads["weights"].numpy(), ref.weights), "weights"
-    for n in LORA_NAMES:
-        if T <= max_len:
-            assert np.array_equal(bits(grads[n]), bits(getattr(ref, n))), n  # both bf16
-        else:
-            assert_close(grads[n], getattr(ref, n), BWD_TOL, n)
+    ref_input = np.concatenate([to_f64(g.input) for _, g in pieces])
+    assert np.array_equal(to_f64(grads["input"]), ref_input), "input"
+    ref_weights = np.concatenate([g.weights for _, g in pieces])
+    assert np.array_equal(grads["weights"].numpy(), ref_weights), "weights"
+    for n in LORA_NAMES:  # pieces summed in float32, rounded to bf16 once
+        total = sum(to_f64(getattr(g, n)).astype(np.float32) for _, g in pieces)
+        ref_lora = total.astype(BF16)
+        assert np.array_equal(bits(grads[n]), bits(ref_lora)), n
 
 
 def test_every_gradient_vs_autograd_int8(rng):

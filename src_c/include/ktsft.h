@@ -86,6 +86,13 @@ kt_isa kt_isa_best(void);
 /* Resolves "auto" or a family name to an available family; KT_ERR_ISA_UNAVAILABLE otherwise,
  * with a message listing the available ones. */
 kt_status kt_isa_resolve(const char *name, kt_isa *out, kt_error *err);
+/* The instructions a family uses on this CPU, e.g. "avx512-fma+vnni" (vdpbf16ps or fp32 FMA for
+ * bf16, vpdpbusd or vpmaddwd for int8); "" when the family is unavailable. */
+const char *kt_isa_variant(kt_isa isa);
+/* Testing: engines created afterwards pick their family's variant as if the CPU had only the
+ * features in feature_mask (never more than it has) and, with emulate_bf16, run the vdpbf16ps
+ * code of the avx512 family on a software model of the instruction. (UINT32_MAX, 0) restores. */
+void kt_kernels_testing_set(uint32_t feature_mask, int emulate_bf16);
 
 /* ---- thread pool --------------------------------------------------------------------------- */
 
@@ -207,6 +214,8 @@ int32_t kt_moe_experts_loaded(const kt_moe *moe);
  * loaded). */
 size_t kt_moe_packed_bytes(const kt_moe *moe);
 kt_isa kt_moe_isa(const kt_moe *moe);
+/* The kernel variant the engine runs (see kt_isa_variant). */
+const char *kt_moe_kernel_variant(const kt_moe *moe);
 
 /* A failing call changes no state: nothing is pushed, popped or half-written. */
 kt_status kt_moe_forward(kt_moe *moe, const kt_forward_args *args, kt_error *err);

@@ -29,11 +29,13 @@
 #include "amx_emu.h"
 #define KT_AMX_TABLE kt_kernels_amx_emu
 #define KT_AMX_ISA KT_ISA_AMX_EMU
+#define KT_AMX_VARIANT "amx-emu"
 #define thread_faults() kt_amx_emu_thread_faults()
 #else
 #include <immintrin.h>
 #define KT_AMX_TABLE kt_kernels_amx
 #define KT_AMX_ISA KT_ISA_AMX
+#define KT_AMX_VARIANT "amx"
 #define thread_faults() ((uint64_t)0)
 #endif
 
@@ -137,7 +139,8 @@ static size_t amx_gemm_scratch_bytes(int64_t n, int64_t k) {
   const int64_t kp2 = ceil_div(k, K_BF16) * K_BF16, kp4 = ceil_div(k, K_I8) * K_I8;
   const int64_t nt = BLOCK_M * (kp2 * 2 > kp4 ? kp2 * 2 : kp4);
   const int64_t nn = max_out_tiles(n) * (kp2 / K_BF16) * TILE_BYTES + NN_PARTS * BLOCK_M * kp2 * 2;
-  return (size_t)((nt > nn ? nt : nn) + TILE_BYTES + KT_CACHE_LINE);
+  const size_t own = (size_t)((nt > nn ? nt : nn) + TILE_BYTES + KT_CACHE_LINE);
+  return kt_max_size(own, kt_generic_gemm_scratch_bytes(n, k)); /* the LoRA products too */
 }
 
 static char *align_scratch(void *scratch) {
@@ -406,6 +409,7 @@ static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
 
 const kt_kernels KT_AMX_TABLE = {
     .isa = KT_AMX_ISA,
+    .variant = KT_AMX_VARIANT,
     .packed_bytes = amx_packed_bytes,
     .pack = amx_pack,
     .unpack = amx_unpack,
@@ -415,4 +419,11 @@ const kt_kernels KT_AMX_TABLE = {
     .gemm_nn = amx_gemm_nn,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
+    /* The rank-r LoRA products are too narrow for 16-row tiles: the generic ones. */
+    .lora_nt = kt_lora_generic_nt,
+    .lora_nn = kt_lora_generic_nn,
+    .lora_add_nt = kt_lora_add_nt,
+    .lora_add_nn = kt_lora_add_nn,
+    .outer_rn = kt_outer_rn,
+    .outer_nr = kt_outer_nr,
 };

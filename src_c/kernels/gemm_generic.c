@@ -36,7 +36,7 @@ static void generic_unpack(void *dst, const void *packed, int64_t rows, int64_t 
   memcpy(dst, packed, generic_packed_bytes(rows, cols, wtype));
 }
 
-static size_t generic_gemm_scratch_bytes(int64_t n, int64_t k) {
+size_t kt_generic_gemm_scratch_bytes(int64_t n, int64_t k) {
   const int64_t nt = (n + ROWS_PER_CHUNK) * k, nn = n * k + k;
   return (size_t)(nt > nn ? nt : nn) * sizeof(float);
 }
@@ -108,15 +108,34 @@ static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, in
   }
 }
 
+void kt_lora_generic_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c,
+                        int64_t ldc, void *scratch) {
+  const kt_packed w = kt_bf16_matrix(b, n, k);
+  generic_gemm_nt(a, &w, 0, n, c, ldc, scratch);
+}
+
+void kt_lora_generic_nn(const kt_rows *a, const uint16_t *b, int64_t k, int64_t n, float *c,
+                        int64_t ldc, void *scratch) {
+  const kt_packed w = kt_bf16_matrix(b, k, n);
+  generic_gemm_nn(a, &w, 0, n, c, ldc, scratch);
+}
+
 const kt_kernels kt_kernels_generic = {
     .isa = KT_ISA_GENERIC,
+    .variant = "generic",
     .packed_bytes = generic_packed_bytes,
     .pack = generic_pack,
     .unpack = generic_unpack,
-    .gemm_scratch_bytes = generic_gemm_scratch_bytes,
+    .gemm_scratch_bytes = kt_generic_gemm_scratch_bytes,
     .gemm_nt = generic_gemm_nt,
     .gemm_nt_q8 = generic_gemm_nt_q8,
     .gemm_nn = generic_gemm_nn,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
+    .lora_nt = kt_lora_generic_nt,
+    .lora_nn = kt_lora_generic_nn,
+    .lora_add_nt = kt_lora_add_nt,
+    .lora_add_nn = kt_lora_add_nn,
+    .outer_rn = kt_outer_rn,
+    .outer_nr = kt_outer_nr,
 };

@@ -1,0 +1,297 @@
+/* gemm_avx2.c - the avx2 family (AVX2 + FMA): the layout of vnni_layout.h read as two ymm
+ * halves per unit (rows 0-7, rows 8-15 of a block).
+ *
+ *   x W^T, bf16   fp32 FMA: the even and odd columns of a unit (shift, and) feed a 4 x 16 tile
+ *   x W^T, int8   vpmaddwd on sign-extended byte pairs, exact in int32
+ *   x W           8 x 8 in-register transposes into the per-thread fp32 scratch, then a 6 x 16
+ *                 tile of fp32 FMAs (nn_drive.h, shared with avx512); the LoRA products likewise
+ * Every sum runs over its index in ascending order within one fp32 (or int32) lane. */
+#include <immintrin.h>
+
+#include "vnni_layout.h"
+
+void kt_act_avx2_sigmoid(const float *x, float *y, int64_t n);
+void kt_act_avx2_silu(const float *x, float *y, int64_t n);
+
+enum {
+  NT_MR = 4,   /* rows of A per x W^T tile (4 x 16 outputs) */
+  NN_MR = 6,   /* rows of A per x W tile (6 x 16 outputs) */
+  NN_CH = 128, /* rows of W transposed into the scratch at a time */
+  WT_LD = 64,  /* columns of the transposed scratch */
+  Y_PREFETCH_BLOCKS = 4,
+};
+
+static size_t y_scratch_bytes(int64_t n, int64_t k) {
+  (void)n;
+  const size_t nt = (size_t)NT_MR * (size_t)(kt_z_units(k, KT_WTYPE_BF16) * 2) * 4;
+  const size_t nn = (size_t)(NN_CH * WT_LD + NN_MR * NN_CH) * 4;
+  return nt + nn + KT_CACHE_LINE;
+}
+
+static inline __m256 bf16x8_to_f32(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline void row_to_f32(const uint16_t *src, int64_t n, float *dst, int64_t len,
+                              const float *scale) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = bf16x8_to_f32(_mm_loadu_si128((const __m128i *)(src + i)));
+    if (scale) v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + i));
+    _mm256_storeu_ps(dst + i, v);
+  }
+  for (; i < n; i++) dst[i] = kt_bf16_to_f32(src[i]) * (scale ? scale[i] : 1.0f);
+  for (; i < len; i++) dst[i] = 0.0f;
+}
+
+/* c[0 .. n) = v, n <= 8 */
+static inline void store8(float *c, __m256 v, int64_t n) {
+  if (n >= 8) {
+    _mm256_storeu_ps(c, v);
+    return;
+  }
+  float t[8];
+  _mm256_storeu_ps(t, v);
+  for (int64_t i = 0; i < n; i++) c[i] = t[i];
+}
+
+/* ---- x W^T, bf16 --------------------------------------------------------------------------- */
+
+static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, const float *af,
+                                                              int64_t len, const char *p,
+                                                              int64_t used, float *c, int64_t ldc,
+                                                              int64_t ncols) {
+  const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+  __m256 acc[NT_MR][2];
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t u = 0; u < used; u++) {
+    const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
+    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT + 32));
+    const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+    const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, hi));
+    const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+    const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, hi));
+    for (int m = 0; m < mr; m++) {
+      const __m256 ae = _mm256_broadcast_ss(af + m * len + 2 * u);
+      const __m256 ao = _mm256_broadcast_ss(af + m * len + 2 * u + 1);
+      acc[m][0] = _mm256_fmadd_ps(ao, o0, _mm256_fmadd_ps(ae, e0, acc[m][0]));
+      acc[m][1] = _mm256_fmadd_ps(ao, o1, _mm256_fmadd_ps(ae, e1, acc[m][1]));
+    }
+  }
+  for (int m = 0; m < mr; m++) {
+    store8(c + m * ldc, acc[m][0], ncols);
+    if (ncols > 8) store8(c + m * ldc + 8, acc[m][1], ncols - 8);
+  }
+}
+
+static void y_gemm_nt_fma(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_BF16), len = 2 * units;
+  const int64_t used = (k + 1) / 2;
+  float *af = scratch;
+  for (int64_t m0 = 0; m0 < a->count; m0 += NT_MR) {
+    const int64_t mr = a->count - m0 < NT_MR ? a->count - m0 : NT_MR;
+    for (int64_t i = 0; i < mr; i++) row_to_f32(kt_row(a, m0 + i), k, af + i * len, len, NULL);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const char *p = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
+      float *cc = c + m0 * ldc + j0;
+      switch (mr) {
+        case 1: nt_fma_tile(1, af, len, p, used, cc, ldc, n - j0); break;
+        case 2: nt_fma_tile(2, af, len, p, used, cc, ldc, n - j0); break;
+        case 3: nt_fma_tile(3, af, len, p, used, cc, ldc, n - j0); break;
+        default: nt_fma_tile(4, af, len, p, used, cc, ldc, n - j0); break;
+      }
+    }
+  }
+}
+
+/* ---- x W^T, int8 (see gemm_avx512.c: byte pairs (k0, k2), (k1, k3) into vpmaddwd) ---------- */
+
+static inline __attribute__((always_inline)) void q8_tile(const int mr, const int32_t *ap,
+                                                          int64_t len, const char *p, int64_t used,
+                                                          __m256i acc[][2]) {
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (int64_t u = 0; u < used; u++) {
+    const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
+    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT + 32));
+    const __m256i l0 = _mm256_srai_epi16(_mm256_slli_epi16(w0, 8), 8),
+                  h0 = _mm256_srai_epi16(w0, 8);
+    const __m256i l1 = _mm256_srai_epi16(_mm256_slli_epi16(w1, 8), 8),
+                  h1 = _mm256_srai_epi16(w1, 8);
+    for (int m = 0; m < mr; m++) {
+      const __m256i al = _mm256_set1_epi32(ap[m * len + 2 * u]);
+      const __m256i ah = _mm256_set1_epi32(ap[m * len + 2 * u + 1]);
+      acc[m][0] = _mm256_add_epi32(
+          acc[m][0], _mm256_add_epi32(_mm256_madd_epi16(l0, al), _mm256_madd_epi16(h0, ah)));
+      acc[m][1] = _mm256_add_epi32(
+          acc[m][1], _mm256_add_epi32(_mm256_madd_epi16(l1, al), _mm256_madd_epi16(h1, ah)));
+    }
+  }
+}
+
+static void y_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                         int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_INT8), len = 2 * units;
+  const int64_t used = (k + 3) / 4;
+  int32_t *ap = scratch;
+  __m256i acc[NT_MR][2];
+  for (int64_t m0 = 0; m0 < a->count; m0 += NT_MR) {
+    const int64_t mr = a->count - m0 < NT_MR ? a->count - m0 : NT_MR;
+    for (int64_t i = 0; i < mr; i++) {
+      const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
+      const int8_t *row = a->base + src * a->ld;
+      for (int64_t u = 0; u < units; u++) {
+        int32_t q[4] = {0, 0, 0, 0};
+        for (int64_t t = 0; t < 4 && 4 * u + t < k; t++) q[t] = row[4 * u + t];
+        ap[i * len + 2 * u] = (int32_t)(((uint32_t)q[2] << 16) | ((uint32_t)q[0] & 0xffffu));
+        ap[i * len + 2 * u + 1] = (int32_t)(((uint32_t)q[3] << 16) | ((uint32_t)q[1] & 0xffffu));
+      }
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const char *p = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
+      switch (mr) {
+        case 1: q8_tile(1, ap, len, p, used, acc); break;
+        case 2: q8_tile(2, ap, len, p, used, acc); break;
+        case 3: q8_tile(3, ap, len, p, used, acc); break;
+        default: q8_tile(4, ap, len, p, used, acc); break;
+      }
+      for (int64_t i = 0; i < mr; i++) {
+        const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
+        int32_t dot[16];
+        _mm256_storeu_si256((__m256i *)dot, acc[i][0]);
+        _mm256_storeu_si256((__m256i *)(dot + 8), acc[i][1]);
+        for (int64_t j = 0; j < 16 && j0 + j < n; j++)
+          c[(m0 + i) * ldc + j0 + j] = a->scale[src] * w->scale[n0 + j0 + j] * (float)dot[j];
+      }
+    }
+  }
+}
+
+/* ---- x W and the LoRA products ------------------------------------------------------------- */
+
+static inline __attribute__((always_inline)) void nn_tile(const int mr, const float *af,
+                                                          int64_t ldaf, const float *wt,
+                                                          int64_t cnt, float *c, int64_t ldc,
+                                                          int64_t ncols, int add, float s) {
+  __m256 acc[NN_MR][2];
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t cc = 0; cc < cnt; cc++) {
+    const __m256 w0 = _mm256_loadu_ps(wt + cc * WT_LD), w1 = _mm256_loadu_ps(wt + cc * WT_LD + 8);
+    for (int m = 0; m < mr; m++) {
+      const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
+      acc[m][0] = _mm256_fmadd_ps(av, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(av, w1, acc[m][1]);
+    }
+  }
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < 2 && 8 * v < ncols; v++) {
+      float *p = c + m * ldc + 8 * v;
+      const int64_t nv = ncols - 8 * v < 8 ? ncols - 8 * v : 8;
+      float r[8];
+      _mm256_storeu_ps(r, _mm256_mul_ps(sv, acc[m][v]));
+      for (int64_t j = 0; j < nv; j++) p[j] = add ? p[j] + r[j] : r[j];
+    }
+}
+
+static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *wt, int64_t cnt,
+                    float *c0, int64_t ldc, int64_t ncols, int add, float s) {
+  for (int64_t j0 = 0; j0 < ncols; j0 += 16)
+    for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {
+      const float *af = a0 + m0 * ldaf;
+      float *c = c0 + m0 * ldc + j0;
+      const int64_t nc = ncols - j0;
+      switch (count - m0 < NN_MR ? count - m0 : NN_MR) {
+        case 1: nn_tile(1, af, ldaf, wt + j0, cnt, c, ldc, nc, add, s); break;
+        case 2: nn_tile(2, af, ldaf, wt + j0, cnt, c, ldc, nc, add, s); break;
+        case 3: nn_tile(3, af, ldaf, wt + j0, cnt, c, ldc, nc, add, s); break;
+        case 4: nn_tile(4, af, ldaf, wt + j0, cnt, c, ldc, nc, add, s); break;
+        case 5: nn_tile(5, af, ldaf, wt + j0, cnt, c, ldc, nc, add, s); break;
+        default: nn_tile(6, af, ldaf, wt + j0, cnt, c, ldc, nc, add, s); break;
+      }
+    }
+}
+
+/* In-register transpose of 8 x 8 dwords. */
+static inline void transpose8(__m256i r[8]) {
+  __m256i t[8];
+  for (int i = 0; i < 4; i++) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; i++) { /* r[4i + c]: rows 4i..4i+3, column c of each 128-bit lane */
+    r[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; c++) {
+    t[c] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x20);
+    t[4 + c] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x31);
+  }
+  for (int i = 0; i < 8; i++) r[i] = t[i];
+}
+
+static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t n0,
+                                   int64_t n, float *wt) {
+  const int64_t per = kt_z_per_unit(w->wtype), units = kt_z_units(w->cols, w->wtype);
+  const int64_t lines = (n + per - 1) / per, u0 = n0 / per;
+  const int64_t nblocks = kt_z_rows_padded(w->rows) / 16;
+  for (int64_t b = c0 / 16; b * 16 < c0 + cnt; b++) {
+    if (b + Y_PREFETCH_BLOCKS < nblocks) /* short runs far apart: see gemm_avx512.c */
+      for (int64_t l = 0; l < lines; l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Y_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
+    for (int64_t half = 0; half < 2; half++) { /* rows 8 half .. 8 half + 7 of the block */
+      float *dst = wt + (b * 16 + 8 * half - c0) * WT_LD;
+      for (int64_t g = 0; g * 8 < lines; g++) { /* 8 units: 16 bf16 or 32 int8 columns */
+        __m256i r[8];
+        for (int i = 0; i < 8; i++)
+          r[i] = _mm256_loadu_si256(
+              (const __m256i *)(kt_z_unit_ptr(w->data, units, b, u0 + 8 * g + i) + 32 * half));
+        transpose8(r);
+        for (int i = 0; i < 8; i++) {
+          float *d = dst + i * WT_LD + 8 * per * g;
+          const __m128i lo = _mm256_castsi256_si128(r[i]), hi = _mm256_extracti128_si256(r[i], 1);
+          if (w->wtype == KT_WTYPE_INT8) {
+            _mm256_storeu_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
+            _mm256_storeu_ps(d + 8,
+                             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
+            _mm256_storeu_ps(d + 16, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
+            _mm256_storeu_ps(d + 24,
+                             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))));
+          } else {
+            _mm256_storeu_ps(d, bf16x8_to_f32(lo));
+            _mm256_storeu_ps(d + 8, bf16x8_to_f32(hi));
+          }
+        }
+      }
+    }
+  }
+}
+
+#include "nn_drive.h"
+
+static const kt_kernels y_table = {
+    .isa = KT_ISA_AVX2,
+    .variant = "avx2-fma+vpmaddwd",
+    .packed_bytes = kt_z_packed_bytes,
+    .pack = kt_z_pack,
+    .unpack = kt_z_unpack,
+    .gemm_scratch_bytes = y_scratch_bytes,
+    .gemm_nt = y_gemm_nt_fma,
+    .gemm_nt_q8 = y_gemm_nt_q8,
+    .gemm_nn = nn_gemm,
+    .sigmoid = kt_act_avx2_sigmoid,
+    .silu = kt_act_avx2_silu,
+    .lora_nt = lora_nt,
+    .lora_nn = lora_nn,
+    .lora_add_nt = lora_add_nt,
+    .lora_add_nn = lora_add_nn,
+    .outer_rn = outer_rn,
+    .outer_nr = outer_nr,
+};
+
+const kt_kernels *kt_kernels_avx2(uint32_t features) {
+  (void)features;
+  return &y_table;
+}

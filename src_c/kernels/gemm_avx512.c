@@ -1,0 +1,452 @@
+/* gemm_avx512.c - the avx512 family (AVX-512 F/BW/VL + FMA): packing, the GEMMs without the
+ * optional instructions, the LoRA products, and the choice among the family's variants.
+ *
+ *   x W^T, bf16   fp32 FMA: each W unit is split into its even and odd columns (shift, and)
+ *                 and feeds a 12 x 32 register tile; vdpbf16ps where the CPU has it
+ *                 (gemm_avx512_bf16.c)
+ *   x W^T, int8   vpmaddwd on sign-extended byte pairs (exact in int32); vpdpbusd where the CPU
+ *                 has it (gemm_avx512_vnni.c)
+ *   x W           W is transposed, 16 x 16 units at a time in registers, into a per-thread fp32
+ *                 scratch of NN_CH rows x 64 columns; a 6 x 64 register tile of fp32 FMAs then
+ *                 runs over it. The LoRA products use the same tile.
+ * Every sum runs over its index in ascending order within one fp32 (or int32) lane. */
+#include "avx512_layout.h"
+
+void kt_avx512_nt_bf16_dp(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch);
+void kt_avx512_nt_bf16_dp_model(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                                float *c, int64_t ldc, void *scratch);
+void kt_avx512_nt_q8_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch);
+void kt_act_avx512_sigmoid(const float *x, float *y, int64_t n);
+void kt_act_avx512_silu(const float *x, float *y, int64_t n);
+
+enum {
+  NN_MR = 6,   /* rows of A per x W register tile */
+  NN_CH = 128, /* rows of W transposed into the scratch at a time */
+  WT_LD = 64,  /* columns of the transposed scratch */
+  Z_PREFETCH_BLOCKS = 4,
+  Z_PREFETCH_UNITS = 64, /* x W^T: how far ahead each stream of units is fetched */
+};
+
+/* x W^T: A rows as fp32 (or int16 pairs), 12 rows x (cols rounded up to 64);
+ * x W: the transposed block and a 6-row slice of A. */
+static size_t z_scratch_bytes(int64_t n, int64_t k) {
+  (void)n;
+  const size_t nt = (size_t)KT_Z_NT_MR * (size_t)(kt_z_units(k, KT_WTYPE_BF16) * 2) * 4;
+  const size_t nn = (size_t)(NN_CH * WT_LD + NN_MR * NN_CH) * 4;
+  return nt + nn + KT_CACHE_LINE;
+}
+
+/* ---- x W^T, bf16, fp32 FMA ------------------------------------------------------------------ */
+
+/* bf16 to fp32, n values, zero padded to len. */
+static inline void row_to_f32(const uint16_t *src, int64_t n, float *dst, int64_t len,
+                              const float *scale) {
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = kt_z_mask(n - i > 0 ? n - i : 0);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, src + i);
+    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, scale + i));
+    _mm512_storeu_ps(dst + i, v);
+  }
+}
+
+static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, const int nb,
+                                                              const float *af, int64_t len,
+                                                              const char *p0, int64_t bstride,
+                                                              int64_t used, float *c, int64_t ldc,
+                                                              int64_t ncols) {
+  const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+  __m512 acc[KT_Z_NT_MR][2];
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < used; u++) {
+    /* The hardware prefetchers restart at every 4 KB page: keep DRAM busy from here. */
+    _mm_prefetch(p0 + (u + Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+    if (nb > 1) _mm_prefetch(p0 + bstride + (u + Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+    const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
+    const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16));
+    const __m512 o0 = _mm512_castsi512_ps(_mm512_and_si512(w0, hi));
+    __m512 e1 = e0, o1 = o0;
+    if (nb > 1) {
+      const __m512i w1 = _mm512_loadu_si512(p0 + bstride + u * KT_Z_UNIT);
+      e1 = _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16));
+      o1 = _mm512_castsi512_ps(_mm512_and_si512(w1, hi));
+    }
+    for (int m = 0; m < mr; m++) {
+      const __m512 ae = _mm512_set1_ps(af[m * len + 2 * u]);
+      const __m512 ao = _mm512_set1_ps(af[m * len + 2 * u + 1]);
+      acc[m][0] = _mm512_fmadd_ps(ao, o0, _mm512_fmadd_ps(ae, e0, acc[m][0]));
+      if (nb > 1) acc[m][1] = _mm512_fmadd_ps(ao, o1, _mm512_fmadd_ps(ae, e1, acc[m][1]));
+    }
+  }
+  for (int m = 0; m < mr; m++) {
+    kt_z_store(c + m * ldc, acc[m][0], ncols);
+    if (nb > 1) kt_z_store(c + m * ldc + 16, acc[m][1], ncols - 16);
+  }
+}
+
+#define NT_FMA_CASE(MR)                                               \
+  case MR:                                                            \
+    if (nb > 1)                                                       \
+      nt_fma_tile(MR, 2, af, len, p0, bstride, used, cc, ldc, ncols); \
+    else                                                              \
+      nt_fma_tile(MR, 1, af, len, p0, bstride, used, cc, ldc, ncols); \
+    break;
+
+static void z_gemm_nt_fma(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_BF16), len = 2 * units;
+  const int64_t used = (k + 1) / 2, bstride = units * KT_Z_UNIT;
+  float *af = scratch;
+  for (int64_t m0 = 0; m0 < a->count; m0 += KT_Z_NT_MR) {
+    const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
+    for (int64_t i = 0; i < mr; i++) row_to_f32(kt_row(a, m0 + i), k, af + i * len, len, NULL);
+    for (int64_t j0 = 0; j0 < n; j0 += 32) {
+      const char *p0 = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
+      const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
+      float *cc = c + m0 * ldc + j0;
+      switch (mr) {
+        NT_FMA_CASE(1)
+        NT_FMA_CASE(2)
+        NT_FMA_CASE(3)
+        NT_FMA_CASE(4)
+        NT_FMA_CASE(5)
+        NT_FMA_CASE(6)
+        NT_FMA_CASE(7)
+        NT_FMA_CASE(8)
+        NT_FMA_CASE(9)
+        NT_FMA_CASE(10)
+        NT_FMA_CASE(11)
+        NT_FMA_CASE(12)
+      }
+    }
+  }
+}
+
+/* ---- x W^T, int8, vpmaddwd ------------------------------------------------------------------- */
+
+/* Each W unit holds 4 bytes per row: k0 k1 k2 k3. Shifts split it into the int16 pairs (k0, k2)
+ * and (k1, k3); A is stored as the matching pairs, so two vpmaddwd give the exact 4-term sum. */
+static inline __attribute__((always_inline)) void q8_madd_tile(const int mr, const int nb,
+                                                               const int32_t *ap, int64_t len,
+                                                               const char *p0, int64_t bstride,
+                                                               int64_t used, __m512i acc[][2]) {
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+  for (int64_t u = 0; u < used; u++) {
+    const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
+    const __m512i l0 = _mm512_srai_epi16(_mm512_slli_epi16(w0, 8), 8),
+                  h0 = _mm512_srai_epi16(w0, 8);
+    __m512i l1 = l0, h1 = h0;
+    if (nb > 1) {
+      const __m512i w1 = _mm512_loadu_si512(p0 + bstride + u * KT_Z_UNIT);
+      l1 = _mm512_srai_epi16(_mm512_slli_epi16(w1, 8), 8);
+      h1 = _mm512_srai_epi16(w1, 8);
+    }
+    for (int m = 0; m < mr; m++) {
+      const __m512i al = _mm512_set1_epi32(ap[m * len + 2 * u]);
+      const __m512i ah = _mm512_set1_epi32(ap[m * len + 2 * u + 1]);
+      acc[m][0] = _mm512_add_epi32(
+          acc[m][0], _mm512_add_epi32(_mm512_madd_epi16(l0, al), _mm512_madd_epi16(h0, ah)));
+      if (nb > 1)
+        acc[m][1] = _mm512_add_epi32(
+            acc[m][1], _mm512_add_epi32(_mm512_madd_epi16(l1, al), _mm512_madd_epi16(h1, ah)));
+    }
+  }
+}
+
+#define Q8_MADD_CASE(MR)                                    \
+  case MR:                                                  \
+    if (nb > 1)                                             \
+      q8_madd_tile(MR, 2, ap, len, p0, bstride, used, acc); \
+    else                                                    \
+      q8_madd_tile(MR, 1, ap, len, p0, bstride, used, acc); \
+    break;
+
+static void z_gemm_nt_q8_madd(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n,
+                              float *c, int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_INT8), len = 2 * units;
+  const int64_t used = (k + 3) / 4, bstride = units * KT_Z_UNIT;
+  int32_t *ap = scratch;
+  __m512i acc[KT_Z_NT_MR][2];
+  for (int64_t m0 = 0; m0 < a->count; m0 += KT_Z_NT_MR) {
+    const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
+    for (int64_t i = 0; i < mr; i++) {
+      const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
+      const int8_t *row = a->base + src * a->ld;
+      for (int64_t u = 0; u < units; u++) {
+        int32_t q[4] = {0, 0, 0, 0};
+        for (int64_t t = 0; t < 4 && 4 * u + t < k; t++) q[t] = row[4 * u + t];
+        ap[i * len + 2 * u] = (int32_t)(((uint32_t)q[2] << 16) | ((uint32_t)q[0] & 0xffffu));
+        ap[i * len + 2 * u + 1] = (int32_t)(((uint32_t)q[3] << 16) | ((uint32_t)q[1] & 0xffffu));
+      }
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += 32) {
+      const char *p0 = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
+      const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
+      switch (mr) {
+        Q8_MADD_CASE(1)
+        Q8_MADD_CASE(2)
+        Q8_MADD_CASE(3)
+        Q8_MADD_CASE(4)
+        Q8_MADD_CASE(5)
+        Q8_MADD_CASE(6)
+        Q8_MADD_CASE(7)
+        Q8_MADD_CASE(8)
+        Q8_MADD_CASE(9)
+        Q8_MADD_CASE(10)
+        Q8_MADD_CASE(11)
+        Q8_MADD_CASE(12)
+      }
+      for (int64_t i = 0; i < mr; i++) {
+        const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
+        const float sa = a->scale[src];
+        for (int v = 0; v < nb; v++) {
+          const int64_t j = n0 + j0 + 16 * v;
+          const __m512 s = _mm512_mul_ps(
+              _mm512_set1_ps(sa), _mm512_maskz_loadu_ps(kt_z_mask(ncols - 16 * v), w->scale + j));
+          kt_z_store(c + (m0 + i) * ldc + j0 + 16 * v,
+                     _mm512_mul_ps(s, _mm512_cvtepi32_ps(acc[i][v])), ncols - 16 * v);
+        }
+      }
+    }
+  }
+}
+
+/* ---- x W and the LoRA products: one register tile over a row-major fp32 block ------------- */
+
+/* c[m, 0:ncols] (+)= s * sum_cc af[m, cc] * wt[cc, 0:ncols], m < mr, ncols <= 16 nv. */
+static inline __attribute__((always_inline)) void nn_tile(const int mr, const int nv,
+                                                          const float *af, int64_t ldaf,
+                                                          const float *wt, int64_t cnt, float *c,
+                                                          int64_t ldc, int64_t ncols, int add,
+                                                          float s) {
+  __m512 acc[NN_MR][4];
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t cc = 0; cc < cnt; cc++) {
+    __m512 wv[4];
+    for (int v = 0; v < nv; v++) wv[v] = _mm512_loadu_ps(wt + cc * WT_LD + 16 * v);
+    for (int m = 0; m < mr; m++) {
+      const __m512 av = _mm512_set1_ps(af[m * ldaf + cc]);
+      for (int v = 0; v < nv; v++) acc[m][v] = _mm512_fmadd_ps(av, wv[v], acc[m][v]);
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++) {
+      const __mmask16 k = kt_z_mask(ncols - 16 * v);
+      float *p = c + m * ldc + 16 * v;
+      __m512 r = _mm512_mul_ps(sv, acc[m][v]);
+      if (add) r = _mm512_add_ps(_mm512_maskz_loadu_ps(k, p), r);
+      _mm512_mask_storeu_ps(p, k, r);
+    }
+}
+
+#define NN_CASE(MR, NV) \
+  case MR * 8 + NV: nn_tile(MR, NV, af, ldaf, wt, cnt, c, ldc, ncols, add, s); break;
+#define NN_CASES(MR) NN_CASE(MR, 1) NN_CASE(MR, 2) NN_CASE(MR, 3) NN_CASE(MR, 4)
+
+/* All rows of af (count of them) against wt: the tile over rows of 6. */
+static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *wt, int64_t cnt,
+                    float *c0, int64_t ldc, int64_t ncols, int add, float s) {
+  const int nv = (int)((ncols + 15) / 16);
+  for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {
+    const int mr = (int)(count - m0 < NN_MR ? count - m0 : NN_MR);
+    const float *af = a0 + m0 * ldaf;
+    float *c = c0 + m0 * ldc;
+    switch (mr * 8 + nv) {
+      NN_CASES(1)
+      NN_CASES(2)
+      NN_CASES(3)
+      NN_CASES(4)
+      NN_CASES(5)
+      NN_CASES(6)
+    }
+  }
+}
+
+/* In-register transpose of 16 x 16 dwords: r[i] lane j becomes r[j] lane i. */
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) { /* s[4i + c]: rows 4i..4i+3, column c of each 128-bit lane */
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; c++) { /* 4 x 4 transpose of the 128-bit lanes of s[c], s[4+c], ... */
+    const __m512i u0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
+    const __m512i u1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
+    const __m512i u2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512i u3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+    t[c] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(u0, u2, 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(u1, u3, 0xdd);
+  }
+  for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64) as fp32 for cc < cnt (rounded up to the block; columns
+ * past W's are zero). c0 is a multiple of 16. */
+static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t n0, int64_t n,
+                            float *wt) {
+  const int64_t units = kt_z_units(w->cols, w->wtype);
+  const int64_t lines = (n + kt_z_per_unit(w->wtype) - 1) / kt_z_per_unit(w->wtype);
+  const int64_t u0 = n0 / kt_z_per_unit(w->wtype), nblocks = kt_z_rows_padded(w->rows) / 16;
+  for (int64_t b = c0 / 16; b * 16 < c0 + cnt; b++) {
+    float *dst = wt + (b * 16 - c0) * WT_LD;
+    __m512i r[16];
+    /* Each block contributes one short run (2 KB for 64 bf16 columns) far from the next: too
+     * short for the hardware prefetchers, so ask for the runs a few blocks ahead. */
+    if (b + Z_PREFETCH_BLOCKS < nblocks)
+      for (int64_t l = 0; l < lines; l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Z_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
+    if (w->wtype == KT_WTYPE_INT8) {
+      for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 4 + i));
+      transpose16(r);
+      for (int i = 0; i < 16; i++) {
+        float *d = dst + i * WT_LD;
+        _mm512_storeu_ps(
+            d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 0))));
+        _mm512_storeu_ps(
+            d + 16, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 1))));
+        _mm512_storeu_ps(
+            d + 32, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 2))));
+        _mm512_storeu_ps(
+            d + 48, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 3))));
+      }
+      continue;
+    }
+    for (int64_t g = 0; g * 32 < n; g++) {
+      for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 2 + 16 * g + i));
+      transpose16(r);
+      for (int i = 0; i < 16; i++) {
+        float *d = dst + i * WT_LD + 32 * g;
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(r[i]));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r[i], 1));
+        _mm512_storeu_ps(d, _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)));
+        _mm512_storeu_ps(d + 16, _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)));
+      }
+    }
+  }
+}
+
+#include "nn_drive.h"
+
+/* x W for at most NN_FEW_M rows (a few tokens per expert): no transpose. A unit's 16 lanes are
+ * 16 rows c of W; they are multiplied by A[m, c] lane by lane and summed over the blocks, one
+ * accumulator per (m, column), and each accumulator is summed across its lanes at the end. Per
+ * unit that is 2 shifts (bf16; 11 operations for int8's 4 columns) and 2 (4) FMAs per row of A,
+ * where a transpose costs about 10 operations. 2 rows x 8 columns of accumulators at a time. */
+enum { NN_FEW_M = 4, FEW_COLS = 8 };
+
+static inline __attribute__((always_inline)) void nn_few_tile(const int mr, kt_wtype t,
+                                                              const float *af, int64_t ldaf,
+                                                              const kt_packed *w, int64_t units,
+                                                              int64_t nblocks, int64_t u0, float *c,
+                                                              int64_t ldc, int64_t ncols) {
+  const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+  const int per = t == KT_WTYPE_INT8 ? 4 : 2, nu = FEW_COLS / per;
+  __m512 acc[2][FEW_COLS];
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < FEW_COLS; j++) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblocks; b++) {
+    const char *p = kt_z_unit_ptr(w->data, units, b, u0);
+    __m512 av[2];
+    for (int m = 0; m < mr; m++) av[m] = _mm512_loadu_ps(af + m * ldaf + 16 * b);
+    for (int i = 0; i < nu; i++) {
+      const __m512i v = _mm512_loadu_si512(p + i * KT_Z_UNIT);
+      __m512 col[4];
+      if (t == KT_WTYPE_INT8) {
+        col[0] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
+        col[1] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
+        col[2] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
+        col[3] = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
+      } else {
+        col[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        col[1] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+      }
+      for (int m = 0; m < mr; m++)
+        for (int q = 0; q < per; q++)
+          acc[m][i * per + q] = _mm512_fmadd_ps(av[m], col[q], acc[m][i * per + q]);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < FEW_COLS && j < ncols; j++)
+      c[m * ldc + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+static void z_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                      int64_t ldc, void *scratch) {
+  if (a->count > NN_FEW_M) {
+    nn_gemm(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
+  const int64_t units = kt_z_units(w->cols, w->wtype), per = kt_z_per_unit(w->wtype);
+  const float *scale = w->wtype == KT_WTYPE_INT8 ? w->scale : NULL;
+  float *af = scratch;
+  for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, scale);
+  for (int64_t j0 = 0; j0 < n; j0 += FEW_COLS)
+    for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
+      const float *am = af + m0 * len;
+      float *cm = c + m0 * ldc + j0;
+      const int64_t u0 = (n0 + j0) / per;
+      if (w->wtype == KT_WTYPE_INT8) {
+        if (a->count - m0 > 1)
+          nn_few_tile(2, KT_WTYPE_INT8, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
+        else
+          nn_few_tile(1, KT_WTYPE_INT8, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
+      } else {
+        if (a->count - m0 > 1)
+          nn_few_tile(2, KT_WTYPE_BF16, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
+        else
+          nn_few_tile(1, KT_WTYPE_BF16, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
+      }
+    }
+}
+
+/* ---- the variants ---------------------------------------------------------------------------- */
+
+#define Z_TABLE(NAME, VARIANT, NT, NT_Q8)    \
+  static const kt_kernels NAME = {           \
+      .isa = KT_ISA_AVX512,                  \
+      .variant = VARIANT,                    \
+      .packed_bytes = kt_z_packed_bytes,     \
+      .pack = kt_z_pack,                     \
+      .unpack = kt_z_unpack,                 \
+      .gemm_scratch_bytes = z_scratch_bytes, \
+      .gemm_nt = NT,                         \
+      .gemm_nt_q8 = NT_Q8,                   \
+      .gemm_nn = z_gemm_nn,                  \
+      .sigmoid = kt_act_avx512_sigmoid,      \
+      .silu = kt_act_avx512_silu,            \
+      .lora_nt = lora_nt,                    \
+      .lora_nn = lora_nn,                    \
+      .lora_add_nt = lora_add_nt,            \
+      .lora_add_nn = lora_add_nn,            \
+      .outer_rn = outer_rn,                  \
+      .outer_nr = outer_nr,                  \
+  };
+
+Z_TABLE(fma_madd, "avx512-fma+vpmaddwd", z_gemm_nt_fma, z_gemm_nt_q8_madd)
+Z_TABLE(fma_vnni, "avx512-fma+vnni", z_gemm_nt_fma, kt_avx512_nt_q8_vnni)
+Z_TABLE(bf16_madd, "avx512-bf16+vpmaddwd", kt_avx512_nt_bf16_dp, z_gemm_nt_q8_madd)
+Z_TABLE(bf16_vnni, "avx512-bf16+vnni", kt_avx512_nt_bf16_dp, kt_avx512_nt_q8_vnni)
+Z_TABLE(emu_madd, "avx512-bf16emu+vpmaddwd", kt_avx512_nt_bf16_dp_model, z_gemm_nt_q8_madd)
+Z_TABLE(emu_vnni, "avx512-bf16emu+vnni", kt_avx512_nt_bf16_dp_model, kt_avx512_nt_q8_vnni)
+
+const kt_kernels *kt_kernels_avx512(uint32_t f) {
+  const int vnni = (f & KT_CPU_AVX512_VNNI) != 0;
+  if (f & KT_CPU_TEST_EMULATE_BF16) return vnni ? &emu_vnni : &emu_madd;
+  if (f & KT_CPU_AVX512_BF16) return vnni ? &bf16_vnni : &bf16_madd;
+  return vnni ? &fma_vnni : &fma_madd;
+}

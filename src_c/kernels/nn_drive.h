@@ -1,0 +1,135 @@
+/* nn_drive.h - x W and the LoRA products around one register tile, shared by the avx512 and
+ * avx2 families (static inline code; each family file includes it once, compiled with its own
+ * flags). The including file defines NN_MR, NN_CH and WT_LD and:
+ *   row_to_f32(src, n, dst, len, scale)  bf16 to fp32 (times scale[i] when not NULL), n values
+ *                                        zero padded to len (a multiple of 16)
+ *   nn_rows(count, af, ldaf, wt, cnt, c, ldc, ncols, add, s)
+ *        c[m, 0:ncols] (+)= s * sum_cc af[m, cc] * wt[cc, 0:ncols], m < count, ncols <= WT_LD
+ *   transpose_block(w, c0, cnt, n0, n, wt)  wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64) in fp32 */
+#ifndef KTSFT_NN_DRIVE_H
+#define KTSFT_NN_DRIVE_H
+
+static inline void nn_gemm(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                           int64_t ldc, void *scratch) {
+  const int64_t k = w->rows;
+  float *wt = scratch, *af = wt + NN_CH * WT_LD;
+  const float *scale = w->wtype == KT_WTYPE_INT8 ? w->scale : NULL;
+  for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
+    const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH;
+    transpose_block(w, c0, cnt, n0, n, wt);
+    for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
+      const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
+      for (int64_t i = 0; i < mr; i++)
+        row_to_f32(kt_row(a, m0 + i) + c0, cnt, af + i * NN_CH, (cnt + 15) & ~(int64_t)15,
+                   scale ? scale + c0 : NULL);
+      nn_rows(mr, af, NN_CH, wt, cnt, c + m0 * ldc, ldc, n, c0 > 0, 1.0f);
+    }
+  }
+}
+
+/* ---- the LoRA products ------------------------------------------------------------------- */
+
+/* The LoRA operands are small (one side is the rank): they are rearranged into a stack block
+ * in the tile's layout, the scalar copy costing about as much as one row of the product. */
+typedef struct lora_block {
+  _Alignas(KT_CACHE_LINE) float wt[NN_CH * WT_LD];
+  _Alignas(KT_CACHE_LINE) float af[NN_MR * NN_CH];
+} lora_block;
+
+/* C[m, q] = sum_c A[m, c] B[q, c] (transposed) or B[c, q]: A bf16 rows, B [n, k] or [k, n]. */
+static inline void lora_product(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k,
+                                int trans, float *c, int64_t ldc) {
+  lora_block blk;
+  for (int64_t q0 = 0; q0 < n; q0 += WT_LD) {
+    const int64_t nq = n - q0 < WT_LD ? n - q0 : WT_LD;
+    for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
+      const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH;
+      for (int64_t cc = 0; cc < cnt; cc++)
+        for (int64_t q = 0; q < nq; q++)
+          blk.wt[cc * WT_LD + q] =
+              kt_bf16_to_f32(trans ? b[(q0 + q) * k + c0 + cc] : b[(c0 + cc) * n + q0 + q]);
+      for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
+        const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
+        for (int64_t i = 0; i < mr; i++)
+          row_to_f32(kt_row(a, m0 + i) + c0, cnt, blk.af + i * NN_CH, (cnt + 15) & ~(int64_t)15,
+                     NULL);
+        nn_rows(mr, blk.af, NN_CH, blk.wt, cnt, c + m0 * ldc + q0, ldc, nq, c0 > 0, 1.0f);
+      }
+    }
+  }
+}
+
+static inline void lora_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c,
+                           int64_t ldc, void *scratch) {
+  (void)scratch;
+  lora_product(a, b, n, k, 1, c, ldc);
+}
+
+static inline void lora_nn(const kt_rows *a, const uint16_t *b, int64_t k, int64_t n, float *c,
+                           int64_t ldc, void *scratch) {
+  (void)scratch;
+  lora_product(a, b, n, k, 0, c, ldc);
+}
+
+/* C[m, j] += s * sum_q a[m, q] * B[n0 + j, q] (trans) or B[q, n0 + j] (B: [r, ldb]). */
+static inline void lora_add(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
+                            int64_t ldb, int trans, int64_t n0, float s, float *c, int64_t ldc) {
+  lora_block blk;
+  for (int64_t j0 = 0; j0 < n; j0 += WT_LD) {
+    const int64_t nj = n - j0 < WT_LD ? n - j0 : WT_LD;
+    for (int64_t q0 = 0; q0 < r; q0 += NN_CH) {
+      const int64_t cnt = r - q0 < NN_CH ? r - q0 : NN_CH;
+      for (int64_t q = 0; q < cnt; q++)
+        for (int64_t j = 0; j < nj; j++)
+          blk.wt[q * WT_LD + j] = kt_bf16_to_f32(trans ? b[(n0 + j0 + j) * r + q0 + q]
+                                                       : b[(q0 + q) * ldb + n0 + j0 + j]);
+      nn_rows(M, a + q0, r, blk.wt, cnt, c + j0, ldc, nj, 1, s);
+    }
+  }
+}
+
+static inline void lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
+                               int64_t n0, float s, float *c, int64_t ldc) {
+  lora_add(M, n, r, a, b, r, 1, n0, s, c, ldc);
+}
+
+static inline void lora_add_nn(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
+                               int64_t ldb, int64_t n0, float s, float *c, int64_t ldc) {
+  lora_add(M, n, r, a, b, ldb, 0, n0, s, c, ldc);
+}
+
+/* out[i, j] = s * sum_m P[m, i] * rowscale[m] * Q[m, j]  ->  [ni, nj] (ld nj): P [M, ldp],
+ * Q [M, ldq], both fp32; the sum over m runs in chunks of NN_CH. */
+static inline void outer(int64_t M, int64_t ni, int64_t nj, const float *p, int64_t ldp,
+                         const float *rowscale, const float *qm, int64_t ldq, float s, float *out) {
+  lora_block blk;
+  for (int64_t j0 = 0; j0 < nj; j0 += WT_LD) {
+    const int64_t w = nj - j0 < WT_LD ? nj - j0 : WT_LD;
+    for (int64_t m0 = 0; m0 < M; m0 += NN_CH) {
+      const int64_t cnt = M - m0 < NN_CH ? M - m0 : NN_CH;
+      for (int64_t mm = 0; mm < cnt; mm++)
+        for (int64_t j = 0; j < w; j++) blk.wt[mm * WT_LD + j] = qm[(m0 + mm) * ldq + j0 + j];
+      for (int64_t i0 = 0; i0 < ni; i0 += NN_MR) {
+        const int64_t mr = ni - i0 < NN_MR ? ni - i0 : NN_MR;
+        for (int64_t i = 0; i < mr; i++)
+          for (int64_t mm = 0; mm < cnt; mm++)
+            blk.af[i * NN_CH + mm] =
+                p[(m0 + mm) * ldp + i0 + i] * (rowscale ? rowscale[m0 + mm] : 1.0f);
+        nn_rows(mr, blk.af, NN_CH, blk.wt, cnt, out + i0 * nj + j0, nj, w, m0 > 0, s);
+      }
+    }
+  }
+}
+
+static inline void outer_rn(int64_t M, int64_t r, int64_t n, const float *coef,
+                            const float *rowscale, const float *x, int64_t ldx, float s,
+                            float *out) {
+  outer(M, r, n, coef, r, rowscale, x, ldx, s, out);
+}
+
+static inline void outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd,
+                            const float *coef, float s, float *out) {
+  outer(M, n, r, d, ldd, NULL, coef, r, s, out);
+}
+
+#endif /* KTSFT_NN_DRIVE_H */

@@ -1,0 +1,91 @@
+/* vnni_layout.h - the packed weight layout of the avx512 and avx2 families, and its packing
+ * (plain C, static inline only: each family file is compiled with its own flags).
+ *
+ * A [rows, cols] matrix is stored in blocks of 16 rows (the lanes of a zmm register, two ymm);
+ * inside a block, "units" of 4 bytes per row follow each other, 64 bytes per unit: a unit holds 2
+ * consecutive columns (bf16) or 4 (int8) of each of the 16 rows. That is the operand layout of
+ * vdpbf16ps and vpdpbusd ("VNNI" layout), so x W^T streams it directly; x W (the backward)
+ * transposes units in registers into a small per-thread fp32 scratch. Rows are padded to 16 and
+ * units to a multiple of 16 with zeros, so every load is whole. int8 matrices are followed by
+ * one int32 per (padded) row: the sum of the row's values, which undoes the +128 offset that
+ * vpdpbusd's unsigned operand needs. */
+#ifndef KTSFT_VNNI_LAYOUT_H
+#define KTSFT_VNNI_LAYOUT_H
+
+#include "../internal.h"
+
+enum {
+  KT_Z_UNIT = 64, /* bytes of one unit */
+};
+
+static inline int64_t kt_z_per_unit(kt_wtype t) { return t == KT_WTYPE_INT8 ? 4 : 2; }
+static inline int64_t kt_z_rows_padded(int64_t rows) { return (rows + 15) & ~(int64_t)15; }
+/* Units per block row: columns rounded up to 16 units. */
+static inline int64_t kt_z_units(int64_t cols, kt_wtype t) {
+  const int64_t per = kt_z_per_unit(t) * 16;
+  return (cols + per - 1) / per * 16;
+}
+static inline const char *kt_z_unit_ptr(const void *data, int64_t units, int64_t block,
+                                        int64_t unit) {
+  return (const char *)data + (block * units + unit) * KT_Z_UNIT;
+}
+/* The int8 row sums that follow the data. */
+static inline const int32_t *kt_z_rowsum(const kt_packed *w) {
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT8);
+  return (const int32_t *)((const char *)w->data +
+                           kt_z_rows_padded(w->rows) * units * KT_Z_UNIT / 16);
+}
+
+/* Copies rows m0 .. m0 + mr of A (bf16) into dst, zero padded to `len` values per row. */
+static inline void kt_z_copy_rows_bf16(const kt_rows *a, int64_t m0, int64_t mr, int64_t k,
+                                       uint16_t *dst, int64_t len) {
+  for (int64_t i = 0; i < mr; i++) {
+    memcpy(dst + i * len, kt_row(a, m0 + i), (size_t)k * 2);
+    memset(dst + i * len + k, 0, (size_t)(len - k) * 2);
+  }
+}
+
+/* Byte offset of W[r, c] in the packed layout. */
+static inline size_t kt_z_offset(int64_t units, int64_t r, int64_t c, kt_wtype t) {
+  const int64_t per = kt_z_per_unit(t), size = t == KT_WTYPE_INT8 ? 1 : 2;
+  return (size_t)(((r / 16) * units + c / per) * KT_Z_UNIT + (r % 16) * 4 + (c % per) * size);
+}
+
+static inline size_t kt_z_packed_bytes(int64_t rows, int64_t cols, kt_wtype t) {
+  const size_t data = (size_t)(kt_z_rows_padded(rows) * kt_z_units(cols, t)) * KT_Z_UNIT / 16;
+  return t == KT_WTYPE_INT8 ? data + (size_t)kt_z_rows_padded(rows) * sizeof(int32_t) : data;
+}
+
+static inline void kt_z_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype t) {
+  const int64_t units = kt_z_units(cols, t);
+  memset(dst, 0, kt_z_packed_bytes(rows, cols, t));
+  char *d = dst;
+  if (t == KT_WTYPE_BF16) {
+    const uint16_t *s = src;
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t c = 0; c < cols; c++)
+        memcpy(d + kt_z_offset(units, r, c, t), s + r * cols + c, 2);
+    return;
+  }
+  const int8_t *s = src;
+  int32_t *rowsum = (int32_t *)(d + kt_z_rows_padded(rows) * units * KT_Z_UNIT / 16);
+  for (int64_t r = 0; r < rows; r++) {
+    int32_t sum = 0;
+    for (int64_t c = 0; c < cols; c++) {
+      d[kt_z_offset(units, r, c, t)] = (char)s[r * cols + c];
+      sum += s[r * cols + c];
+    }
+    rowsum[r] = sum;
+  }
+}
+
+static inline void kt_z_unpack(void *dst, const void *packed, int64_t rows, int64_t cols,
+                               kt_wtype t) {
+  const int64_t units = kt_z_units(cols, t), size = t == KT_WTYPE_INT8 ? 1 : 2;
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < cols; c++)
+      memcpy((char *)dst + (r * cols + c) * size,
+             (const char *)packed + kt_z_offset(units, r, c, t), (size_t)size);
+}
+
+#endif /* KTSFT_VNNI_LAYOUT_H */

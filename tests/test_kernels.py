@@ -1,0 +1,198 @@
+"""Every kernel variant this machine can run against its generic twin and the float64 reference.
+
+A family holds variants chosen from the CPU features (avx512: vdpbf16ps or fp32 FMA for bf16,
+vpdpbusd or vpmaddwd for int8). ``_core.kernels_testing_set`` makes engines created afterwards
+pick the variant for a narrower feature set, or run the vdpbf16ps code on its software model, so
+every variant is tested here whatever the CPU has. Each runs forward and backward, bf16 and int8,
+on random shapes that are not tile multiples, with experts without tokens, k = 1, T = 1 and
+NaN-poisoned output buffers. It must match the generic family, which quantizes the same way and
+rounds at the same places (only fp32 summation order differs), and the reference within the
+spec's budget wherever the generic family itself is comfortably inside it (tiny shapes can be
+ill-conditioned; test_engine.py explains).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+from conftest import (
+    BASE_NAMES,
+    BF16,
+    BWD_TOL,
+    FWD_TOL,
+    GRAD_NAMES,
+    LORA_NAMES,
+    make_layer,
+    make_routing,
+    make_tokens,
+    ref_backward,
+    ref_forward,
+    rel_err,
+    to_f64,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ktsft import _core
+
+ALL = 0xFFFFFFFF
+AVX512_BF16, AVX512_VNNI = 1 << 6, 1 << 7  # KT_CPU_* bits of src_c/include/ktsft.h
+AVAILABLE = _core.isa_lists()[1]
+
+# (family, feature mask, emulate vdpbf16ps): the variants worth running on this machine
+CANDIDATES = [
+    ("avx512", ALL, False),
+    ("avx512", ALL & ~(AVX512_BF16 | AVX512_VNNI), False),
+    ("avx512", ALL, True),
+    ("avx512", ALL & ~AVX512_VNNI, True),
+    ("avx2", ALL, False),
+]
+
+
+def _variant_name(isa: str, mask: int, emulate: bool) -> str:
+    _core.kernels_testing_set(mask, emulate)
+    try:
+        return _core.isa_variant(isa)
+    finally:
+        _core.kernels_testing_set(ALL, False)
+
+
+VARIANTS = {}
+for _isa, _mask, _emu in CANDIDATES:
+    if _isa in AVAILABLE:
+        VARIANTS.setdefault(_variant_name(_isa, _mask, _emu), (_isa, _mask, _emu))
+
+# Fast vs generic: the same computation up to fp32 summation order (a bf16 rounding of g, u, h,
+# dg or du may flip for a few elements). Not a spec budget: a much tighter check for bugs.
+TWIN_TOL = 2e-3
+SPEC_TOL = {"bf16": (FWD_TOL, BWD_TOL), "int8": (0.04, 0.06)}
+
+
+@contextlib.contextmanager
+def selected(variant: str):
+    """Engines created inside pick ``variant`` of its family."""
+    isa, mask, emulate = VARIANTS[variant]
+    _core.kernels_testing_set(mask, emulate)
+    try:
+        yield isa
+    finally:
+        _core.kernels_testing_set(ALL, False)
+
+
+def run(p, k, x, ids, w, go, alpha, pool, isa, quant):
+    """Forward (saved) and backward into NaN-filled buffers through the engine itself (both
+    quant modes); returns (out, grads by name, the engine's kernel variant)."""
+    E, I, H = p["gate_proj"].shape
+    T, r = x.shape[0], p["gate_lora_a"].shape[1]
+    eng = _core.Engine(pool._native, E, k, H, I, r, alpha, T, 1, isa, quant)
+    eng.load_weights(*(p[n].ctypes.data for n in BASE_NAMES))
+    lora = tuple(p[n].ctypes.data for n in LORA_NAMES)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    out = np.full((T, H), np.nan, dtype=np.float32)
+    eng.forward(
+        T, k, ids.ctypes.data, w.ctypes.data, x.ctypes.data, out.ctypes.data, False, lora, True
+    )
+    g = {n: np.full(p[n].shape, np.nan, dtype=BF16) for n in LORA_NAMES}
+    g["input"] = np.full((T, H), np.nan, dtype=BF16)
+    g["weights"] = np.full(ids.shape, np.nan, dtype=np.float32)
+    eng.backward(
+        T,
+        go.ctypes.data,
+        False,
+        g["input"].ctypes.data,
+        tuple(g[n].ctypes.data for n in LORA_NAMES),
+        g["weights"].ctypes.data,
+        False,
+        lora,
+    )
+    return out, g, eng.kernel_variant
+
+
+def compare(fast, gen, ref, tol, what):
+    f, g = to_f64(fast), to_f64(gen)
+    assert not np.isnan(f).any(), f"{what}: NaN in result"
+    if not np.any(g):
+        assert not np.any(f), f"{what}: generic is all zero, max |fast| {np.abs(f).max()}"
+        return
+    err = rel_err(f, g)
+    assert err < TWIN_TOL, f"{what}: rel_err vs generic {err:.3g} >= {TWIN_TOL}"
+    if ref is not None and rel_err(g, ref) < tol / 2:
+        err = rel_err(f, ref)
+        assert err < tol, f"{what}: rel_err vs reference {err:.3g} >= {tol}"
+
+
+def check(name, pool, p, k, x, ids, w, go, alpha, quant):
+    with selected(name) as isa:
+        out, g, used = run(p, k, x, ids, w, go, alpha, pool, isa, quant)
+    assert used == name
+    out0, g0, _ = run(p, k, x, ids, w, go, alpha, pool, "generic", quant)
+    fwd_tol, bwd_tol = SPEC_TOL[quant]
+    compare(out, out0, ref_forward(p, x, ids, w, alpha), fwd_tol, f"{name}/{quant} forward")
+    ref = ref_backward(p, go, x, ids, w, alpha)
+    for n in GRAD_NAMES:
+        compare(g[n], g0[n], getattr(ref, n), bwd_tol, f"{name}/{quant} {n}")
+        if n in LORA_NAMES:  # experts without routes: exactly zero
+            for e in np.nonzero(~np.isin(np.arange(p[n].shape[0]), ids))[0]:
+                assert not np.any(to_f64(g[n][e])), f"{name} {n}[{e}] not zero"
+
+
+def problem(rng, E, k, H, I, r, T, pad):  # noqa: E741
+    p = make_layer(rng, E, H, I, r)
+    ids, w = make_routing(rng, T, k, E, pad=pad)
+    return p, make_tokens(rng, T, H), ids, w, make_tokens(rng, T, H)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@given(
+    E=st.integers(1, 6),
+    k=st.integers(1, 4),
+    H=st.integers(1, 150),
+    I=st.integers(1, 150),
+    r=st.integers(1, 20),
+    T=st.integers(1, 24),
+    pad=st.sampled_from([0.0, 0.3]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_variant_matches_generic_property(variant, pool, quant, E, k, H, I, r, T, pad, seed):  # noqa: E741
+    rng = np.random.default_rng(seed)
+    p, x, ids, w, go = problem(rng, E, k, H, I, r, T, pad)
+    check(variant, pool, p, k, x, ids, w, go, 4.0, quant)
+
+
+CASES = {  # E, k, H, I, r, T: tile multiples, many rows per expert, chunked sums, large rank
+    "tile-multiples": (4, 2, 128, 64, 16, 32),
+    "rows-and-chunks": (3, 2, 300, 200, 8, 64),
+    "one-expert-many-routes": (1, 1, 96, 136, 4, 150),
+    "rank-above-64": (2, 2, 80, 70, 70, 9),
+    "t1-k1": (5, 1, 33, 47, 3, 1),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_variant_matches_generic_named(variant, pool, rng, quant, case):
+    E, k, H, I, r, T = CASES[case]  # noqa: E741
+    p, x, ids, w, go = problem(rng, E, k, H, I, r, T, pad=0.1)
+    if E > 2:
+        ids[ids == 1] = 0  # expert 1 gets no token
+    check(variant, pool, p, k, x, ids, w, go, 8.0, quant)
+
+
+def test_best_variant_uses_what_the_cpu_has():
+    if "avx512" not in AVAILABLE:
+        pytest.skip("no AVX-512 here")
+    features, name = set(_core.cpu_features()), _core.isa_variant("avx512")
+    assert name.startswith("avx512-bf16+" if "avx512_bf16" in features else "avx512-fma+")
+    assert name.endswith("+vnni" if "avx512_vnni" in features else "+vpmaddwd")
+
+
+def test_runtime_info_reports_the_variant():
+    import ktsft
+
+    info = ktsft.runtime_info()
+    assert info["kernels"] == _core.isa_variant(info["isa"])
+    assert info["kernels"].startswith(info["isa"])
