@@ -7,7 +7,8 @@ pointers and C status codes into Python exceptions.
 from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uintptr_t
 
 from ktsft._c_api cimport (
-    KT_DTYPE_BF16, KT_DTYPE_F32, KT_DTYPE_INT8, KT_QUANT_BF16, KT_QUANT_INT8, KT_ERR_CACHE_EMPTY, KT_ERR_CACHE_FULL, KT_ERR_EXPERT_ID,
+    KT_DTYPE_BF16, KT_DTYPE_F32, KT_DTYPE_INT8, KT_QUANT_BF16, KT_QUANT_INT8, KT_ERR_CACHE_EMPTY,
+    KT_ERR_CACHE_FULL, KT_ERR_EXPERT_ID,
     KT_ERR_INVALID_ARGUMENT, KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY,
     KT_ERR_WEIGHTS_NOT_LOADED, KT_ISA_COUNT, KT_OK, kt_backward_args, kt_status_string,
     kt_cpu_feature_name, kt_cpu_features, kt_error, kt_forward_args, kt_isa, kt_isa_available,
@@ -15,7 +16,8 @@ from ktsft._c_api cimport (
     kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens, kt_moe_config, kt_moe_create,
     kt_moe_destroy, kt_moe_forward, kt_moe_isa, kt_moe_load_weights, kt_moe_packed_bytes,
     kt_moe_weights_loaded, kt_moe_experts_loaded, kt_moe_load_experts, kt_moe_read_experts,
-    kt_expert_weights, kt_expert_buffers, kt_saved, kt_saved_release, kt_saved_num_tokens, kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_status,
+    kt_expert_weights, kt_expert_buffers, kt_saved, kt_saved_release, kt_saved_num_tokens,
+    kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_status,
     kt_vec_sigmoid, kt_vec_silu, kt_isa_variant, kt_kernels_testing_set, kt_moe_kernel_variant,
 )
 
