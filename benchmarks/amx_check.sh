@@ -14,9 +14,6 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${KTSFT_AMX_BUILD:-$ROOT/build-amx-check}
 unset KTSFT_ISA
 
-# The kernel GEMMs first, with only a C compiler and NumPy (amx vs generic vs amx-emu).
-"$PY" "$ROOT/benchmarks/amx_kernel_check.py" | tail -12
-
 "$PY" -c "import numpy, ml_dtypes, pytest, hypothesis" || {
   echo "amx_check: $PY lacks one of numpy, ml_dtypes, pytest, hypothesis" >&2
   exit 2
