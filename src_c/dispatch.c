@@ -11,7 +11,7 @@ static const kt_kernels *generic_table(uint32_t features) {
 #ifdef KT_HAVE_AMX
 static const kt_kernels *amx_table(uint32_t features) {
   (void)features;
-  return &kt_kernels_amx;
+  return kt_kernels_amx();
 }
 #define KT_AMX_TABLE_FOR amx_table
 #else

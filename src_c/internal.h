@@ -172,9 +172,10 @@ const kt_kernels *kt_kernels_for(kt_isa isa);
 /* The portable family: its packed layout is plain row-major bf16, so LoRA tensors in the
  * caller's memory are valid operands of its GEMMs. */
 extern const kt_kernels kt_kernels_generic;
-/* The AMX tile kernels (gemm_amx.c): native where the compiler has the intrinsics, and on the
- * software tile model (amx_emu.c) everywhere. */
-extern const kt_kernels kt_kernels_amx;
+/* The AMX tile kernels (gemm_amx.c): native where the compiler has the intrinsics (the avx512
+ * table of this CPU with the tile GEMMs, built at first use), and on the software tile model
+ * (amx_emu.c) everywhere. */
+const kt_kernels *kt_kernels_amx(void);
 extern const kt_kernels kt_kernels_amx_emu;
 void kt_act_generic_sigmoid(const float *x, float *y, int64_t n);
 void kt_act_generic_silu(const float *x, float *y, int64_t n);

@@ -4,10 +4,15 @@
  * KT_AMX_EMULATE against the software model of amx_emu.c as `amx-emu`, so that this exact
  * source is tested on machines without AMX.
  *
- * Packed layout (for "x W^T", W [N, K]): W is cut into B tiles of 16 output rows by one K block
- * (32 bf16 or 64 int8), each 1 KiB in the VNNI form tdp* reads: tile row p, column n holds
- * W[n, VNNI p .. VNNI p + VNNI - 1] (VNNI = 2 for bf16, 4 for int8). Tiles are ordered by row
- * block, then K block; N and K are zero-padded to whole tiles.
+ * Packed layout: the avx512 family's (vnni_layout.h). For "x W^T", W [N, K], its 16-row blocks
+ * of 64-byte units, 16 units per K block (32 bf16 or 64 int8), are exactly the 1 KiB B tiles
+ * tdp* reads: tile row p, column n holds W[n, VNNI p .. VNNI p + VNNI - 1] (VNNI = 2 for bf16,
+ * 4 for int8), tiles ordered by row block, then K block, zero-padded (the int8 row sums that
+ * follow the data are avx512's and unused here). One layout lets the native family hand work
+ * to the avx512 kernels where tiles do not pay off: products of fewer rows of A than a tile,
+ * and "x W" of fewer rows than two tiles (its transposed tiles cost as much as they save
+ * there); the LoRA products and the activations are avx512's too. amx-emu keeps every product
+ * on tiles, so the model covers all of them.
  *
  * "x W" (the backward) multiplies by the transpose of the same packed copy: each call builds
  * the VNNI tiles of W[:, n0:n0+n]^T in its scratch (a panel of at most 5 x 16 columns), never a
@@ -24,18 +29,13 @@
 #include <pthread.h>
 
 #include "../internal.h"
+#include "vnni_layout.h"
 
 #ifdef KT_AMX_EMULATE
 #include "amx_emu.h"
-#define KT_AMX_TABLE kt_kernels_amx_emu
-#define KT_AMX_ISA KT_ISA_AMX_EMU
-#define KT_AMX_VARIANT "amx-emu"
 #define thread_faults() kt_amx_emu_thread_faults()
 #else
 #include <immintrin.h>
-#define KT_AMX_TABLE kt_kernels_amx
-#define KT_AMX_ISA KT_ISA_AMX
-#define KT_AMX_VARIANT "amx"
 #define thread_faults() ((uint64_t)0)
 #endif
 
@@ -99,48 +99,34 @@ static void configure_tiles(void) {
 /* Elements per 32-bit VNNI group and per tile row. */
 static int vnni(kt_wtype wtype) { return wtype == KT_WTYPE_INT8 ? 4 : 2; }
 
-/* Element offset of W[row, col] in the packed layout of a matrix with nkb K blocks. */
-static size_t packed_index(int64_t row, int64_t col, int64_t nkb, int v) {
-  const int64_t kblock = TILE_ROWS * v, tile = (row / TILE_ROWS) * nkb + col / kblock;
-  const int64_t in_block = col % kblock;
-  return (size_t)(tile * TILE_ROWS * TILE_ROWS * v + (in_block / v) * TILE_ROWS * v +
-                  (row % TILE_ROWS) * v + in_block % v);
-}
-
-static size_t amx_packed_bytes(int64_t rows, int64_t cols, kt_wtype wtype) {
-  return (size_t)(ceil_div(rows, TILE_ROWS) * ceil_div(cols, TILE_ROWS * vnni(wtype))) * TILE_BYTES;
-}
-
-static void amx_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype wtype) {
-  const int v = vnni(wtype), esize = wtype == KT_WTYPE_INT8 ? 1 : 2;
-  const int64_t nkb = ceil_div(cols, TILE_ROWS * v);
-  memset(dst, 0, amx_packed_bytes(rows, cols, wtype));
-  for (int64_t r = 0; r < rows; r++)
-    for (int64_t c = 0; c < cols; c++)
-      memcpy((char *)dst + packed_index(r, c, nkb, v) * esize,
-             (const char *)src + (r * cols + c) * esize, esize);
-}
-
-static void amx_unpack(void *dst, const void *packed, int64_t rows, int64_t cols, kt_wtype wtype) {
-  const int v = vnni(wtype), esize = wtype == KT_WTYPE_INT8 ? 1 : 2;
-  const int64_t nkb = ceil_div(cols, TILE_ROWS * v);
-  for (int64_t r = 0; r < rows; r++)
-    for (int64_t c = 0; c < cols; c++)
-      memcpy((char *)dst + (r * cols + c) * esize,
-             (const char *)packed + packed_index(r, c, nkb, v) * esize, esize);
-}
-
 /* ---- scratch ------------------------------------------------------------------------------- */
 
 /* Output tiles that columns [n0, n0 + n) touch: at most ceil(n / 16) + 1. */
 static int64_t max_out_tiles(int64_t n) { return ceil_div(n, TILE_ROWS) + 1; }
+
+/* The kernels that run what tiles do not: avx512's for this CPU (natively), the generic LoRA
+ * products (amx-emu, which needs no AVX-512). */
+#ifdef KT_AMX_EMULATE
+static size_t twin_scratch_bytes(int64_t n, int64_t k) {
+  return kt_generic_gemm_scratch_bytes(n, k);
+}
+#else
+static const kt_kernels *avx512_twin;
+static pthread_once_t twin_once = PTHREAD_ONCE_INIT;
+static void find_twin(void) { avx512_twin = kt_kernels_avx512(kt_cpu_features()); }
+static const kt_kernels *twin(void) {
+  pthread_once(&twin_once, find_twin);
+  return avx512_twin;
+}
+static size_t twin_scratch_bytes(int64_t n, int64_t k) { return twin()->gemm_scratch_bytes(n, k); }
+#endif
 
 static size_t amx_gemm_scratch_bytes(int64_t n, int64_t k) {
   const int64_t kp2 = ceil_div(k, K_BF16) * K_BF16, kp4 = ceil_div(k, K_I8) * K_I8;
   const int64_t nt = BLOCK_M * (kp2 * 2 > kp4 ? kp2 * 2 : kp4);
   const int64_t nn = max_out_tiles(n) * (kp2 / K_BF16) * TILE_BYTES + NN_PARTS * BLOCK_M * kp2 * 2;
   const size_t own = (size_t)((nt > nn ? nt : nn) + TILE_BYTES + KT_CACHE_LINE);
-  return kt_max_size(own, kt_generic_gemm_scratch_bytes(n, k)); /* the LoRA products too */
+  return kt_max_size(own, twin_scratch_bytes(n, k));
 }
 
 static char *align_scratch(void *scratch) {
@@ -278,6 +264,12 @@ static void fill_a_bf16(const void *vctx, int64_t m0, int64_t rows, char *abuf) 
 
 static void amx_gemm_nt(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                         int64_t ldc, void *scratch) {
+#ifndef KT_AMX_EMULATE
+  if (a->count < TILE_ROWS) {
+    twin()->gemm_nt(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+#endif
   const int64_t nkb = ceil_div(w->cols, K_BF16);
   char *abuf = align_scratch(scratch), *cbuf = abuf + BLOCK_M * nkb * TILE_COLSB;
   const a_bf16_ctx x = {a, w->cols, nkb * K_BF16};
@@ -308,6 +300,12 @@ static void fill_a_q8(const void *vctx, int64_t m0, int64_t rows, char *abuf) {
 
 static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                            int64_t ldc, void *scratch) {
+#ifndef KT_AMX_EMULATE
+  if (a->count < TILE_ROWS) {
+    twin()->gemm_nt_q8(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+#endif
   const int64_t nkb = ceil_div(w->cols, K_I8);
   char *abuf = align_scratch(scratch), *cbuf = abuf + BLOCK_M * nkb * TILE_COLSB;
   const a_q8_ctx x = {a, w->cols, nkb * K_I8};
@@ -324,14 +322,15 @@ static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, 
 static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int64_t ncb,
                         uint16_t *panel) {
   const int v = vnni(w->wtype);
-  const int64_t nkb = ceil_div(w->cols, TILE_ROWS * v);
+  const int64_t units = kt_z_units(w->cols, w->wtype), esize = w->wtype == KT_WTYPE_INT8 ? 1 : 2;
   memset(panel, 0, (size_t)((t_last - t_first + 1) * ncb) * TILE_BYTES);
   for (int64_t t = t_first; t <= t_last; t++) {
     const int64_t j1 = w->cols - t * TILE_ROWS < TILE_ROWS ? w->cols - t * TILE_ROWS : TILE_ROWS;
     uint16_t *col = panel + (t - t_first) * ncb * (TILE_BYTES / 2);
     for (int64_t r = 0; r < w->rows; r++) {
       uint16_t *dst = col + (r / K_BF16) * (TILE_BYTES / 2) + ((r % K_BF16) / 2) * K_BF16 + r % 2;
-      const size_t at = packed_index(r, t * TILE_ROWS, nkb, v); /* the 16 columns share a tile */
+      /* the 16 columns share a tile; element offset of W[r, 16 t] */
+      const size_t at = kt_z_offset(units, r, t * TILE_ROWS, w->wtype) / (size_t)esize;
       if (w->wtype == KT_WTYPE_INT8) {
         const int8_t *src = (const int8_t *)w->data + at;
         for (int64_t j = 0; j < j1; j++)
@@ -394,6 +393,12 @@ static void fill_a_nn(const void *vctx, int64_t m0, int64_t rows, char *abuf) {
 
 static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                         int64_t ldc, void *scratch) {
+#ifndef KT_AMX_EMULATE
+  if (a->count < BLOCK_M) {
+    twin()->gemm_nn(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+#endif
   const int64_t ncb = ceil_div(w->rows, K_BF16), kp = ncb * K_BF16;
   const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
   const int q8 = w->wtype == KT_WTYPE_INT8;
@@ -407,12 +412,13 @@ static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
            t_first, ncb, &ep, n0, n, c, ldc, abuf, cbuf);
 }
 
-const kt_kernels KT_AMX_TABLE = {
-    .isa = KT_AMX_ISA,
-    .variant = KT_AMX_VARIANT,
-    .packed_bytes = amx_packed_bytes,
-    .pack = amx_pack,
-    .unpack = amx_unpack,
+#ifdef KT_AMX_EMULATE
+const kt_kernels kt_kernels_amx_emu = {
+    .isa = KT_ISA_AMX_EMU,
+    .variant = "amx-emu",
+    .packed_bytes = kt_z_packed_bytes,
+    .pack = kt_z_pack,
+    .unpack = kt_z_unpack,
     .gemm_scratch_bytes = amx_gemm_scratch_bytes,
     .gemm_nt = amx_gemm_nt,
     .gemm_nt_q8 = amx_gemm_nt_q8,
@@ -427,3 +433,23 @@ const kt_kernels KT_AMX_TABLE = {
     .outer_rn = kt_outer_rn,
     .outer_nr = kt_outer_nr,
 };
+#else
+static kt_kernels amx_table;
+static pthread_once_t table_once = PTHREAD_ONCE_INIT;
+
+/* The avx512 table of this CPU (layout, LoRA products, activations) with the tile GEMMs. */
+static void make_table(void) {
+  amx_table = *twin();
+  amx_table.isa = KT_ISA_AMX;
+  amx_table.variant = "amx";
+  amx_table.gemm_scratch_bytes = amx_gemm_scratch_bytes;
+  amx_table.gemm_nt = amx_gemm_nt;
+  amx_table.gemm_nt_q8 = amx_gemm_nt_q8;
+  amx_table.gemm_nn = amx_gemm_nn;
+}
+
+const kt_kernels *kt_kernels_amx(void) {
+  pthread_once(&table_once, make_table);
+  return &amx_table;
+}
+#endif
