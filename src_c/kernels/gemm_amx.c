@@ -9,18 +9,17 @@
  * tdp* reads: tile row p, column n holds W[n, VNNI p .. VNNI p + VNNI - 1] (VNNI = 2 for bf16,
  * 4 for int8), tiles ordered by row block, then K block, zero-padded (the int8 row sums that
  * follow the data are avx512's and unused here). One layout lets the native family hand work
- * to the avx512 kernels where tiles do not pay off: products of fewer rows of A than a tile,
- * and "x W" of fewer rows than two tiles (its transposed tiles cost as much as they save
- * there); the LoRA products and the activations are avx512's too. amx-emu keeps every product
+ * to the avx512 kernels where tiles do not pay off: "x W^T" of fewer rows of A than a tile,
+ * every "x W" (see below), the LoRA products and the activations. amx-emu keeps every product
  * on tiles, so the model covers all of them.
  *
- * "x W" (the backward) multiplies by the transpose of the same packed copy: each call builds
- * the VNNI tiles of W[:, n0:n0+n]^T in its scratch (a panel of at most 5 x 16 columns), never a
- * second copy of W. For int8 W the row scale multiplies A in fp32, and the fp32 product is split
- * exactly into three bf16 parts hi + mid + lo (8 significant bits each), each multiplied by the
- * same B tiles into the same fp32 accumulator: the products are exact and only the fp32
- * accumulation rounds, as in the generic twin (parts below FLT_MIN are flushed, as tdpbf16ps
- * flushes denormals).
+ * "x W" (the backward; on tiles in amx-emu only, see below) multiplies by the transpose of the
+ * same packed copy: each call builds the VNNI tiles of W[:, n0:n0+n]^T in its scratch (a panel of
+ * at most 5 x 16 columns), never a second copy of W. For int8 W the row scale multiplies A in fp32,
+ * and the fp32 product is split exactly into three bf16 parts hi + mid + lo (8 significant bits
+ * each), each multiplied by the same B tiles into the same fp32 accumulator: the products are exact
+ * and only the fp32 accumulation rounds, as in the generic twin (parts below FLT_MIN are flushed,
+ * as tdpbf16ps flushes denormals).
  *
  * Every tile has one shape, 16 rows x 64 bytes, so one configuration serves all GEMMs; it is
  * loaded once per thread (and again only if other code on the thread changed it), and released
@@ -93,11 +92,6 @@ static void configure_tiles(void) {
   }
   _tile_loadconfig(&want);
 }
-
-/* ---- packing ------------------------------------------------------------------------------- */
-
-/* Elements per 32-bit VNNI group and per tile row. */
-static int vnni(kt_wtype wtype) { return wtype == KT_WTYPE_INT8 ? 4 : 2; }
 
 /* ---- scratch ------------------------------------------------------------------------------- */
 
@@ -315,13 +309,17 @@ static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, 
 }
 
 /* ---- "x W" --------------------------------------------------------------------------------- */
+/* On tiles in amx-emu only. Natively the avx512 x W runs instead: building the transposed
+ * tiles per call made the tile x W 3x slower than avx512's register transposes at 64 rows per
+ * expert (Qwen3-30B-A3B shape, T = 1024, 16 threads), and slower still below. */
+#ifdef KT_AMX_EMULATE
 
 /* The VNNI tiles of W[:, t_first*16 : (t_last+1)*16]^T: for output tile column t and reduction
  * block cb (32 rows of W), tile row p, column j holds W[32 cb + 2p + {0, 1}, 16 t + j] as bf16
  * (int8 values are exact in bf16); zero outside W. */
 static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int64_t ncb,
                         uint16_t *panel) {
-  const int v = vnni(w->wtype);
+  const int v = (int)kt_z_per_unit(w->wtype); /* elements per 32-bit VNNI group */
   const int64_t units = kt_z_units(w->cols, w->wtype), esize = w->wtype == KT_WTYPE_INT8 ? 1 : 2;
   memset(panel, 0, (size_t)((t_last - t_first + 1) * ncb) * TILE_BYTES);
   for (int64_t t = t_first; t <= t_last; t++) {
@@ -393,12 +391,6 @@ static void fill_a_nn(const void *vctx, int64_t m0, int64_t rows, char *abuf) {
 
 static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                         int64_t ldc, void *scratch) {
-#ifndef KT_AMX_EMULATE
-  if (a->count < BLOCK_M) {
-    twin()->gemm_nn(a, w, n0, n, c, ldc, scratch);
-    return;
-  }
-#endif
   const int64_t ncb = ceil_div(w->rows, K_BF16), kp = ncb * K_BF16;
   const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
   const int q8 = w->wtype == KT_WTYPE_INT8;
@@ -411,6 +403,8 @@ static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
   run_gemm(KIND_BF16, a->count, fill_a_nn, &x, kp * 2, q8 ? NN_PARTS : 1, panel, ncb * TILE_BYTES,
            t_first, ncb, &ep, n0, n, c, ldc, abuf, cbuf);
 }
+
+#endif
 
 #ifdef KT_AMX_EMULATE
 const kt_kernels kt_kernels_amx_emu = {
@@ -437,7 +431,7 @@ const kt_kernels kt_kernels_amx_emu = {
 static kt_kernels amx_table;
 static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
-/* The avx512 table of this CPU (layout, LoRA products, activations) with the tile GEMMs. */
+/* The avx512 table of this CPU (layout, x W, LoRA products, activations) with the tile x W^T. */
 static void make_table(void) {
   amx_table = *twin();
   amx_table.isa = KT_ISA_AMX;
@@ -445,7 +439,6 @@ static void make_table(void) {
   amx_table.gemm_scratch_bytes = amx_gemm_scratch_bytes;
   amx_table.gemm_nt = amx_gemm_nt;
   amx_table.gemm_nt_q8 = amx_gemm_nt_q8;
-  amx_table.gemm_nn = amx_gemm_nn;
 }
 
 const kt_kernels *kt_kernels_amx(void) {
