@@ -253,5 +253,8 @@ def test_streaming_load_peak_memory(tmp_path):
     growth, packed, lora = map(int, res.stdout.split())
     checkpoint_bytes = 3 * E * H * I * 2
     assert packed == checkpoint_bytes
-    # a load that first materialized the checkpoint would grow by >= 2x packed
-    assert growth < packed + lora + checkpoint_bytes // 3, (growth, packed, lora)
+    # Streaming adds a fixed slack (first-use allocations of torch and safetensors; 6 to 14 MiB
+    # measured for 12 to 96 experts, the same for every kernel family), not a second copy: a load
+    # that first materialized the checkpoint would grow by packed + 36 MiB + that slack.
+    slack = 24 << 20
+    assert growth < packed + lora + slack, (growth, packed, lora)
