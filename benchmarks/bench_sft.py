@@ -115,39 +115,6 @@ class PeakRSS:
         self.extra = self.peak - self.start
 
 
-class EngineLayer:
-    """forward/backward straight on the native engine, for a mode the Python API does not
-    offer yet in this build (int8); the same C calls MoESFT makes, without its checks."""
-
-    def __init__(self, cfg, arrays, pool):
-        from ktsft import _core
-        from ktsft.gradients import BASE_NAMES, LORA_NAMES
-
-        c = cfg
-        self._engine = _core.Engine(
-            pool._native, c.expert_num, c.num_experts_per_tok, c.hidden_size,
-            c.intermediate_size, c.lora_rank, c.lora_alpha, c.max_len, 1, "auto", c.quant,
-        )  # fmt: skip
-        self._engine.load_weights(*(arrays[n].ctypes.data for n in BASE_NAMES))
-        self._arrays, self._k, self.isa = arrays, c.num_experts_per_tok, self._engine.isa
-        self._lora = tuple(arrays[n].ctypes.data for n in LORA_NAMES)
-        self._grads = {n: np.empty_like(arrays[n]) for n in LORA_NAMES}
-
-    def forward(self, x, ids, w, save_for_backward=False):
-        out = np.empty(x.shape, dtype=np.float32)
-        self._engine.forward(x.shape[0], self._k, ids.ctypes.data, w.ctypes.data, x.ctypes.data,
-                             out.ctypes.data, False, self._lora, save_for_backward)  # fmt: skip
-        return out
-
-    def backward(self, go):
-        gi = np.empty(go.shape, dtype=BF16)
-        gw = np.empty((go.shape[0], self._k), dtype=np.float32)
-        grads = tuple(g.ctypes.data for g in self._grads.values())
-        self._engine.backward(go.shape[0], go.ctypes.data, False, gi.ctypes.data, grads,
-                              gw.ctypes.data, False, self._lora)  # fmt: skip
-        return gi
-
-
 def make_layer(shape: str, T: int, rank: int, quant: str, pool, seed: int = 0):
     E, H, I, k = SHAPES[shape]  # noqa: E741
     rng = np.random.default_rng(seed)
@@ -158,10 +125,7 @@ def make_layer(shape: str, T: int, rank: int, quant: str, pool, seed: int = 0):
         n: (rng.standard_normal(s, dtype=np.float32) / 100).astype(BF16)
         for n, s in cfg.shapes().items()
     }
-    try:
-        return cfg, ktsft.MoESFT(cfg, **arrays, pool=pool)
-    except NotImplementedError:
-        return cfg, EngineLayer(cfg, arrays, pool)
+    return cfg, ktsft.MoESFT(cfg, **arrays, pool=pool)
 
 
 def step_inputs(cfg, T: int, rng):
