@@ -137,16 +137,7 @@ static void y_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, in
   __m256i acc[NT_MR][2];
   for (int64_t m0 = 0; m0 < a->count; m0 += NT_MR) {
     const int64_t mr = a->count - m0 < NT_MR ? a->count - m0 : NT_MR;
-    for (int64_t i = 0; i < mr; i++) {
-      const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
-      const int8_t *row = a->base + src * a->ld;
-      for (int64_t u = 0; u < units; u++) {
-        int32_t q[4] = {0, 0, 0, 0};
-        for (int64_t t = 0; t < 4 && 4 * u + t < k; t++) q[t] = row[4 * u + t];
-        ap[i * len + 2 * u] = (int32_t)(((uint32_t)q[2] << 16) | ((uint32_t)q[0] & 0xffffu));
-        ap[i * len + 2 * u + 1] = (int32_t)(((uint32_t)q[3] << 16) | ((uint32_t)q[1] & 0xffffu));
-      }
-    }
+    kt_z_q8_pairs(a, m0, mr, k, units, ap, len);
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const char *p = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
       switch (mr) {

@@ -45,6 +45,23 @@ static inline void kt_z_copy_rows_bf16(const kt_rows *a, int64_t m0, int64_t mr,
   }
 }
 
+/* Rows m0 .. m0 + mr of int8 A as the sign-extended int16 pairs vpmaddwd takes against a
+ * packed int8 unit: per unit u, the pairs (A[4u], A[4u+2]) and (A[4u+1], A[4u+3]), zero past k;
+ * `len` = 2 * units int32 per row. */
+static inline void kt_z_q8_pairs(const kt_rows_q8 *a, int64_t m0, int64_t mr, int64_t k,
+                                 int64_t units, int32_t *ap, int64_t len) {
+  for (int64_t i = 0; i < mr; i++) {
+    const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
+    const int8_t *row = a->base + src * a->ld;
+    for (int64_t u = 0; u < units; u++) {
+      int32_t q[4] = {0, 0, 0, 0};
+      for (int64_t t = 0; t < 4 && 4 * u + t < k; t++) q[t] = row[4 * u + t];
+      ap[i * len + 2 * u] = (int32_t)(((uint32_t)q[2] << 16) | ((uint32_t)q[0] & 0xffffu));
+      ap[i * len + 2 * u + 1] = (int32_t)(((uint32_t)q[3] << 16) | ((uint32_t)q[1] & 0xffffu));
+    }
+  }
+}
+
 /* Byte offset of W[r, c] in the packed layout. */
 static inline size_t kt_z_offset(int64_t units, int64_t r, int64_t c, kt_wtype t) {
   const int64_t per = kt_z_per_unit(t), size = t == KT_WTYPE_INT8 ? 1 : 2;
