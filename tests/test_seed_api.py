@@ -186,6 +186,17 @@ def nan_buffers(qlen):
     return bufs
 
 
+def float64_forward(base, lora, expert_ids, weights, input_data):
+    """The layer's output in float64 (spec section 3) on the current values of the tensors."""
+    return torch_moe_forward(
+        f64(input_data),
+        expert_ids,
+        f64(weights),
+        {n: f64(b) for n, b in base.items()},
+        {n: f64(p) for n, p in lora.items()},
+    )
+
+
 def autograd_reference(base, lora, expert_ids, weights, input_data, grad_output):
     """(out, grads) in float64 via torch autograd: grads of input, six LoRA, routing weights."""
     x = f64(input_data).requires_grad_(True)
@@ -197,25 +208,30 @@ def autograd_reference(base, lora, expert_ids, weights, input_data, grad_output)
     return out.detach(), grads
 
 
-# ---- seed 2.3: test_moe_sft_forward("bf16") ----------------------------------------------------
+# ---- seed 2.3: test_moe_sft_forward("bf16" / "int8") -------------------------------------------
+# Against the float64 math of the unquantized model; spec section 4's goals per mode.
+
+MODES = {  # quant: (layer class name, forward tolerance, backward tolerance)
+    "bf16": ("AMXBF16_SFT_MOE", FWD_TOL, BWD_TOL),
+    "int8": ("AMXInt8_SFT_MOE", 0.04, 0.06),
+}
 
 
+@pytest.mark.parametrize("quant", list(MODES))
 @pytest.mark.parametrize("qlen", [QLEN, 1, 33])
-def test_moe_sft_forward_bf16(qlen):
+def test_moe_sft_forward(quant, qlen):
+    cls_name, fwd_tol, _ = MODES[quant]
     base, lora = init_base(), init_lora()
-    layer = SeedLayer(base, lora)
+    layer = SeedLayer(base, lora, cls=getattr(kt_kernel_ext.moe, cls_name))
     expert_ids, weights, input_data, _ = make_batch(seed=2, qlen=qlen)
     output = layer.forward(expert_ids, weights, input_data)
     assert output.dtype == torch.float32 and output.shape == (qlen, HIDDEN)
-    ref = torch_moe_forward(
-        f64(input_data),
-        expert_ids,
-        f64(weights),
-        {n: f64(b) for n, b in base.items()},
-        {n: f64(p) for n, p in lora.items()},
-    )
+    ref = float64_forward(base, lora, expert_ids, weights, input_data)
     diff = rel_err(output, ref)
-    assert diff < FWD_TOL, f"forward relative difference {diff:.6f}"
+    assert diff < fwd_tol, f"forward relative difference {diff:.6f}"
+    if quant == "int8":
+        bf16 = SeedLayer(base, lora).forward(expert_ids, weights, input_data)
+        assert not torch.equal(output, bf16), "the int8 layer gave the bf16 layer's numbers"
 
 
 def test_forward_output_is_overwritten():
@@ -235,34 +251,30 @@ def test_padding_id_contributes_nothing():
     expert_ids, weights, input_data, _ = make_batch(seed=4)
     expert_ids[:, 1] = -1
     output = layer.forward(expert_ids, weights, input_data)
-    ref = torch_moe_forward(
-        f64(input_data),
-        expert_ids,
-        f64(weights),
-        {n: f64(b) for n, b in base.items()},
-        {n: f64(p) for n, p in lora.items()},
-    )
+    ref = float64_forward(base, lora, expert_ids, weights, input_data)
     assert rel_err(output, ref) < FWD_TOL
 
 
-# ---- seed 2.3: test_moe_sft_backward("bf16") ---------------------------------------------------
+# ---- seed 2.3: test_moe_sft_backward("bf16" / "int8") ------------------------------------------
 
 
+@pytest.mark.parametrize("quant", list(MODES))
 @pytest.mark.parametrize("qlen", [QLEN, 2, 40])
-def test_moe_sft_backward_bf16(qlen):
+def test_moe_sft_backward(quant, qlen):
+    cls_name, fwd_tol, bwd_tol = MODES[quant]
     base, lora = init_base(), init_lora()
-    layer = SeedLayer(base, lora)
+    layer = SeedLayer(base, lora, cls=getattr(kt_kernel_ext.moe, cls_name))
     # expert 7 gets no token: its LoRA grads must be written as exact zeros
     expert_ids, weights, input_data, grad_output = make_batch(seed=5, qlen=qlen, unused_expert=7)
     output = layer.forward(expert_ids, weights, input_data, save_for_backward=True)
     grads = layer.backward(grad_output, grads=nan_buffers(qlen))
     ref_out, ref = autograd_reference(base, lora, expert_ids, weights, input_data, grad_output)
-    assert rel_err(output, ref_out) < FWD_TOL
+    assert rel_err(output, ref_out) < fwd_tol
     assert grads["input"].dtype == torch.bfloat16 and grads["weights"].dtype == torch.float32
     for name in ("input", *LORA, "weights"):
         assert torch.isfinite(grads[name]).all(), f"{name} not fully written"
         diff = rel_err(grads[name], ref[name])
-        assert diff < BWD_TOL, f"{name} diff {diff:.6f}"
+        assert diff < bwd_tol, f"{name} diff {diff:.6f}"
     for name in LORA:
         assert (grads[name][7] == 0).all(), f"{name}: unrouted expert not zeroed"
 
@@ -319,14 +331,8 @@ def test_moe_sft_lora_weight_sync():
     expert_ids, weights, input_data, _ = make_batch(seed=9)
     ptrs = {n: p.data.data_ptr() for n, p in lora.items()}
 
-    def ref_forward():
-        return torch_moe_forward(
-            f64(input_data),
-            expert_ids,
-            f64(weights),
-            {n: f64(b) for n, b in base.items()},
-            {n: f64(p) for n, p in lora.items()},
-        )
+    def ref_forward():  # reads the LoRA tensors as they are now
+        return float64_forward(base, lora, expert_ids, weights, input_data)
 
     output_before = layer.forward(expert_ids, weights, input_data)
     assert rel_err(output_before, ref_forward()) < FWD_TOL
@@ -549,49 +555,6 @@ def test_config_attributes_of_the_seed():
         *LORA,
     ):
         assert hasattr(config, name), name
-
-
-# ---- seed 2.3: test_moe_sft_forward("int8") / test_moe_sft_backward("int8") ---------------------
-# Against the float64 math of the unquantized model; spec section 4's int8 goals.
-
-INT8_FWD_TOL, INT8_BWD_TOL = 0.04, 0.06
-
-
-@pytest.mark.parametrize("qlen", [QLEN, 1, 33])
-def test_moe_sft_forward_int8(qlen):
-    base, lora = init_base(), init_lora()
-    layer = SeedLayer(base, lora, cls=kt_kernel_ext.moe.AMXInt8_SFT_MOE)
-    expert_ids, weights, input_data, _ = make_batch(seed=2, qlen=qlen)
-    output = layer.forward(expert_ids, weights, input_data)
-    assert output.dtype == torch.float32 and output.shape == (qlen, HIDDEN)
-    ref = torch_moe_forward(
-        f64(input_data),
-        expert_ids,
-        f64(weights),
-        {n: f64(b) for n, b in base.items()},
-        {n: f64(p) for n, p in lora.items()},
-    )
-    diff = rel_err(output, ref)
-    assert diff < INT8_FWD_TOL, f"forward relative difference {diff:.6f}"
-    bf16 = SeedLayer(base, lora).forward(expert_ids, weights, input_data)
-    assert not torch.equal(output, bf16), "the int8 layer gave the bf16 layer's numbers"
-
-
-@pytest.mark.parametrize("qlen", [QLEN, 2, 40])
-def test_moe_sft_backward_int8(qlen):
-    base, lora = init_base(), init_lora()
-    layer = SeedLayer(base, lora, cls=kt_kernel_ext.moe.AMXInt8_SFT_MOE)
-    expert_ids, weights, input_data, grad_output = make_batch(seed=5, qlen=qlen, unused_expert=7)
-    output = layer.forward(expert_ids, weights, input_data, save_for_backward=True)
-    grads = layer.backward(grad_output, grads=nan_buffers(qlen))
-    ref_out, ref = autograd_reference(base, lora, expert_ids, weights, input_data, grad_output)
-    assert rel_err(output, ref_out) < INT8_FWD_TOL
-    for name in ("input", *LORA, "weights"):
-        assert torch.isfinite(grads[name]).all(), f"{name} not fully written"
-        diff = rel_err(grads[name], ref[name])
-        assert diff < INT8_BWD_TOL, f"{name} diff {diff:.6f}"
-    for name in LORA:
-        assert (grads[name][7] == 0).all(), f"{name}: unrouted expert not zeroed"
 
 
 def test_int8_seed_layer_matches_python_api_bit_for_bit():
