@@ -105,6 +105,16 @@ static kt_status alloc_packed(kt_moe *m, kt_error *err) {
                  "out of memory packing the base weights of %zu experts (%zu bytes)", E, total);
 }
 
+/* Experts [first, first + count) must be a non-empty part of [0, E). */
+static kt_status check_experts(const kt_moe *m, int32_t first, int32_t count, kt_error *err) {
+  const int32_t E = m->cfg.expert_num;
+  if (first < 0 || count < 1 || first > E - count)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                   "experts [%d, %d) are outside [0, expert_num = %d) or empty", (int)first,
+                   (int)first + (int)count, (int)E);
+  return KT_OK;
+}
+
 typedef struct pack_ctx {
   kt_moe *m;
   int32_t first;
@@ -142,12 +152,9 @@ static void pack_one(void *vctx, int64_t item, int32_t worker) {
 
 kt_status kt_moe_load_experts(kt_moe *m, int32_t first, int32_t count, const kt_expert_weights *w,
                               kt_error *err) {
-  const int32_t E = m->cfg.expert_num;
   if (!w) return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "weights must be set");
-  if (first < 0 || count < 1 || first > E - count)
-    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
-                   "experts [%d, %d) are outside [0, expert_num = %d) or empty", (int)first,
-                   (int)first + (int)count, (int)E);
+  kt_status s = check_experts(m, first, count, err);
+  if (s != KT_OK) return s;
   const void *src[3] = {w->gate_proj, w->up_proj, w->down_proj};
   for (int p = 0; p < 3; p++)
     if (!src[p])
@@ -175,7 +182,7 @@ kt_status kt_moe_load_experts(kt_moe *m, int32_t first, int32_t count, const kt_
       return kt_fail(err, KT_ERR_OUT_OF_MEMORY, "out of memory quantizing the base weights");
   }
   pthread_mutex_lock(&m->lock);
-  kt_status s = m->packed[0] ? KT_OK : alloc_packed(m, err);
+  s = m->packed[0] ? KT_OK : alloc_packed(m, err);
   if (s == KT_OK) {
     kt_pool_parallel(m->pool, 3 * (int64_t)count, pack_one, &ctx);
     for (int32_t e = first; e < first + count; e++) {
@@ -197,12 +204,9 @@ kt_status kt_moe_load_weights(kt_moe *m, const uint16_t *gate, const uint16_t *u
 
 kt_status kt_moe_read_experts(kt_moe *m, int32_t first, int32_t count, const kt_expert_buffers *out,
                               kt_error *err) {
-  const int32_t E = m->cfg.expert_num;
   if (!out) return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "output buffers must be set");
-  if (first < 0 || count < 1 || first > E - count)
-    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
-                   "experts [%d, %d) are outside [0, expert_num = %d) or empty", (int)first,
-                   (int)first + (int)count, (int)E);
+  const kt_status s = check_experts(m, first, count, err);
+  if (s != KT_OK) return s;
   void *dst[3] = {out->gate_proj, out->up_proj, out->down_proj};
   float *sc[3] = {out->gate_scale, out->up_scale, out->down_scale};
   for (int p = 0; p < 3; p++)
