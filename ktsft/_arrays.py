@@ -6,6 +6,8 @@ bf16 arrays are accepted as ``ml_dtypes.bfloat16``, as raw ``uint16`` bits, or a
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +82,28 @@ def empty(kind: str, shape: tuple, dtype: str, *, zero: bool = False) -> Any:
     if dtype == "bfloat16" and kind == "numpy-bits":
         np_dtype = np.uint16
     return (np.zeros if zero else np.empty)(shape, dtype=np_dtype)
+
+
+def zeros_mapped(kind: str, shape: tuple, dtype: str) -> Any:
+    """A new zero array on fresh anonymous pages of its own mapping.
+
+    The operating system hands such pages out zeroed, and only when first written: a gradient
+    buffer of which backward writes only the experts that got tokens costs no time and no memory
+    for the others (a zero-filled ``empty`` buffer would touch every page). The mapping is
+    released with the array.
+    """
+    np_dtype = {"bfloat16": BF16, "float32": np.float32}[dtype]
+    if dtype == "bfloat16" and kind == "numpy-bits":
+        np_dtype = np.uint16
+    nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+    if nbytes == 0:
+        return empty(kind, shape, dtype, zero=True)
+    pages = mmap.mmap(-1, nbytes)
+    if kind == "torch":
+        import torch
+
+        return torch.frombuffer(pages, dtype=getattr(torch, dtype)).view(shape)
+    return np.frombuffer(pages, dtype=np_dtype).reshape(shape)
 
 
 def as_int64_ids(a: Any, name: str, shape: tuple) -> tuple:

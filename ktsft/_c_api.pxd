@@ -107,6 +107,7 @@ cdef extern from "ktsft.h" nogil:
         kt_lora_grads grads
         float *grad_weights
         int accumulate
+        int grads_zeroed
         kt_lora lora
         const kt_saved *saved
 

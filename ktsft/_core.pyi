@@ -113,6 +113,7 @@ class Engine:
         grads: tuple[int, ...],
         grad_weights: int,
         accumulate: bool,
+        grads_zeroed: bool,
         lora: tuple[int, ...],
         saved: SavedState | None = None,
     ) -> None: ...

@@ -368,8 +368,10 @@ cdef class Engine:
 
     def backward(self, int64_t num_tokens, uintptr_t grad_output, bint grad_output_f32,
                  uintptr_t grad_input, tuple grads, uintptr_t grad_weights, bint accumulate,
-                 tuple lora, SavedState saved=None):
-        """Runs one backward on ``saved``, or on the newest state of the stack (popped)."""
+                 bint grads_zeroed, tuple lora, SavedState saved=None):
+        """Runs one backward on ``saved``, or on the newest state of the stack (popped).
+        ``grads_zeroed``: the six gradient buffers hold zeros (experts without tokens are left
+        untouched)."""
         if saved is not None and saved.ptr is NULL:
             raise ValueError("saved: this saved state was released")
         cdef kt_backward_args a
@@ -387,6 +389,7 @@ cdef class Engine:
         a.grads.down_b = <uint16_t *><uintptr_t>grads[5]
         a.grad_weights = <float *>grad_weights
         a.accumulate = accumulate
+        a.grads_zeroed = grads_zeroed
         a.lora = _lora(lora)
         a.saved = saved.ptr if saved is not None else NULL
         with nogil:

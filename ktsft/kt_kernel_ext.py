@@ -241,6 +241,7 @@ class AMXBF16_SFT_MOE:  # noqa: N801 - the predecessor's name
                 grads,
                 grad_weights_ptr,
                 False,
+                False,
                 self._lora,
             )
 

@@ -380,10 +380,17 @@ class MoESFT:
         unknown = set(lora_grads) - set(LORA_NAMES)
         if unknown:
             raise TypeError(f"unknown lora_grads keys {sorted(unknown)}; expected {LORA_NAMES}")
+        # Buffers made here start as zero pages: backward leaves the experts without tokens
+        # untouched instead of writing zeros over every page.
+        grads_zeroed = all(lora_grads.get(n) is None for n in LORA_NAMES)
         for n in LORA_NAMES:
             if lora_grads.get(n) is None:
                 kind = _arrays.view(self._lora[n], n).kind
-                lora_grads[n] = _arrays.empty(kind, self._shapes[n], "bfloat16", zero=accumulate)
+                lora_grads[n] = (
+                    _arrays.zeros_mapped(kind, self._shapes[n], "bfloat16")
+                    if grads_zeroed
+                    else _arrays.empty(kind, self._shapes[n], "bfloat16", zero=accumulate)
+                )
         grad_ptrs = tuple(
             _arrays.checked(lora_grads[n], f"lora_grads[{n!r}]", self._shapes[n], _BF16).ptr
             for n in LORA_NAMES
@@ -406,6 +413,7 @@ class MoESFT:
                 grad_ptrs,
                 gw_ptr,
                 bool(accumulate),
+                grads_zeroed,
                 self._lora_ptrs(),
                 saved,
             )

@@ -174,28 +174,24 @@ class MoELoRAFunction(torch.autograd.Function):
         go = go.contiguous()
         shapes = moe.config.shapes()
         grad_x = torch.empty((T, H), dtype=torch.bfloat16)
-        new = torch.empty if states else torch.zeros  # no tokens: zero gradients
-        lora_grads = {n: new(shapes[n], dtype=torch.bfloat16) for n in LORA_NAMES}
+        lora_grads = {}  # with no tokens: zero gradients (below)
         need_w = bool(need[3])
         grad_w = torch.empty((T, ctx.k), dtype=torch.float32) if need_w else None
         # Pieces of a split input: each piece's LoRA gradients are summed in float32 and
         # rounded to bf16 once at the end (not re-rounded after every piece).
         total = {n: torch.zeros(shapes[n]) for n in LORA_NAMES} if len(states) > 1 else None
         for s, e, saved in states:
-            g = moe.backward(
-                go[s:e],
-                grad_input=grad_x[s:e],
-                lora_grads=lora_grads,
-                need_grad_weights=need_w,
-                saved=saved,
-            )
+            g = moe.backward(go[s:e], grad_input=grad_x[s:e], need_grad_weights=need_w, saved=saved)
             if need_w:
                 grad_w[s:e] = g.weights
+            lora_grads = {n: getattr(g, n) for n in LORA_NAMES}
             if total is not None:
                 for n in LORA_NAMES:
                     total[n] += lora_grads[n]
         if total is not None:
             lora_grads = {n: t.to(torch.bfloat16) for n, t in total.items()}
+        if not states:
+            lora_grads = {n: torch.zeros(shapes[n], dtype=torch.bfloat16) for n in LORA_NAMES}
         del lora
         return (
             None,

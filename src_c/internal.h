@@ -30,13 +30,14 @@ static inline float kt_bf16_to_f32(uint16_t b) {
   return f;
 }
 
-/* Round to nearest even; NaN stays NaN (quiet), infinities stay infinite. */
+/* Round to nearest even; NaN stays NaN (quiet), infinities stay infinite. Branch-free, so that
+ * loops of it vectorize. */
 static inline uint16_t kt_f32_to_bf16(float f) {
   uint32_t u;
   memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x0040u;
+  return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 static inline float kt_round_bf16(float f) { return kt_bf16_to_f32(kt_f32_to_bf16(f)); }

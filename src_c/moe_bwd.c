@@ -292,7 +292,7 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   c.go = go_f32 ? c.go_converted : (const uint16_t *)args->grad_output;
 
   if (!args->accumulate) {
-    kt_pool_parallel(m->pool, cfg->expert_num, zero_unrouted, &c);
+    if (!args->grads_zeroed) kt_pool_parallel(m->pool, cfg->expert_num, zero_unrouted, &c);
     if (args->grad_weights) /* padded routes keep 0; routed ones are written in B3 */
       memset(args->grad_weights, 0, (size_t)(T * cfg->num_experts_per_tok) * sizeof(float));
   }

@@ -263,6 +263,65 @@ def test_experts_without_tokens_get_exact_zero_grads_over_nan(rng, pool):
     check_backward(g, p, go, x, ids, w, 8.0, strict=True)
 
 
+def test_grads_zeroed_leaves_experts_without_tokens_untouched(rng, pool):
+    """The engine's grads_zeroed flag (set for buffers the library maps itself, which start as
+    zero pages): the experts without tokens are not written at all, the others exactly as in
+    the default overwrite mode."""
+    E, k, H, I, r, T = 7, 2, 70, 65, 4, 9  # noqa: E741
+    p, x, ids, w, go = problem(rng, E, k, H, I, r, T, pad=0.0)
+    ids[:] = rng.choice([1, 4], size=ids.shape)  # experts 0, 2, 3, 5, 6 get nothing
+    moe = make_moe(p, k, lora_alpha=8.0, pool=pool)
+    lora = moe._lora_ptrs()
+    results = []
+    for zeroed in (False, True):
+        moe.forward(x, ids, w, save_for_backward=True)
+        gi, lg = _nan_buffers(p, T, H)
+        moe._engine.backward(
+            T,
+            go.ctypes.data,
+            False,
+            gi.ctypes.data,
+            tuple(lg[n].ctypes.data for n in LORA_NAMES),
+            0,
+            False,
+            zeroed,
+            lora,
+        )
+        results.append((gi, lg))
+    (gi0, lg0), (gi1, lg1) = results
+    assert np.array_equal(to_f64(gi0), to_f64(gi1))
+    for n in LORA_NAMES:
+        a, b = to_f64(lg0[n]), to_f64(lg1[n])
+        for e in (1, 4):
+            assert np.array_equal(a[e], b[e]), (n, e)
+        for e in (0, 2, 3, 5, 6):
+            assert np.all(a[e] == 0) and np.isnan(b[e]).all(), (n, e)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_library_buffers_are_zero_for_experts_without_tokens(rng, pool, kind):
+    """Without caller buffers the gradients land on fresh zero pages that backward writes only
+    for the experts with tokens: the others must still read as exact zeros, also after freed
+    NaN-filled arrays of the same size."""
+    E, k, H, I, r, T = 7, 2, 70, 65, 4, 9  # noqa: E741
+    p, x, ids, w, go = problem(rng, E, k, H, I, r, T, pad=0.0)
+    ids[:] = rng.choice([1, 4], size=ids.shape)
+    if kind == "torch":
+        pytest.importorskip("torch")
+        x, ids, w, go = (_tb(a) for a in (x, ids, w, go))
+    moe = make_moe(p, k, lora_alpha=8.0, pool=pool)
+    moe.forward(x, ids, w, save_for_backward=True)
+    for n in LORA_NAMES:
+        _dirty_heap(p[n].shape, "bfloat16", kind)
+    g = moe.backward(go)
+    for n in LORA_NAMES:
+        grad = to_f64(getattr(g, n))
+        assert not np.isnan(grad).any(), n
+        for e in (0, 2, 3, 5, 6):
+            assert np.all(grad[e] == 0), (n, e)
+    check_backward(g, p, to_f64(go), to_f64(x), np.asarray(ids), to_f64(w), 8.0, strict=True)
+
+
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_all_routes_padded(rng, pool, kind):
     E, k, H, I, r, T = 3, 2, 33, 70, 2, 5  # noqa: E741

@@ -105,6 +105,7 @@ def run(p, k, x, ids, w, go, alpha, pool, isa, quant):
         tuple(g[n].ctypes.data for n in LORA_NAMES),
         g["weights"].ctypes.data,
         False,
+        False,
         lora,
     )
     return out, g, eng.kernel_variant

@@ -166,6 +166,9 @@ typedef struct kt_backward_args {
   kt_lora_grads grads;
   float *grad_weights; /* [T, k], or NULL when not wanted */
   int accumulate;      /* 0: overwrite every element; 1: add into the buffers */
+  /* Overwrite mode only: the six LoRA gradient buffers are known to hold zeros (e.g. fresh
+   * zero-mapped pages), so the experts without tokens are left untouched instead of zeroed. */
+  int grads_zeroed;
   kt_lora lora;
   /* NULL: pop the newest state of the stack. Otherwise a handle from forward's saved_out, which
    * stays valid (backward may run on it again) until kt_saved_release. */

@@ -26,16 +26,22 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Z_PREFETCH_BLOCKS = 4,
-  Z_PREFETCH_UNITS = 64, /* x W^T: how far ahead each stream of units is fetched */
+  Z_PREFETCH_UNITS = 64,   /* x W^T: how far ahead each stream of units is fetched */
+  NN_FEW_M = 4,            /* x W of at most this many rows: lane accumulators, no transpose */
+  FEW_ACC = 16,            /* ... in a register tile of 16 accumulators */
+  FEW_CHUNK_BYTES = 16384, /* ... over chunks of this many bytes of W */
+  FEW_PREFETCH_BLOCKS = 2,
 };
 
 /* x W^T: A rows as fp32 (or int16 pairs), 12 rows x (cols rounded up to 64);
  * x W: the transposed block and a 6-row slice of A. */
 static size_t z_scratch_bytes(int64_t n, int64_t k) {
-  (void)n;
   const size_t nt = (size_t)KT_Z_NT_MR * (size_t)(kt_z_units(k, KT_WTYPE_BF16) * 2) * 4;
   const size_t nn = (size_t)(NN_CH * WT_LD + NN_MR * NN_CH) * 4;
-  return nt + nn + KT_CACHE_LINE;
+  /* x W of a few rows: the rows (k padded to 16) and 16 lanes per output */
+  const size_t few =
+      (size_t)NN_FEW_M * (size_t)(((k + 15) & ~(int64_t)15) + ((n + 15) & ~(int64_t)15) * 16) * 4;
+  return kt_max_size(nt + nn, few) + KT_CACHE_LINE;
 }
 
 /* ---- x W^T, bf16, fp32 FMA ------------------------------------------------------------------ */
@@ -333,46 +339,70 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
 #include "nn_drive.h"
 
 /* x W for at most NN_FEW_M rows (a few tokens per expert): no transpose. A unit's 16 lanes are
- * 16 rows c of W; they are multiplied by A[m, c] lane by lane and summed over the blocks, one
- * accumulator per (m, column), and each accumulator is summed across its lanes at the end. Per
- * unit that is 2 shifts (bf16; 11 operations for int8's 4 columns) and 2 (4) FMAs per row of A,
- * where a transpose costs about 10 operations. 2 rows x 8 columns of accumulators at a time. */
-enum { NN_FEW_M = 4, FEW_COLS = 8 };
+ * 16 rows c of W; they are multiplied lane by lane by A[m, c] and summed over the blocks in
+ * accumulators that are summed across their lanes only at the end:
+ *   bf16  one accumulator per column: per unit 2 shifts and 2 FMAs per row of A;
+ *   int8  one accumulator per unit (4 columns): each 16-byte quarter (4 rows x 4 columns) is
+ *         sign-extended and converted to fp32 and multiplied by A[m, c] spread to match, so a
+ *         unit costs 4 extensions, 4 conversions and 4 FMAs per row of A;
+ * where a transpose costs about 10 operations per unit. The register tile holds FEW_ACC
+ * accumulators (1 or 2 rows of A). The blocks are taken in chunks of FEW_CHUNK_BYTES of the
+ * item's columns: within a chunk the tile walks the columns in groups, so the chunk is read from
+ * DRAM once; the blocks FEW_PREFETCH_BLOCKS ahead are prefetched during the first group. The
+ * accumulators live in the scratch between chunks. */
+static inline int64_t few_slot_cols(kt_wtype t) { return t == KT_WTYPE_INT8 ? 4 : 1; }
 
-static inline __attribute__((always_inline)) void nn_few_tile(const int mr, kt_wtype t,
-                                                              const float *af, int64_t ldaf,
-                                                              const kt_packed *w, int64_t units,
-                                                              int64_t nblocks, int64_t u0, float *c,
-                                                              int64_t ldc, int64_t ncols) {
+static inline __attribute__((always_inline)) void nn_few_tile(
+    const int mr, const int slots, kt_wtype t, const float *af, int64_t ldaf, const kt_packed *w,
+    int64_t units, int64_t b0, int64_t b1, int64_t u0, float *acc_mem, int64_t ld_acc, int first,
+    int64_t prefetch_lines, int64_t nblocks) {
   const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-  const int per = t == KT_WTYPE_INT8 ? 4 : 2, nu = FEW_COLS / per;
-  __m512 acc[2][FEW_COLS];
+  __m512 acc[FEW_ACC];
   for (int m = 0; m < mr; m++)
-    for (int j = 0; j < FEW_COLS; j++) acc[m][j] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nblocks; b++) {
+    for (int j = 0; j < slots; j++)
+      acc[m * slots + j] =
+          first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_mem + (m * ld_acc + j) * 16);
+  for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
-    __m512 av[2];
-    for (int m = 0; m < mr; m++) av[m] = _mm512_loadu_ps(af + m * ldaf + 16 * b);
-    for (int i = 0; i < nu; i++) {
-      const __m512i v = _mm512_loadu_si512(p + i * KT_Z_UNIT);
-      __m512 col[4];
-      if (t == KT_WTYPE_INT8) {
-        col[0] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
-        col[1] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
-        col[2] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
-        col[3] = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
-      } else {
-        col[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        col[1] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+    if (b + FEW_PREFETCH_BLOCKS < nblocks)
+      for (int64_t l = 0; l < prefetch_lines; l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+    if (t == KT_WTYPE_INT8) {
+      /* lane 4i + q of quarter p is row 4p + i, column q of the unit */
+      __m512 aq[2][4];
+      for (int m = 0; m < mr; m++) {
+        const __m512 av = _mm512_loadu_ps(af + m * ldaf + 16 * b);
+        for (int q = 0; q < 4; q++)
+          aq[m][q] = _mm512_permutexvar_ps(
+              _mm512_set_epi32(4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 2, 4 * q + 2,
+                               4 * q + 2, 4 * q + 2, 4 * q + 1, 4 * q + 1, 4 * q + 1, 4 * q + 1,
+                               4 * q, 4 * q, 4 * q, 4 * q),
+              av);
       }
-      for (int m = 0; m < mr; m++)
-        for (int q = 0; q < per; q++)
-          acc[m][i * per + q] = _mm512_fmadd_ps(av[m], col[q], acc[m][i * per + q]);
+      for (int i = 0; i < slots; i++)
+        for (int q = 0; q < 4; q++) {
+          const __m128i bytes = _mm_loadu_si128((const __m128i *)(p + i * KT_Z_UNIT + 16 * q));
+          const __m512 wq = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+          for (int m = 0; m < mr; m++)
+            acc[m * slots + i] = _mm512_fmadd_ps(aq[m][q], wq, acc[m * slots + i]);
+        }
+    } else {
+      __m512 av[2];
+      for (int m = 0; m < mr; m++) av[m] = _mm512_loadu_ps(af + m * ldaf + 16 * b);
+      for (int i = 0; i < slots / 2; i++) {
+        const __m512i v = _mm512_loadu_si512(p + i * KT_Z_UNIT);
+        const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+        for (int m = 0; m < mr; m++) {
+          acc[m * slots + 2 * i] = _mm512_fmadd_ps(av[m], even, acc[m * slots + 2 * i]);
+          acc[m * slots + 2 * i + 1] = _mm512_fmadd_ps(av[m], odd, acc[m * slots + 2 * i + 1]);
+        }
+      }
     }
   }
   for (int m = 0; m < mr; m++)
-    for (int j = 0; j < FEW_COLS && j < ncols; j++)
-      c[m * ldc + j] = _mm512_reduce_add_ps(acc[m][j]);
+    for (int j = 0; j < slots; j++)
+      _mm512_storeu_ps(acc_mem + (m * ld_acc + j) * 16, acc[m * slots + j]);
 }
 
 static void z_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
@@ -381,28 +411,60 @@ static void z_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t 
     nn_gemm(a, w, n0, n, c, ldc, scratch);
     return;
   }
+  const kt_wtype t = w->wtype;
   const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
-  const int64_t units = kt_z_units(w->cols, w->wtype), per = kt_z_per_unit(w->wtype);
-  const float *scale = w->wtype == KT_WTYPE_INT8 ? w->scale : NULL;
-  float *af = scratch;
+  const int64_t units = kt_z_units(w->cols, t), per = kt_z_per_unit(t);
+  const float *scale = t == KT_WTYPE_INT8 ? w->scale : NULL;
+  const int64_t lines = (n + per - 1) / per, ld_acc = (n + 15) & ~(int64_t)15;
+  const int64_t slot_cols = few_slot_cols(t);
+  const int64_t chunk = kt_max_size(1, FEW_CHUNK_BYTES / (size_t)(lines * KT_Z_UNIT));
+  float *af = scratch, *acc = af + a->count * len;
   for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, scale);
-  for (int64_t j0 = 0; j0 < n; j0 += FEW_COLS)
+  for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
+    const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
     for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
-      const float *am = af + m0 * len;
-      float *cm = c + m0 * ldc + j0;
-      const int64_t u0 = (n0 + j0) / per;
-      if (w->wtype == KT_WTYPE_INT8) {
-        if (a->count - m0 > 1)
-          nn_few_tile(2, KT_WTYPE_INT8, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
-        else
-          nn_few_tile(1, KT_WTYPE_INT8, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
-      } else {
-        if (a->count - m0 > 1)
-          nn_few_tile(2, KT_WTYPE_BF16, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
-        else
-          nn_few_tile(1, KT_WTYPE_BF16, am, len, w, units, nblocks, u0, cm, ldc, n - j0);
+      const int two = a->count - m0 > 1;
+      const int64_t group = (two ? FEW_ACC / 2 : FEW_ACC) * slot_cols;
+      for (int64_t j0 = 0; j0 < n; j0 += group) {
+        const float *am = af + m0 * len;
+        float *accm = acc + (m0 * ld_acc + j0 / slot_cols) * 16;
+        const int64_t u0 = (n0 + j0) / per, pf = m0 == 0 && j0 == 0 ? lines : 0;
+#define FEW_CALL(MR, T)                                                                      \
+  nn_few_tile(MR, FEW_ACC / MR, T, am, len, w, units, b0, b1, u0, accm, ld_acc, b0 == 0, pf, \
+              nblocks)
+        if (t == KT_WTYPE_INT8) {
+          if (two)
+            FEW_CALL(2, KT_WTYPE_INT8);
+          else
+            FEW_CALL(1, KT_WTYPE_INT8);
+        } else {
+          if (two)
+            FEW_CALL(2, KT_WTYPE_BF16);
+          else
+            FEW_CALL(1, KT_WTYPE_BF16);
+        }
+#undef FEW_CALL
       }
     }
+  }
+  for (int64_t m = 0; m < a->count; m++) {
+    const float *am = acc + m * ld_acc * 16;
+    if (t == KT_WTYPE_BF16) {
+      for (int64_t j = 0; j < n; j++)
+        c[m * ldc + j] = _mm512_reduce_add_ps(_mm512_loadu_ps(am + j * 16));
+      continue;
+    }
+    for (int64_t u = 0; 4 * u < n; u++) { /* the 4 quarters of a unit's accumulator are 4 rows */
+      const __m512 v = _mm512_loadu_ps(am + u * 16);
+      const __m256 h =
+          _mm256_add_ps(_mm512_castps512_ps256(v),
+                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      float four[4];
+      _mm_storeu_ps(four, q);
+      for (int64_t j = 4 * u; j < n && j < 4 * u + 4; j++) c[m * ldc + j] = four[j - 4 * u];
+    }
+  }
 }
 
 /* ---- the variants ---------------------------------------------------------------------------- */
