@@ -5,6 +5,7 @@
 #ifndef KTSFT_INTERNAL_H
 #define KTSFT_INTERNAL_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -215,6 +216,18 @@ const kt_kernels *kt_kernels_avx2(uint32_t features);
  * A zero row gets scale 0 and q 0; a row holding NaN or Inf gets scale NaN (and q 0), so that the
  * non-finite value propagates to every product with the row. Returns the scale. */
 float kt_quantize_row_bf16(const uint16_t *src, int64_t n, int8_t *q);
+
+/* The int8 value of v on a row quantized with `scale` (> 0), as a float. */
+static inline float kt_quantize_value(float v, float scale) {
+  const float q = rintf(v / scale); /* the default rounding mode: half to even */
+  return q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+}
+
+/* What the int8 GEMM sees of v on such a row: its int8 value times the scale (0 for a zero row,
+ * NaN for a row with a non-finite value). */
+static inline float kt_dequantize_value(float v, float scale) {
+  return scale == 0.0f ? 0.0f : kt_quantize_value(v, scale) * scale;
+}
 
 /* ---- CPU ----------------------------------------------------------------------------------- */
 

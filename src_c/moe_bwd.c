@@ -3,7 +3,8 @@
  *
  *   B0  per token block       go as bf16 (only when the caller passes float32)
  *   B1  per expert            q = go B_d                                            [R_e, r]
- *   B2  per expert, I block   z = go W_d; h again from the saved g, u; grad_w parts <z, h>;
+ *   B2  per expert, I block   z = go W_d; h again from the saved g, u; grad_w parts <z, h>
+ *                             (int8: h as the down GEMM saw it);
  *                             dh = w (z + s q A_d); dg, du (bf16); dA_d, dB_g, dB_u blocks
  *   B3  per expert            b_g = dg B_g, b_u = du B_u; grad_w = sum of parts + s <q, a_d>
  *   B4  per H block           dx = sum over experts of dg W_g + du W_u + s (b_g A_g + b_u A_u);
@@ -79,9 +80,15 @@ static void b2_down_act(void *vc, int64_t item, int32_t worker) {
   m->kern->silu(g, silu_g, tile);
   m->kern->sigmoid(g, sg, tile);
   for (int64_t i = 0; i < tile; i++) h[i] = kt_round_bf16(silu_g[i] * u[i]);
+  /* grad_w = <go, y>: its base part is <z, h> with h as the down GEMM of the forward saw it
+   * (in int8 mode quantized with the saved scale of its route) */
   for (int64_t mm = 0; mm < M; mm++) {
+    const float hs = st->h_scale ? st->h_scale[off + mm] : 0.0f;
     float part = 0.0f;
-    for (int64_t j = 0; j < nb; j++) part += z[mm * nb + j] * h[mm * nb + j];
+    for (int64_t j = 0; j < nb; j++) {
+      const float hv = h[mm * nb + j];
+      part += z[mm * nb + j] * (st->h_scale ? kt_dequantize_value(hv, hs) : hv);
+    }
     c->gw_part[(off + mm) * c->n_iblk + ib] = part;
   }
   /* dh = w (z + s q A_d[:, block]), kept in z */

@@ -4,7 +4,7 @@
  *                             (int8: x quantized per token first, per token block)
  *   F1  per expert, I block   g, u = x W^T + s a B^T (bf16); h = silu(g) u (bf16)
  *   F2  per expert            a_d = h A_d^T                                    [R_e, r]
- *                             (int8: h quantized per route)
+ *                             (int8: h quantized per route; the scales are saved)
  *   F3  per H block           out[t] = sum over routes of w * (h W_d^T + s a_d B_d^T)
  *
  * In int8 mode the base-weight GEMMs take the per-row quantized x and h (spec section 5).
@@ -20,8 +20,8 @@ typedef struct fwd_ctx {
   const kt_saved *st;
   const kt_lora *lora;
   uint16_t *h;     /* [R, I] */
-  int8_t *xq, *hq; /* int8 mode: [T, H] and [R, I], one scale per row in xs, hs */
-  float *xs, *hs;
+  int8_t *xq, *hq; /* int8 mode: [T, H] and [R, I], one scale per row in xs, st->h_scale */
+  float *xs;
   void *out;
   kt_dtype out_dtype;
   int64_t max_routes; /* largest R_e */
@@ -110,7 +110,7 @@ static void f2_lora_down_a(void *vc, int64_t item, int32_t worker) {
                    worker_scratch(c, worker));
   if (c->hq)
     for (int64_t i = off; i < off + M; i++)
-      c->hs[i] = kt_quantize_row_bf16(c->h + i * I, I, c->hq + i * I);
+      c->st->h_scale[i] = kt_quantize_row_bf16(c->h + i * I, I, c->hq + i * I);
 }
 
 static void f3_down(void *vc, int64_t item, int32_t worker) {
@@ -130,7 +130,7 @@ static void f3_down(void *vc, int64_t item, int32_t worker) {
     const kt_rows h = {c->h + off * I, I, NULL, M};
     const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
     if (c->hq) {
-      const kt_rows_q8 hq = {c->hq + off * I, I, NULL, M, c->hs + off};
+      const kt_rows_q8 hq = {c->hq + off * I, I, NULL, M, st->h_scale + off};
       m->kern->gemm_nt_q8(&hq, &wd, h0, nb, yt, nb, gemm_scratch);
     } else {
       m->kern->gemm_nt(&h, &wd, h0, nb, yt, nb, gemm_scratch);
@@ -240,11 +240,11 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
     st->a_g = kt_arena_take(&sa, (size_t)(R * r) * 4);
     st->a_u = kt_arena_take(&sa, (size_t)(R * r) * 4);
     st->a_d = kt_arena_take(&sa, (size_t)(R * r) * 4);
+    st->h_scale = q8 ? kt_arena_take(&sa, (size_t)R * 4) : NULL;
     c.h = kt_arena_take(&ta, (size_t)(R * I) * 2);
     c.xq = q8 ? kt_arena_take(&ta, (size_t)(T * H)) : NULL;
     c.xs = q8 ? kt_arena_take(&ta, (size_t)T * 4) : NULL;
     c.hq = q8 ? kt_arena_take(&ta, (size_t)(R * I)) : NULL;
-    c.hs = q8 ? kt_arena_take(&ta, (size_t)R * 4) : NULL;
     c.scratch = kt_arena_take(&ta, c.scratch_each * (size_t)nthreads);
     st->x = save ? x : args->input;
     if (pass == 0) {

@@ -30,6 +30,7 @@ struct kt_saved {
   const uint16_t *x;      /* [T, H]: a private copy when saved, the caller's otherwise */
   uint16_t *g, *u;        /* [R, I] gate and up after the LoRA add, bf16 */
   float *a_g, *a_u, *a_d; /* [R, r] LoRA down-projections x A_g^T, x A_u^T, h A_d^T */
+  float *h_scale;         /* int8 mode: [R] the scale h was quantized with for the down GEMM */
   void *routing_block, *state_block;
 };
 

@@ -17,10 +17,6 @@ float kt_quantize_row_bf16(const uint16_t *src, int64_t n, int8_t *q) {
     return finite ? 0.0f : NAN;
   }
   const float scale = amax / 127.0f;
-  for (int64_t i = 0; i < n; i++) {
-    float v = rintf(kt_bf16_to_f32(src[i]) / scale); /* the default mode: half to even */
-    v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-    q[i] = (int8_t)v;
-  }
+  for (int64_t i = 0; i < n; i++) q[i] = (int8_t)kt_quantize_value(kt_bf16_to_f32(src[i]), scale);
   return scale;
 }

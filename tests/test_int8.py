@@ -26,7 +26,7 @@ from conftest import (
     make_tokens,
     rel_err,
 )
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import ktsft
@@ -235,6 +235,9 @@ SIZES = st.one_of(st.integers(1, 100), st.sampled_from([1, 15, 16, 17, 33, 63, 6
     pad=st.sampled_from([0.0, 0.2, 1.0]),
     seed=st.integers(0, 2**32 - 1),
 )
+# one token: grad_w is a single ill-conditioned <go, y>; it must use h as the int8 down GEMM saw
+# it (quantized), not the unquantized h (0.2 off the model)
+@example(E=2, k=1, H=65, I=62, r=3, T=1, pad=0.0, seed=4_294_967_292)
 def test_int8_matches_int8_model_property(pool, isa, E, k, H, I, r, T, pad, seed):  # noqa: E741
     """Random shapes (not tile multiples, empty experts, k = 1, T = 1, all padding) against the
     float64 int8 model: the forward to the bf16 goal (the model is faithful: it agrees to about
