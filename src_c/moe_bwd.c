@@ -9,6 +9,8 @@
  *   B3  per expert            b_g = dg B_g, b_u = du B_u; grad_w = sum of parts + s <q, a_d>
  *   B4  per H block           dx = sum over experts of dg W_g + du W_u + s (b_g A_g + b_u A_u);
  *                             dA_g, dA_u, dB_d blocks
+ *       (fewer H blocks than 2 threads each: per expert and H block, each route's part to a
+ *       buffer; B5, per token, sums them in the same order)
  *
  * Like the forward, each output element has one owner that sums in a fixed order. */
 #include <inttypes.h>
@@ -24,6 +26,7 @@ typedef struct bwd_ctx {
   uint16_t *go_converted; /* [T, H] when grad_output is float32 */
   float *q, *b_g, *b_u;   /* [R, r] */
   float *gw_part;         /* [R, n_iblk] */
+  float *y_route;         /* [R, H] when B4 splits by route (see b4_input_routes), else NULL */
   uint16_t *dg, *du;      /* [R, I] */
   int64_t max_routes, n_iblk, n_hblk, n_tblk;
   char *scratch;
@@ -142,58 +145,86 @@ static void b3_lora_b_and_weights(void *vc, int64_t item, int32_t worker) {
   }
 }
 
-static void b4_input(void *vc, int64_t item, int32_t worker) {
-  const bwd_ctx *c = vc;
+/* Expert e in the H columns h0 .. h0 + nb: y [M, nb] (row stride ldy) = dg W_g + s b_g A_g +
+ * (du W_u + s b_u A_u), each route's part of dx; and the blocks of dA_g, dA_u and dB_d. */
+static void b4_expert_block(const bwd_ctx *c, int32_t e, int64_t h0, int64_t nb, float *y,
+                            int64_t ldy, float *work) {
   const kt_moe *m = c->m;
   const kt_saved *st = c->st;
   const kt_routing *rt = &st->rt;
   const kt_backward_args *a = c->args;
   const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
-  const int64_t T = rt->num_tokens, Mx = c->max_routes;
+  const int64_t Mx = c->max_routes;
   const float s = m->scale;
-  const int64_t h0 = item * KT_BLOCK_N, nb = kt_block_len(H, h0);
-  float *acc = worker_scratch(c, worker), *yt = acc + T * nb, *xt = yt + Mx * nb;
-  float *small = xt + Mx * nb;
+  const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+  float *yu = work, *xt = yu + Mx * nb, *small = xt + Mx * nb;
   void *gemm_scratch = small + KT_BLOCK_N * r;
+  const kt_rows dg = {c->dg + off * I, I, NULL, M}, du = {c->du + off * I, I, NULL, M};
+  const kt_packed wg = kt_moe_weight(m, KT_GATE, e), wu = kt_moe_weight(m, KT_UP, e);
+  const float *bg = c->b_g + off * r, *bu = c->b_u + off * r;
+  const uint16_t *ag = a->lora.gate_a + e * r * H, *au = a->lora.up_a + e * r * H;
+  m->kern->gemm_nn(&dg, &wg, h0, nb, y, ldy, gemm_scratch);
+  m->kern->lora_add_nn(M, nb, r, bg, ag, H, h0, s, y, ldy);
+  m->kern->gemm_nn(&du, &wu, h0, nb, yu, nb, gemm_scratch);
+  m->kern->lora_add_nn(M, nb, r, bu, au, H, h0, s, yu, nb);
+  for (int64_t mm = 0; mm < M; mm++)
+    for (int64_t j = 0; j < nb; j++) y[mm * ldy + j] += yu[mm * nb + j];
+  /* dA_g[e][:, block] = s b_g^T x, dA_u likewise */
+  const kt_rows x = {st->x, H, rt->token + off, M};
+  kt_rows_to_f32(&x, h0, nb, xt, nb);
+  m->kern->outer_rn(M, r, nb, bg, NULL, xt, nb, s, small);
+  for (int64_t qq = 0; qq < r; qq++)
+    kt_store_bf16(a->grads.gate_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
+  m->kern->outer_rn(M, r, nb, bu, NULL, xt, nb, s, small);
+  for (int64_t qq = 0; qq < r; qq++)
+    kt_store_bf16(a->grads.up_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
+  /* dB_d[e][block, :] = s (w go)^T a_d */
+  const kt_rows go = {c->go, H, rt->token + off, M};
+  kt_rows_to_f32(&go, h0, nb, xt, nb);
+  for (int64_t mm = 0; mm < M; mm++)
+    for (int64_t j = 0; j < nb; j++) xt[mm * nb + j] *= rt->weight[off + mm];
+  m->kern->outer_nr(M, nb, r, xt, nb, st->a_d + off * r, s, small);
+  kt_store_bf16(a->grads.down_b + (e * H + h0) * r, small, nb * r, a->accumulate);
+}
+
+/* One item per H block (enough blocks for the threads): sums every expert's part in place. */
+static void b4_input(void *vc, int64_t item, int32_t worker) {
+  const bwd_ctx *c = vc;
+  const kt_routing *rt = &c->st->rt;
+  const int64_t H = c->m->cfg.hidden_size, T = rt->num_tokens;
+  const int64_t h0 = item * KT_BLOCK_N, nb = kt_block_len(H, h0);
+  float *acc = worker_scratch(c, worker), *yt = acc + T * nb, *work = yt + c->max_routes * nb;
   for (int64_t i = 0; i < T * nb; i++) acc[i] = 0.0f;
   for (int32_t ai = 0; ai < rt->n_active; ai++) {
     const int32_t e = rt->active[ai];
     const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
-    const kt_rows dg = {c->dg + off * I, I, NULL, M}, du = {c->du + off * I, I, NULL, M};
-    const kt_packed wg = kt_moe_weight(m, KT_GATE, e), wu = kt_moe_weight(m, KT_UP, e);
-    const float *bg = c->b_g + off * r, *bu = c->b_u + off * r;
-    const uint16_t *ag = a->lora.gate_a + e * r * H, *au = a->lora.up_a + e * r * H;
-    m->kern->gemm_nn(&dg, &wg, h0, nb, yt, nb, gemm_scratch);
-    m->kern->lora_add_nn(M, nb, r, bg, ag, H, h0, s, yt, nb);
+    b4_expert_block(c, e, h0, nb, yt, nb, work);
     for (int64_t mm = 0; mm < M; mm++) {
       float *dst = acc + (int64_t)rt->token[off + mm] * nb;
       for (int64_t j = 0; j < nb; j++) dst[j] += yt[mm * nb + j];
     }
-    m->kern->gemm_nn(&du, &wu, h0, nb, yt, nb, gemm_scratch);
-    m->kern->lora_add_nn(M, nb, r, bu, au, H, h0, s, yt, nb);
-    for (int64_t mm = 0; mm < M; mm++) {
-      float *dst = acc + (int64_t)rt->token[off + mm] * nb;
-      for (int64_t j = 0; j < nb; j++) dst[j] += yt[mm * nb + j];
-    }
-    /* dA_g[e][:, block] = s b_g^T x, dA_u likewise */
-    const kt_rows x = {st->x, H, rt->token + off, M};
-    kt_rows_to_f32(&x, h0, nb, xt, nb);
-    m->kern->outer_rn(M, r, nb, bg, NULL, xt, nb, s, small);
-    for (int64_t qq = 0; qq < r; qq++)
-      kt_store_bf16(a->grads.gate_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
-    m->kern->outer_rn(M, r, nb, bu, NULL, xt, nb, s, small);
-    for (int64_t qq = 0; qq < r; qq++)
-      kt_store_bf16(a->grads.up_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
-    /* dB_d[e][block, :] = s (w go)^T a_d */
-    const kt_rows go = {c->go, H, rt->token + off, M};
-    kt_rows_to_f32(&go, h0, nb, xt, nb);
-    for (int64_t mm = 0; mm < M; mm++)
-      for (int64_t j = 0; j < nb; j++) xt[mm * nb + j] *= rt->weight[off + mm];
-    m->kern->outer_nr(M, nb, r, xt, nb, st->a_d + off * r, s, small);
-    kt_store_bf16(a->grads.down_b + (e * H + h0) * r, small, nb * r, a->accumulate);
   }
   for (int64_t t = 0; t < T; t++)
-    kt_store_bf16(a->grad_input + t * H + h0, acc + t * nb, nb, a->accumulate);
+    kt_store_bf16(c->args->grad_input + t * H + h0, acc + t * nb, nb, c->args->accumulate);
+}
+
+/* Too few H blocks for the threads: one item per (expert, H block) writes each route's part to
+ * y_route [R, H]; b5_sum_routes then adds a token's parts in the order b4_input does. */
+static void b4_input_routes(void *vc, int64_t item, int32_t worker) {
+  const bwd_ctx *c = vc;
+  const kt_routing *rt = &c->st->rt;
+  const int64_t H = c->m->cfg.hidden_size;
+  const int32_t e = rt->active[item / c->n_hblk];
+  const int64_t h0 = (item % c->n_hblk) * KT_BLOCK_N, nb = kt_block_len(H, h0);
+  b4_expert_block(c, e, h0, nb, c->y_route + rt->offset[e] * H + h0, H, worker_scratch(c, worker));
+}
+
+static void b5_sum_routes(void *vc, int64_t t, int32_t worker) {
+  const bwd_ctx *c = vc;
+  const int64_t H = c->m->cfg.hidden_size;
+  float *acc = worker_scratch(c, worker);
+  kt_sum_token_routes(&c->st->rt, t, c->y_route, H, acc);
+  kt_store_bf16(c->args->grad_input + t * H, acc, H, c->args->accumulate);
 }
 
 /* Overwrite mode: an expert without routes gets zero gradients (one item per expert). */
@@ -269,10 +300,12 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   size_t each = m->kern->gemm_scratch_bytes(r, K); /* B1, B3 */
   each = kt_max_size(each, (size_t)(6 * Mx * NB + NB * r) * sizeof(float) +
                                m->kern->gemm_scratch_bytes(NB, H)); /* B2 */
-  each = kt_max_size(each, (size_t)((T + 2 * Mx) * NB + NB * r) * sizeof(float) +
+  each = kt_max_size(each, (size_t)((T + 3 * Mx) * NB + NB * r) * sizeof(float) +
                                m->kern->gemm_scratch_bytes(NB, I)); /* B4 */
+  each = kt_max_size(each, (size_t)H * sizeof(float));              /* B5 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);
+  const int split_routes = c.n_hblk < 2 * (int64_t)nthreads;
   const int go_f32 = args->grad_output_dtype == KT_DTYPE_F32;
 
   kt_arena wa = {NULL, 0};
@@ -285,6 +318,7 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
     c.dg = kt_arena_take(&wa, (size_t)(R * I) * 2);
     c.du = kt_arena_take(&wa, (size_t)(R * I) * 2);
     c.scratch = kt_arena_take(&wa, c.scratch_each * (size_t)nthreads);
+    c.y_route = split_routes ? kt_arena_take(&wa, (size_t)(R * H) * sizeof(float)) : NULL;
     if (pass == 0) {
       wa.base = kt_alloc(wa.used);
       if (!wa.base) {
@@ -308,7 +342,12 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   kt_pool_parallel(m->pool, n_active, b1_q, &c);
   kt_pool_parallel(m->pool, n_active * c.n_iblk, b2_down_act, &c);
   kt_pool_parallel(m->pool, n_active, b3_lora_b_and_weights, &c);
-  kt_pool_parallel(m->pool, c.n_hblk, b4_input, &c);
+  if (split_routes) {
+    kt_pool_parallel(m->pool, n_active * c.n_hblk, b4_input_routes, &c);
+    kt_pool_parallel(m->pool, T, b5_sum_routes, &c);
+  } else {
+    kt_pool_parallel(m->pool, c.n_hblk, b4_input, &c);
+  }
 
   kt_free(wa.base);
   if (!args->saved) kt_saved_release(m->stack[--m->depth]);

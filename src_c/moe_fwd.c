@@ -6,6 +6,8 @@
  *   F2  per expert            a_d = h A_d^T                                    [R_e, r]
  *                             (int8: h quantized per route; the scales are saved)
  *   F3  per H block           out[t] = sum over routes of w * (h W_d^T + s a_d B_d^T)
+ *       (fewer H blocks than 2 threads each: per expert and H block, each route's part to a
+ *       buffer; F4, per token, sums them in the same order)
  *
  * In int8 mode the base-weight GEMMs take the per-row quantized x and h (spec section 5).
  * Every output element is written by exactly one work item, which sums in a fixed order (F3
@@ -25,6 +27,7 @@ typedef struct fwd_ctx {
   void *out;
   kt_dtype out_dtype;
   int64_t max_routes; /* largest R_e */
+  float *y_route;     /* [R, H] when F3 splits by route (see f3_down_routes), else NULL */
   int64_t n_iblk, n_hblk, n_tblk;
   char *scratch;
   size_t scratch_each;
@@ -113,13 +116,45 @@ static void f2_lora_down_a(void *vc, int64_t item, int32_t worker) {
       c->st->h_scale[i] = kt_quantize_row_bf16(c->h + i * I, I, c->hq + i * I);
 }
 
-static void f3_down(void *vc, int64_t item, int32_t worker) {
-  const fwd_ctx *c = vc;
+/* The weighted output w (h W_d^T + s a_d B_d^T) of expert e's routes in the H columns h0 ..
+ * h0 + nb: y [M, nb] with row stride ldy. */
+static void f3_expert_block(const fwd_ctx *c, int32_t e, int64_t h0, int64_t nb, float *y,
+                            int64_t ldy, void *gemm_scratch) {
   const kt_moe *m = c->m;
   const kt_saved *st = c->st;
   const kt_routing *rt = &st->rt;
   const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
-  const int64_t T = rt->num_tokens;
+  const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+  const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
+  if (c->hq) {
+    const kt_rows_q8 hq = {c->hq + off * I, I, NULL, M, st->h_scale + off};
+    m->kern->gemm_nt_q8(&hq, &wd, h0, nb, y, ldy, gemm_scratch);
+  } else {
+    const kt_rows h = {c->h + off * I, I, NULL, M};
+    m->kern->gemm_nt(&h, &wd, h0, nb, y, ldy, gemm_scratch);
+  }
+  m->kern->lora_add_nt(M, nb, r, st->a_d + off * r, c->lora->down_b + e * H * r, h0, m->scale, y,
+                       ldy);
+  for (int64_t mm = 0; mm < M; mm++)
+    for (int64_t j = 0; j < nb; j++) y[mm * ldy + j] *= rt->weight[off + mm];
+}
+
+/* out[t, h0 .. h0 + nb) for every token (row of acc) as fp32 or bf16. */
+static void f3_store(const fwd_ctx *c, int64_t t, int64_t h0, int64_t nb, const float *acc) {
+  const int64_t H = c->m->cfg.hidden_size;
+  if (c->out_dtype == KT_DTYPE_F32) {
+    float *o = (float *)c->out + t * H + h0;
+    for (int64_t j = 0; j < nb; j++) o[j] = acc[j];
+  } else {
+    kt_store_bf16((uint16_t *)c->out + t * H + h0, acc, nb, 0);
+  }
+}
+
+/* One item per H block (enough blocks for the threads): sums every expert's part in place. */
+static void f3_down(void *vc, int64_t item, int32_t worker) {
+  const fwd_ctx *c = vc;
+  const kt_routing *rt = &c->st->rt;
+  const int64_t H = c->m->cfg.hidden_size, T = rt->num_tokens;
   const int64_t h0 = item * KT_BLOCK_N, nb = kt_block_len(H, h0);
   float *acc = worker_scratch(c, worker), *yt = acc + T * nb;
   void *gemm_scratch = yt + c->max_routes * nb;
@@ -127,30 +162,33 @@ static void f3_down(void *vc, int64_t item, int32_t worker) {
   for (int32_t a = 0; a < rt->n_active; a++) {
     const int32_t e = rt->active[a];
     const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
-    const kt_rows h = {c->h + off * I, I, NULL, M};
-    const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
-    if (c->hq) {
-      const kt_rows_q8 hq = {c->hq + off * I, I, NULL, M, st->h_scale + off};
-      m->kern->gemm_nt_q8(&hq, &wd, h0, nb, yt, nb, gemm_scratch);
-    } else {
-      m->kern->gemm_nt(&h, &wd, h0, nb, yt, nb, gemm_scratch);
-    }
-    m->kern->lora_add_nt(M, nb, r, st->a_d + off * r, c->lora->down_b + e * H * r, h0, m->scale, yt,
-                         nb);
+    f3_expert_block(c, e, h0, nb, yt, nb, gemm_scratch);
     for (int64_t mm = 0; mm < M; mm++) {
-      const float w = rt->weight[off + mm];
       float *dst = acc + (int64_t)rt->token[off + mm] * nb;
-      for (int64_t j = 0; j < nb; j++) dst[j] += w * yt[mm * nb + j];
+      for (int64_t j = 0; j < nb; j++) dst[j] += yt[mm * nb + j];
     }
   }
-  for (int64_t t = 0; t < T; t++) {
-    if (c->out_dtype == KT_DTYPE_F32) {
-      float *o = (float *)c->out + t * H + h0;
-      for (int64_t j = 0; j < nb; j++) o[j] = acc[t * nb + j];
-    } else {
-      kt_store_bf16((uint16_t *)c->out + t * H + h0, acc + t * nb, nb, 0);
-    }
-  }
+  for (int64_t t = 0; t < T; t++) f3_store(c, t, h0, nb, acc + t * nb);
+}
+
+/* Too few H blocks for the threads: one item per (expert, H block) writes each route's part to
+ * y_route [R, H]; f4_sum_routes then adds a token's parts in the order f3_down does. */
+static void f3_down_routes(void *vc, int64_t item, int32_t worker) {
+  const fwd_ctx *c = vc;
+  const kt_routing *rt = &c->st->rt;
+  const int64_t H = c->m->cfg.hidden_size;
+  const int32_t e = rt->active[item / c->n_hblk];
+  const int64_t h0 = (item % c->n_hblk) * KT_BLOCK_N, nb = kt_block_len(H, h0);
+  f3_expert_block(c, e, h0, nb, c->y_route + rt->offset[e] * H + h0, H, worker_scratch(c, worker));
+}
+
+static void f4_sum_routes(void *vc, int64_t t, int32_t worker) {
+  const fwd_ctx *c = vc;
+  const kt_routing *rt = &c->st->rt;
+  const int64_t H = c->m->cfg.hidden_size;
+  float *acc = worker_scratch(c, worker);
+  kt_sum_token_routes(rt, t, c->y_route, H, acc);
+  f3_store(c, t, 0, H, acc);
 }
 
 kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) {
@@ -228,8 +266,10 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
                                m->kern->gemm_scratch_bytes(KT_BLOCK_N, H)); /* F1 */
   each = kt_max_size(each, (size_t)((T + Mx) * KT_BLOCK_N) * sizeof(float) +
                                m->kern->gemm_scratch_bytes(KT_BLOCK_N, I)); /* F3 */
+  each = kt_max_size(each, (size_t)H * sizeof(float));                      /* F4 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);
+  const int split_routes = c.n_hblk < 2 * (int64_t)nthreads;
 
   /* The state block: (x copy when saving), g, u, a_g, a_u, a_d; then a temporary: h, scratch. */
   kt_arena sa = {NULL, 0}, ta = {NULL, 0};
@@ -246,6 +286,7 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
     c.xs = q8 ? kt_arena_take(&ta, (size_t)T * 4) : NULL;
     c.hq = q8 ? kt_arena_take(&ta, (size_t)(R * I)) : NULL;
     c.scratch = kt_arena_take(&ta, c.scratch_each * (size_t)nthreads);
+    c.y_route = split_routes ? kt_arena_take(&ta, (size_t)(R * H) * sizeof(float)) : NULL;
     st->x = save ? x : args->input;
     if (pass == 0) {
       st->state_block = sa.base = kt_alloc(sa.used);
@@ -268,7 +309,12 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   kt_pool_parallel(m->pool, n_active, f0_lora_a, &c);
   kt_pool_parallel(m->pool, n_active * c.n_iblk, f1_gate_up, &c);
   kt_pool_parallel(m->pool, n_active, f2_lora_down_a, &c);
-  kt_pool_parallel(m->pool, c.n_hblk, f3_down, &c);
+  if (split_routes) {
+    kt_pool_parallel(m->pool, n_active * c.n_hblk, f3_down_routes, &c);
+    kt_pool_parallel(m->pool, T, f4_sum_routes, &c);
+  } else {
+    kt_pool_parallel(m->pool, c.n_hblk, f3_down, &c);
+  }
 
   kt_free(ta.base);
   if (to_stack)

@@ -16,6 +16,8 @@ typedef struct kt_routing {
   int32_t *token;     /* [R] t */
   int32_t *slot;      /* [R] t * k + j */
   float *weight;      /* [R] routing weight */
+  int32_t k;
+  int32_t *token_routes; /* [T, k]: the routes of each token in ascending order, then -1 */
 } kt_routing;
 
 size_t kt_routing_bytes(int64_t num_tokens, int32_t k, int32_t expert_num);
@@ -66,6 +68,11 @@ static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
 }
 
 kt_status kt_lora_check(const kt_lora *l, kt_error *err);
+
+/* acc[0 .. H) = the sum of the rows y_route[route] of token t's routes, in ascending order (the
+ * order in which the per-H-block phases add them): 0 for a token without routes. */
+void kt_sum_token_routes(const kt_routing *rt, int64_t t, const float *y_route, int64_t H,
+                         float *acc);
 
 /* dst[i] = bf16(v[i]) or bf16(dst[i] + v[i]) */
 void kt_store_bf16(uint16_t *dst, const float *v, int64_t n, int accumulate);

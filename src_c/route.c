@@ -7,7 +7,7 @@ size_t kt_routing_bytes(int64_t num_tokens, int32_t k, int32_t expert_num) {
   const size_t routes = (size_t)num_tokens * (size_t)k;
   return kt_align_up((size_t)expert_num * sizeof(int32_t)) +
          kt_align_up(((size_t)expert_num + 1) * sizeof(int64_t)) +
-         2 * kt_align_up(routes * sizeof(int32_t)) + kt_align_up(routes * sizeof(float));
+         3 * kt_align_up(routes * sizeof(int32_t)) + kt_align_up(routes * sizeof(float));
 }
 
 kt_status kt_routing_build(kt_routing *rt, void *mem, const int64_t *ids, const float *weights,
@@ -26,7 +26,9 @@ kt_status kt_routing_build(kt_routing *rt, void *mem, const int64_t *ids, const 
   rt->token = kt_arena_take(&a, (size_t)n * sizeof(int32_t));
   rt->slot = kt_arena_take(&a, (size_t)n * sizeof(int32_t));
   rt->weight = kt_arena_take(&a, (size_t)n * sizeof(float));
+  rt->token_routes = kt_arena_take(&a, (size_t)n * sizeof(int32_t));
   rt->num_tokens = num_tokens;
+  rt->k = k;
 
   int64_t *off = rt->offset;
   for (int32_t e = 0; e <= expert_num; e++) off[e] = 0;
@@ -48,5 +50,23 @@ kt_status kt_routing_build(kt_routing *rt, void *mem, const int64_t *ids, const 
   }
   for (int32_t e = expert_num; e > 0; e--) off[e] = off[e - 1];
   off[0] = 0;
+  /* Routes in ascending order are experts in ascending order: each token's list is sorted. */
+  for (int64_t i = 0; i < n; i++) rt->token_routes[i] = -1;
+  for (int64_t pos = 0; pos < rt->num_routes; pos++) {
+    int32_t *list = rt->token_routes + (int64_t)rt->token[pos] * k;
+    int32_t j = 0;
+    while (list[j] >= 0) j++;
+    list[j] = (int32_t)pos;
+  }
   return KT_OK;
+}
+
+void kt_sum_token_routes(const kt_routing *rt, int64_t t, const float *y_route, int64_t H,
+                         float *acc) {
+  for (int64_t j = 0; j < H; j++) acc[j] = 0.0f;
+  const int32_t *list = rt->token_routes + t * rt->k;
+  for (int32_t i = 0; i < rt->k && list[i] >= 0; i++) {
+    const float *y = y_route + (int64_t)list[i] * H;
+    for (int64_t j = 0; j < H; j++) acc[j] += y[j];
+  }
 }
