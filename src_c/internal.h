@@ -54,6 +54,9 @@ void kt_free(void *p);
 /* Like kt_alloc, for large long-lived blocks (the packed weights): 2 MB aligned and, on Linux,
  * backed by transparent huge pages where the system allows. Freed by kt_free. */
 void *kt_alloc_huge(size_t bytes);
+/* Maps the not yet touched pages of a range of fresh anonymous memory in one system call (Linux),
+ * where writing to them one by one would fault page by page. Only a hint. */
+void kt_prefault(void *p, size_t bytes);
 
 /* Carves one allocation into aligned pieces: first pass sums sizes, second hands out pointers. */
 typedef struct kt_arena {

@@ -227,6 +227,22 @@ static void b5_sum_routes(void *vc, int64_t t, int32_t worker) {
   kt_store_bf16(c->args->grad_input + t * H, acc, H, c->args->accumulate);
 }
 
+/* Gradient buffers on fresh zero pages: map the pages of the experts with routes in bulk. */
+static void prefault_routed(void *vc, int64_t item, int32_t worker) {
+  (void)worker;
+  const bwd_ctx *c = vc;
+  const int64_t e = c->st->rt.active[item];
+  const kt_lora_grads *g = &c->args->grads;
+  const size_t H = (size_t)c->m->cfg.hidden_size, I = (size_t)c->m->cfg.intermediate_size;
+  const size_t r = (size_t)c->m->cfg.lora_rank;
+  kt_prefault(g->gate_a + e * r * H, r * H * 2);
+  kt_prefault(g->up_a + e * r * H, r * H * 2);
+  kt_prefault(g->gate_b + e * I * r, I * r * 2);
+  kt_prefault(g->up_b + e * I * r, I * r * 2);
+  kt_prefault(g->down_a + e * r * I, r * I * 2);
+  kt_prefault(g->down_b + e * H * r, H * r * 2);
+}
+
 /* Overwrite mode: an expert without routes gets zero gradients (one item per expert). */
 static void zero_unrouted(void *vc, int64_t e, int32_t worker) {
   (void)worker;
@@ -333,7 +349,10 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   c.go = go_f32 ? c.go_converted : (const uint16_t *)args->grad_output;
 
   if (!args->accumulate) {
-    if (!args->grads_zeroed) kt_pool_parallel(m->pool, cfg->expert_num, zero_unrouted, &c);
+    if (args->grads_zeroed)
+      kt_pool_parallel(m->pool, rt->n_active, prefault_routed, &c);
+    else
+      kt_pool_parallel(m->pool, cfg->expert_num, zero_unrouted, &c);
     if (args->grad_weights) /* padded routes keep 0; routed ones are written in B3 */
       memset(args->grad_weights, 0, (size_t)(T * cfg->num_experts_per_tok) * sizeof(float));
   }
