@@ -467,6 +467,83 @@ static void z_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t 
   }
 }
 
+/* ---- the LoRA products of a few rows --------------------------------------------------------- */
+
+/* 16 bf16 at src (the first n of them; zeros after) as fp32. */
+static inline __m512 load_bf16x16(const uint16_t *src, int64_t n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(kt_z_mask(n), src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* C[m, q] = sum_c A[m, c] B[q, c] (B: [n, k] row-major bf16). At most NN_FEW_M rows of A: one
+ * dot product per output along the rows of B, 4 rows of B at a time, with no rearranging of B
+ * (the tile of nn_drive.h would transpose all of it for a single row of A). */
+static void z_lora_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c,
+                      int64_t ldc, void *scratch) {
+  if (a->count > NN_FEW_M) {
+    lora_nt(a, b, n, k, c, ldc, scratch);
+    return;
+  }
+  const int64_t M = a->count, len = (k + 15) & ~(int64_t)15;
+  float *af = scratch;
+  for (int64_t m = 0; m < M; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, NULL);
+  for (int64_t q0 = 0; q0 < n; q0 += 4) {
+    const int nq = (int)(n - q0 < 4 ? n - q0 : 4);
+    __m512 acc[NN_FEW_M][4];
+    for (int64_t m = 0; m < M; m++)
+      for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < k; c0 += 16) {
+      for (int q = 0; q < nq; q++) {
+        const __m512 bv = load_bf16x16(b + (q0 + q) * k + c0, k - c0);
+        for (int64_t m = 0; m < M; m++)
+          acc[m][q] = _mm512_fmadd_ps(_mm512_loadu_ps(af + m * len + c0), bv, acc[m][q]);
+      }
+    }
+    for (int64_t m = 0; m < M; m++)
+      for (int q = 0; q < nq; q++) c[m * ldc + q0 + q] = _mm512_reduce_add_ps(acc[m][q]);
+  }
+}
+
+/* In-register transpose of 16 x 16 floats. */
+static inline void transpose16_ps(__m512 v[16]) {
+  __m512i r[16];
+  for (int i = 0; i < 16; i++) r[i] = _mm512_castps_si512(v[i]);
+  transpose16(r);
+  for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(r[i]);
+}
+
+/* C[m, j] += s * sum_q a[m, q] * B[n0 + j, q] (a: [M, r] fp32, B: [*, r] bf16): 16 rows of B
+ * (16 values of j) are transposed in registers so that the sum over q is a chain of FMAs with
+ * a[m, q] broadcast, in ascending q like nn_drive.h's tile, for every row of a. */
+static void z_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
+                          int64_t n0, float s, float *c, int64_t ldc) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nj = n - j0 < 16 ? n - j0 : 16;
+    for (int64_t m0 = 0; m0 < M; m0 += NN_FEW_M) {
+      const int64_t mr = M - m0 < NN_FEW_M ? M - m0 : NN_FEW_M;
+      __m512 acc[NN_FEW_M];
+      for (int64_t m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
+      for (int64_t q0 = 0; q0 < r; q0 += 16) {
+        __m512 bt[16]; /* bt[q] lane j = B[n0 + j0 + j, q0 + q] */
+        for (int j = 0; j < 16; j++)
+          bt[j] = j < nj ? load_bf16x16(b + (n0 + j0 + j) * r + q0, r - q0) : _mm512_setzero_ps();
+        transpose16_ps(bt);
+        const int64_t nq = r - q0 < 16 ? r - q0 : 16;
+        for (int64_t m = 0; m < mr; m++)
+          for (int64_t q = 0; q < nq; q++)
+            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(a[(m0 + m) * r + q0 + q]), bt[q], acc[m]);
+      }
+      for (int64_t m = 0; m < mr; m++) {
+        float *p = c + (m0 + m) * ldc + j0;
+        const __mmask16 mask = kt_z_mask(nj);
+        _mm512_mask_storeu_ps(
+            p, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), _mm512_mul_ps(sv, acc[m])));
+      }
+    }
+  }
+}
+
 /* ---- the variants ---------------------------------------------------------------------------- */
 
 #define Z_TABLE(NAME, VARIANT, NT, NT_Q8)    \
@@ -482,9 +559,9 @@ static void z_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t 
       .gemm_nn = z_gemm_nn,                  \
       .sigmoid = kt_act_avx512_sigmoid,      \
       .silu = kt_act_avx512_silu,            \
-      .lora_nt = lora_nt,                    \
+      .lora_nt = z_lora_nt,                  \
       .lora_nn = lora_nn,                    \
-      .lora_add_nt = lora_add_nt,            \
+      .lora_add_nt = z_lora_add_nt,          \
       .lora_add_nn = lora_add_nn,            \
       .outer_rn = outer_rn,                  \
       .outer_nr = outer_nr,                  \
