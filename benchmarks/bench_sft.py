@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/bench_sft.py [--threads N] [--shapes qwen3-30b-a3b,dsv2-lite]
                                       [--tokens 4,128,1024] [--quant bf16,int8] [--repeats R]
-                                      [--no-torch]
+                                      [--no-torch] [--grads new|reused]
 
 For each layer shape, T and base-weight mode it times ktsft's forward, backward and the step
 (forward + backward; the median of R steps after a warm-up), and PyTorch eager doing the same
@@ -20,6 +20,12 @@ On CPUs without AVX512_BF16, PyTorch's bf16 GEMM is far below what the FMA units
 "roof32" also gives the stricter floor with the faster of the two GEMM rates.
 With T = 1024 it also reports the peak memory the step allocates beyond the packed weights
 (resident set sampled every millisecond, minus the resident set before the step).
+
+Gradient buffers: by default backward makes new ones every step, as ktsft.torch does under
+autograd; their pages are new to the process, and mapping the pages of the experts that got
+tokens is part of the step (the others stay untouched zero pages). --grads reused writes the same
+caller-owned buffers every step (a training loop that keeps its gradient buffers): no new pages,
+but every expert without tokens is zeroed again.
 """
 
 from __future__ import annotations
@@ -138,18 +144,21 @@ def step_inputs(cfg, T: int, rng):
     return x, ids, w, go
 
 
-def bench_ktsft(shape, T, quant, rank, pool, repeats):
+def bench_ktsft(shape, T, quant, rank, pool, repeats, reuse_grads=False):
     cfg, moe = make_layer(shape, T, rank, quant, pool)
     rng = np.random.default_rng(1)
     fwd, bwd, active, extra = [], [], [], None
+    buffers = {}  # with reuse_grads: the warm-up step's gradients, written again by every step
     for i in range(repeats + 1):  # the first step warms up
         x, ids, w, go = step_inputs(cfg, T, rng)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             moe.forward(x, ids, w, save_for_backward=True)
             t1 = time.perf_counter()
-            moe.backward(go)
+            g = moe.backward(go, **buffers)
             t2 = time.perf_counter()
+        if reuse_grads and not buffers:
+            buffers = {"grad_input": g.input, "lora_grads": g.lora()}
         if i:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
@@ -186,6 +195,13 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
+    p.add_argument(
+        "--grads",
+        choices=("new", "reused"),
+        default="new",
+        help="new: backward makes new gradient buffers every step (as ktsft.torch does); "
+        "reused: the caller's buffers are written again every step",
+    )
     a = p.parse_args()
 
     pool = ktsft.ThreadPool(a.threads)
@@ -195,7 +211,7 @@ def main() -> int:
     print(
         f"threads {threads}; measured: read bandwidth {bandwidth / 1e9:.1f} GB/s, "
         f"bf16 GEMM {gemm / 1e9:.0f} GFLOP/s (fp32 GEMM {gemm32 / 1e9:.0f}); "
-        f"ktsft {ktsft.runtime_info()['isa']}"
+        f"ktsft {ktsft.runtime_info()['isa']}; gradient buffers: {a.grads}"
     )
     head = (
         f"{'shape':<14}{'T':>5} {'quant':<5}{'fwd ms':>9}{'bwd ms':>9}{'step ms':>9}"
@@ -209,7 +225,7 @@ def main() -> int:
         for T in (int(t) for t in a.tokens.split(",")):
             torch_ms = None if baseline is None else bench_torch(baseline, shape, T, a.repeats)
             for quant in a.quant.split(","):
-                r = bench_ktsft(shape, T, quant, a.rank, pool, a.repeats)
+                r = bench_ktsft(shape, T, quant, a.rank, pool, a.repeats, a.grads == "reused")
                 wbytes = r["active"] * 3 * H * I * (1 if quant == "int8" else 2) * 2
                 flops = T * k * (12.0 * H * I + 18.0 * a.rank * (H + I))
                 floor = max(wbytes / bandwidth, flops / gemm)
