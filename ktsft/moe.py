@@ -441,7 +441,11 @@ class MoESFT:
             Buffer for dL/dx, written in place.
         lora_grads : mapping, optional
             LoRA name (``"gate_lora_a"``, ...) to a bf16 buffer of that tensor's shape, e.g.
-            each parameter's ``.grad``; missing names get new arrays.
+            each parameter's ``.grad``; missing names get new arrays. When none is given, the
+            six new arrays start as zero pages of their own memory mapping: only the pages of
+            the experts that got tokens are ever written (the others cost no time and no
+            memory until read). Buffers passed in are written in full (zeros for experts
+            without tokens).
         accumulate : bool, default False
             Add into the buffers instead of overwriting them (gradient accumulation).
         need_grad_weights : bool, default True
