@@ -34,6 +34,7 @@ from conftest import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from test_amx_emu import _assert_fp32_sum, _bf16, _f64, gemm
 
 from ktsft import _core
 
@@ -197,3 +198,40 @@ def test_runtime_info_reports_the_variant():
     info = ktsft.runtime_info()
     assert info["kernels"] == _core.isa_variant(info["isa"])
     assert info["kernels"].startswith(info["isa"])
+
+
+# ---- x W of a few rows: the avx2 and avx512 path without transposes ----------------------------
+
+FEW_ISAS = [i for i in ("avx2", "avx512") if i in AVAILABLE]
+# (rows, cols, n0, n): k = rows is not a multiple of 16 and n not one of 8; 300 and 530 rows
+# span several chunks of W; n0 + n = cols with 200 ends at the last column block of W.
+FEW_SHAPES = [
+    (1, 13, 0, 13),
+    (37, 70, 64, 6),
+    (45, 200, 192, 8),
+    (300, 200, 128, 61),
+    (530, 64, 0, 64),
+]
+
+
+@pytest.mark.parametrize("isa", FEW_ISAS)
+@pytest.mark.parametrize("wtype", ["bf16", "int8"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("rows, cols, n0, n", FEW_SHAPES)
+def test_gemm_nn_few_rows(isa, wtype, m, rows, cols, n0, n):
+    """At most 4 rows of A (1-2 tokens per expert) take x W without transposes, 5 the
+    transposed path: either is within the fp32 summation bound of the float64 sum of the fp32
+    products (int8: A times the row scale in fp32), with NaN-poisoned outputs."""
+    rng = np.random.default_rng(m * 1000 + rows + cols + n)
+    a = _bf16(rng, (m, rows))
+    if wtype == "int8":
+        w = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
+        sw = (rng.random(rows, dtype=np.float32) + 0.5) / 127
+        af = (_f64(a).astype(np.float32) * sw[None, :]).astype(np.float64)
+        c = gemm(isa, "nn", a, w, n0, n, w_scale=sw)
+        terms = af[:, None, :] * w.T[None, n0 : n0 + n, :].astype(np.float64)
+    else:
+        w = _bf16(rng, (rows, cols))
+        c = gemm(isa, "nn", a, w, n0, n)
+        terms = _f64(a)[:, None, :] * _f64(w).T[None, n0 : n0 + n, :]
+    _assert_fp32_sum(c, terms, rows, f"{isa} nn {wtype}")

@@ -3,8 +3,11 @@
  *
  *   x W^T, bf16   fp32 FMA: the even and odd columns of a unit (shift, and) feed a 4 x 16 tile
  *   x W^T, int8   vpmaddwd on sign-extended byte pairs, exact in int32
- *   x W           8 x 8 in-register transposes into the per-thread fp32 scratch, then a 6 x 16
- *                 tile of fp32 FMAs (nn_drive.h, shared with avx512); the LoRA products likewise
+ *   x W           at most 4 rows of A: no transpose, the lanes of a half unit (8 rows of W) are
+ *                 multiplied by A lane by lane into accumulators summed across lanes at the end;
+ *                 more rows: 8 x 8 in-register transposes into the per-thread fp32 scratch, then
+ *                 a 6 x 16 tile of fp32 FMAs (nn_drive.h, shared with avx512); the LoRA products
+ *                 likewise
  * Every sum runs over its index in ascending order within one fp32 (or int32) lane. */
 #include <immintrin.h>
 
@@ -19,13 +22,21 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Y_PREFETCH_BLOCKS = 4,
+  NN_FEW_M = 4,            /* x W of at most this many rows: lane accumulators, no transpose */
+  FEW_ACC = 8,             /* ... in a register tile of 8 accumulators */
+  FEW_CHUNK_BYTES = 16384, /* ... over chunks of this many bytes of W */
+  FEW_PREFETCH_BLOCKS = 2,
 };
 
+/* x W^T: A rows as fp32 (or int16 pairs); x W: the transposed block and a 6-row slice of A, or
+ * for a few rows, the rows (k padded to 16) and 8 lanes per accumulator. */
 static size_t y_scratch_bytes(int64_t n, int64_t k) {
-  (void)n;
   const size_t nt = (size_t)NT_MR * (size_t)(kt_z_units(k, KT_WTYPE_BF16) * 2) * 4;
   const size_t nn = (size_t)(NN_CH * WT_LD + NN_MR * NN_CH) * 4;
-  return nt + nn + KT_CACHE_LINE;
+  const size_t few =
+      (size_t)NN_FEW_M *
+      (size_t)(((k + 15) & ~(int64_t)15) + (n + FEW_ACC - 1) / FEW_ACC * FEW_ACC * 8) * 4;
+  return kt_max_size(nt + nn, few) + KT_CACHE_LINE;
 }
 
 static inline __m256 bf16x8_to_f32(__m128i h) {
@@ -262,6 +273,140 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
 
 #include "nn_drive.h"
 
+/* x W for at most NN_FEW_M rows (a few tokens per expert): no transpose. The 8 lanes of a half
+ * unit are 8 rows c of W; they are multiplied lane by lane by A[m, c] and summed over the blocks
+ * in accumulators that are summed across their lanes only at the end:
+ *   bf16  one accumulator per column (lanes: rows 8h + i of every block): a half unit costs a
+ *         shift and an and, and 2 FMAs per row of A;
+ *   int8  one accumulator per unit (4 columns): each 8-byte group (2 rows x 4 columns) is
+ *         sign-extended and converted to fp32 and multiplied by A[m, c] spread to match (one
+ *         permute per group and row of A, shared by the tile's units), so a half unit costs 4
+ *         extensions and 4 conversions, and 4 FMAs per row of A;
+ * where a transpose costs about 10 operations per half unit. The register tile holds FEW_ACC
+ * accumulators (1 or 2 rows of A), which leaves registers for A and W: its column groups (8 or 4
+ * columns of bf16, 8 or 4 units of int8) tile the units W is padded to, so no load passes them.
+ * The blocks are taken in chunks of FEW_CHUNK_BYTES of the item's columns: within a chunk the
+ * tile walks the columns in groups, so the chunk is read from DRAM once; the blocks
+ * FEW_PREFETCH_BLOCKS ahead are prefetched during the first group. The accumulators live in
+ * the scratch between chunks. */
+static inline int64_t few_slot_cols(kt_wtype t) { return t == KT_WTYPE_INT8 ? 4 : 1; }
+
+static inline __attribute__((always_inline)) void nn_few_tile(
+    const int mr, const int slots, kt_wtype t, const float *af, int64_t ldaf, const kt_packed *w,
+    int64_t units, int64_t b0, int64_t b1, int64_t u0, float *acc_mem, int64_t ld_acc, int first,
+    int64_t prefetch_lines, int64_t nblocks) {
+  const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+  __m256 acc[FEW_ACC];
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < slots; j++)
+      acc[m * slots + j] =
+          first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_mem + (m * ld_acc + j) * 8);
+  for (int64_t b = b0; b < b1; b++) {
+    const char *p = kt_z_unit_ptr(w->data, units, b, u0);
+    if (b + FEW_PREFETCH_BLOCKS < nblocks)
+      for (int64_t l = 0; l < prefetch_lines; l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+    for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7 of the block */
+      __m256 av[2];
+      for (int m = 0; m < mr; m++) av[m] = _mm256_loadu_ps(af + m * ldaf + 16 * b + 8 * h);
+      if (t == KT_WTYPE_INT8) {
+        for (int g = 0; g < 4; g++) { /* lane 4i + q of group g: row 8h + 2g + i, column q */
+          const __m256i spread = _mm256_setr_epi32(2 * g, 2 * g, 2 * g, 2 * g, 2 * g + 1, 2 * g + 1,
+                                                   2 * g + 1, 2 * g + 1);
+          __m256 ag[2];
+          for (int m = 0; m < mr; m++) ag[m] = _mm256_permutevar8x32_ps(av[m], spread);
+          for (int i = 0; i < slots; i++) {
+            const __m128i bytes =
+                _mm_loadl_epi64((const __m128i *)(p + i * KT_Z_UNIT + 32 * h + 8 * g));
+            const __m256 wg = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+            for (int m = 0; m < mr; m++)
+              acc[m * slots + i] = _mm256_fmadd_ps(ag[m], wg, acc[m * slots + i]);
+          }
+        }
+      } else {
+        for (int i = 0; i < slots / 2; i++) {
+          const __m256i v = _mm256_loadu_si256((const __m256i *)(p + i * KT_Z_UNIT + 32 * h));
+          const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+          const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+          for (int m = 0; m < mr; m++) {
+            acc[m * slots + 2 * i] = _mm256_fmadd_ps(av[m], even, acc[m * slots + 2 * i]);
+            acc[m * slots + 2 * i + 1] = _mm256_fmadd_ps(av[m], odd, acc[m * slots + 2 * i + 1]);
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < slots; j++)
+      _mm256_storeu_ps(acc_mem + (m * ld_acc + j) * 8, acc[m * slots + j]);
+}
+
+/* The two 128-bit halves of v added: lanes i and 4 + i. */
+static inline __m128 fold_halves(__m256 v) {
+  return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+}
+
+static void y_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                      int64_t ldc, void *scratch) {
+  if (a->count > NN_FEW_M) {
+    nn_gemm(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+  const kt_wtype t = w->wtype;
+  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
+  const int64_t units = kt_z_units(w->cols, t), per = kt_z_per_unit(t);
+  const float *scale = t == KT_WTYPE_INT8 ? w->scale : NULL;
+  const int64_t slot_cols = few_slot_cols(t), lines = (n + per - 1) / per;
+  /* accumulators per row: whole groups of one row of A, the widest */
+  const int64_t ld_acc = (n + FEW_ACC * slot_cols - 1) / (FEW_ACC * slot_cols) * FEW_ACC;
+  const int64_t chunk = kt_max_size(1, FEW_CHUNK_BYTES / (size_t)(lines * KT_Z_UNIT));
+  float *af = scratch, *acc = af + a->count * len;
+  for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, scale);
+  for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
+    const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
+    for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
+      const int two = a->count - m0 > 1;
+      const int64_t group = (two ? FEW_ACC / 2 : FEW_ACC) * slot_cols;
+      for (int64_t j0 = 0; j0 < n; j0 += group) {
+        const float *am = af + m0 * len;
+        float *accm = acc + (m0 * ld_acc + j0 / slot_cols) * 8;
+        const int64_t u0 = (n0 + j0) / per, pf = m0 == 0 && j0 == 0 ? lines : 0;
+#define FEW_CALL(MR, T)                                                                      \
+  nn_few_tile(MR, FEW_ACC / MR, T, am, len, w, units, b0, b1, u0, accm, ld_acc, b0 == 0, pf, \
+              nblocks)
+        if (t == KT_WTYPE_INT8) {
+          if (two)
+            FEW_CALL(2, KT_WTYPE_INT8);
+          else
+            FEW_CALL(1, KT_WTYPE_INT8);
+        } else {
+          if (two)
+            FEW_CALL(2, KT_WTYPE_BF16);
+          else
+            FEW_CALL(1, KT_WTYPE_BF16);
+        }
+#undef FEW_CALL
+      }
+    }
+  }
+  for (int64_t m = 0; m < a->count; m++) {
+    const float *am = acc + m * ld_acc * 8;
+    if (t == KT_WTYPE_BF16) {
+      for (int64_t j = 0; j < n; j++) {
+        const __m128 q = fold_halves(_mm256_loadu_ps(am + j * 8));
+        const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        c[m * ldc + j] = _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+      }
+      continue;
+    }
+    for (int64_t u = 0; 4 * u < n; u++) { /* the two halves of a unit's accumulator: 2 rows */
+      float four[4];
+      _mm_storeu_ps(four, fold_halves(_mm256_loadu_ps(am + u * 8)));
+      for (int64_t j = 4 * u; j < n && j < 4 * u + 4; j++) c[m * ldc + j] = four[j - 4 * u];
+    }
+  }
+}
+
 static const kt_kernels y_table = {
     .isa = KT_ISA_AVX2,
     .variant = "avx2-fma+vpmaddwd",
@@ -271,7 +416,7 @@ static const kt_kernels y_table = {
     .gemm_scratch_bytes = y_scratch_bytes,
     .gemm_nt = y_gemm_nt_fma,
     .gemm_nt_q8 = y_gemm_nt_q8,
-    .gemm_nn = nn_gemm,
+    .gemm_nn = y_gemm_nn,
     .sigmoid = kt_act_avx2_sigmoid,
     .silu = kt_act_avx2_silu,
     .lora_nt = lora_nt,
