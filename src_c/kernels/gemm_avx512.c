@@ -513,33 +513,34 @@ static inline void transpose16_ps(__m512 v[16]) {
 }
 
 /* C[m, j] += s * sum_q a[m, q] * B[n0 + j, q] (a: [M, r] fp32, B: [*, r] bf16): 16 rows of B
- * (16 values of j) are transposed in registers so that the sum over q is a chain of FMAs with
- * a[m, q] broadcast, in ascending q like nn_drive.h's tile, for every row of a. */
+ * (16 values of j) are transposed in registers once, so that for every row of a the sum over q
+ * is a chain of FMAs with a[m, q] broadcast, in ascending q like nn_drive.h's tile. */
+enum { ADD_NT_MAX_R = 128 /* larger ranks take nn_drive.h's lora_add_nt */ };
+
 static void z_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const uint16_t *b,
                           int64_t n0, float s, float *c, int64_t ldc) {
+  if (r > ADD_NT_MAX_R) {
+    lora_add_nt(M, n, r, a, b, n0, s, c, ldc);
+    return;
+  }
   const __m512 sv = _mm512_set1_ps(s);
+  __m512 bt[ADD_NT_MAX_R]; /* bt[q] lane j = B[n0 + j0 + j, q] */
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nj = n - j0 < 16 ? n - j0 : 16;
-    for (int64_t m0 = 0; m0 < M; m0 += NN_FEW_M) {
-      const int64_t mr = M - m0 < NN_FEW_M ? M - m0 : NN_FEW_M;
-      __m512 acc[NN_FEW_M];
-      for (int64_t m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
-      for (int64_t q0 = 0; q0 < r; q0 += 16) {
-        __m512 bt[16]; /* bt[q] lane j = B[n0 + j0 + j, q0 + q] */
-        for (int j = 0; j < 16; j++)
-          bt[j] = j < nj ? load_bf16x16(b + (n0 + j0 + j) * r + q0, r - q0) : _mm512_setzero_ps();
-        transpose16_ps(bt);
-        const int64_t nq = r - q0 < 16 ? r - q0 : 16;
-        for (int64_t m = 0; m < mr; m++)
-          for (int64_t q = 0; q < nq; q++)
-            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(a[(m0 + m) * r + q0 + q]), bt[q], acc[m]);
-      }
-      for (int64_t m = 0; m < mr; m++) {
-        float *p = c + (m0 + m) * ldc + j0;
-        const __mmask16 mask = kt_z_mask(nj);
-        _mm512_mask_storeu_ps(
-            p, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), _mm512_mul_ps(sv, acc[m])));
-      }
+    const __mmask16 mask = kt_z_mask(nj);
+    for (int64_t q0 = 0; q0 < r; q0 += 16) {
+      __m512 *t = bt + q0;
+      for (int j = 0; j < 16; j++)
+        t[j] = j < nj ? load_bf16x16(b + (n0 + j0 + j) * r + q0, r - q0) : _mm512_setzero_ps();
+      transpose16_ps(t);
+    }
+    for (int64_t m = 0; m < M; m++) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t q = 0; q < r; q++)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(a[m * r + q]), bt[q], acc);
+      float *p = c + m * ldc + j0;
+      _mm512_mask_storeu_ps(p, mask,
+                            _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), _mm512_mul_ps(sv, acc)));
     }
   }
 }
