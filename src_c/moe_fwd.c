@@ -139,7 +139,7 @@ static void f3_expert_block(const fwd_ctx *c, int32_t e, int64_t h0, int64_t nb,
     for (int64_t j = 0; j < nb; j++) y[mm * ldy + j] *= rt->weight[off + mm];
 }
 
-/* out[t, h0 .. h0 + nb) for every token (row of acc) as fp32 or bf16. */
+/* out[t, h0 .. h0 + nb) = acc, as fp32 or bf16. */
 static void f3_store(const fwd_ctx *c, int64_t t, int64_t h0, int64_t nb, const float *acc) {
   const int64_t H = c->m->cfg.hidden_size;
   if (c->out_dtype == KT_DTYPE_F32) {
