@@ -22,6 +22,7 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Y_PREFETCH_BLOCKS = 4,
+  FEW_LANES = 8,           /* fp32 lanes of one accumulator */
   NN_FEW_M = 4,            /* x W of at most this many rows: lane accumulators, no transpose */
   FEW_ACC = 8,             /* ... in a register tile of 8 accumulators */
   FEW_CHUNK_BYTES = 16384, /* ... over chunks of this many bytes of W */
@@ -271,8 +272,6 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
   }
 }
 
-#include "nn_drive.h"
-
 /* x W for at most NN_FEW_M rows (a few tokens per expert): no transpose. The 8 lanes of a half
  * unit are 8 rows c of W; they are multiplied lane by lane by A[m, c] and summed over the blocks
  * in accumulators that are summed across their lanes only at the end:
@@ -289,8 +288,6 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
  * tile walks the columns in groups, so the chunk is read from DRAM once; the blocks
  * FEW_PREFETCH_BLOCKS ahead are prefetched during the first group. The accumulators live in
  * the scratch between chunks. */
-static inline int64_t few_slot_cols(kt_wtype t) { return t == KT_WTYPE_INT8 ? 4 : 1; }
-
 static inline __attribute__((always_inline)) void nn_few_tile(
     const int mr, const int slots, kt_wtype t, const float *af, int64_t ldaf, const kt_packed *w,
     int64_t units, int64_t b0, int64_t b1, int64_t u0, float *acc_mem, int64_t ld_acc, int first,
@@ -346,66 +343,25 @@ static inline __m128 fold_halves(__m256 v) {
   return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
 }
 
-static void y_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
-                      int64_t ldc, void *scratch) {
-  if (a->count > NN_FEW_M) {
-    nn_gemm(a, w, n0, n, c, ldc, scratch);
+/* c[0 .. n) = one row's accumulators summed across their lanes (the x W driver of nn_drive.h
+ * calls it at the end). */
+static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float *c) {
+  if (t == KT_WTYPE_BF16) {
+    for (int64_t j = 0; j < n; j++) {
+      const __m128 q = fold_halves(_mm256_loadu_ps(acc + j * 8));
+      const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+      c[j] = _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+    }
     return;
   }
-  const kt_wtype t = w->wtype;
-  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
-  const int64_t units = kt_z_units(w->cols, t), per = kt_z_per_unit(t);
-  const float *scale = t == KT_WTYPE_INT8 ? w->scale : NULL;
-  const int64_t slot_cols = few_slot_cols(t), lines = (n + per - 1) / per;
-  /* accumulators per row: whole groups of one row of A, the widest */
-  const int64_t ld_acc = (n + FEW_ACC * slot_cols - 1) / (FEW_ACC * slot_cols) * FEW_ACC;
-  const int64_t chunk = kt_max_size(1, FEW_CHUNK_BYTES / (size_t)(lines * KT_Z_UNIT));
-  float *af = scratch, *acc = af + a->count * len;
-  for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, scale);
-  for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
-    const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
-    for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
-      const int two = a->count - m0 > 1;
-      const int64_t group = (two ? FEW_ACC / 2 : FEW_ACC) * slot_cols;
-      for (int64_t j0 = 0; j0 < n; j0 += group) {
-        const float *am = af + m0 * len;
-        float *accm = acc + (m0 * ld_acc + j0 / slot_cols) * 8;
-        const int64_t u0 = (n0 + j0) / per, pf = m0 == 0 && j0 == 0 ? lines : 0;
-#define FEW_CALL(MR, T)                                                                      \
-  nn_few_tile(MR, FEW_ACC / MR, T, am, len, w, units, b0, b1, u0, accm, ld_acc, b0 == 0, pf, \
-              nblocks)
-        if (t == KT_WTYPE_INT8) {
-          if (two)
-            FEW_CALL(2, KT_WTYPE_INT8);
-          else
-            FEW_CALL(1, KT_WTYPE_INT8);
-        } else {
-          if (two)
-            FEW_CALL(2, KT_WTYPE_BF16);
-          else
-            FEW_CALL(1, KT_WTYPE_BF16);
-        }
-#undef FEW_CALL
-      }
-    }
-  }
-  for (int64_t m = 0; m < a->count; m++) {
-    const float *am = acc + m * ld_acc * 8;
-    if (t == KT_WTYPE_BF16) {
-      for (int64_t j = 0; j < n; j++) {
-        const __m128 q = fold_halves(_mm256_loadu_ps(am + j * 8));
-        const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        c[m * ldc + j] = _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
-      }
-      continue;
-    }
-    for (int64_t u = 0; 4 * u < n; u++) { /* the two halves of a unit's accumulator: 2 rows */
-      float four[4];
-      _mm_storeu_ps(four, fold_halves(_mm256_loadu_ps(am + u * 8)));
-      for (int64_t j = 4 * u; j < n && j < 4 * u + 4; j++) c[m * ldc + j] = four[j - 4 * u];
-    }
+  for (int64_t u = 0; 4 * u < n; u++) { /* the two halves of a unit's accumulator: 2 rows */
+    float four[4];
+    _mm_storeu_ps(four, fold_halves(_mm256_loadu_ps(acc + u * 8)));
+    for (int64_t j = 4 * u; j < n && j < 4 * u + 4; j++) c[j] = four[j - 4 * u];
   }
 }
+
+#include "nn_drive.h"
 
 static const kt_kernels y_table = {
     .isa = KT_ISA_AVX2,
@@ -416,7 +372,7 @@ static const kt_kernels y_table = {
     .gemm_scratch_bytes = y_scratch_bytes,
     .gemm_nt = y_gemm_nt_fma,
     .gemm_nt_q8 = y_gemm_nt_q8,
-    .gemm_nn = y_gemm_nn,
+    .gemm_nn = gemm_nn,
     .sigmoid = kt_act_avx2_sigmoid,
     .silu = kt_act_avx2_silu,
     .lora_nt = lora_nt,

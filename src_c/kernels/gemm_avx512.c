@@ -27,6 +27,7 @@ enum {
   WT_LD = 64,  /* columns of the transposed scratch */
   Z_PREFETCH_BLOCKS = 4,
   Z_PREFETCH_UNITS = 64,   /* x W^T: how far ahead each stream of units is fetched */
+  FEW_LANES = 16,          /* fp32 lanes of one accumulator */
   NN_FEW_M = 4,            /* x W of at most this many rows: lane accumulators, no transpose */
   FEW_ACC = 16,            /* ... in a register tile of 16 accumulators */
   FEW_CHUNK_BYTES = 16384, /* ... over chunks of this many bytes of W */
@@ -336,8 +337,6 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
   }
 }
 
-#include "nn_drive.h"
-
 /* x W for at most NN_FEW_M rows (a few tokens per expert): no transpose. A unit's 16 lanes are
  * 16 rows c of W; they are multiplied lane by lane by A[m, c] and summed over the blocks in
  * accumulators that are summed across their lanes only at the end:
@@ -350,8 +349,6 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
  * item's columns: within a chunk the tile walks the columns in groups, so the chunk is read from
  * DRAM once; the blocks FEW_PREFETCH_BLOCKS ahead are prefetched during the first group. The
  * accumulators live in the scratch between chunks. */
-static inline int64_t few_slot_cols(kt_wtype t) { return t == KT_WTYPE_INT8 ? 4 : 1; }
-
 static inline __attribute__((always_inline)) void nn_few_tile(
     const int mr, const int slots, kt_wtype t, const float *af, int64_t ldaf, const kt_packed *w,
     int64_t units, int64_t b0, int64_t b1, int64_t u0, float *acc_mem, int64_t ld_acc, int first,
@@ -405,67 +402,26 @@ static inline __attribute__((always_inline)) void nn_few_tile(
       _mm512_storeu_ps(acc_mem + (m * ld_acc + j) * 16, acc[m * slots + j]);
 }
 
-static void z_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
-                      int64_t ldc, void *scratch) {
-  if (a->count > NN_FEW_M) {
-    nn_gemm(a, w, n0, n, c, ldc, scratch);
+/* c[0 .. n) = one row's accumulators summed across their lanes (the x W driver of nn_drive.h
+ * calls it at the end). */
+static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float *c) {
+  if (t == KT_WTYPE_BF16) {
+    for (int64_t j = 0; j < n; j++) c[j] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc + j * 16));
     return;
   }
-  const kt_wtype t = w->wtype;
-  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
-  const int64_t units = kt_z_units(w->cols, t), per = kt_z_per_unit(t);
-  const float *scale = t == KT_WTYPE_INT8 ? w->scale : NULL;
-  const int64_t lines = (n + per - 1) / per, ld_acc = (n + 15) & ~(int64_t)15;
-  const int64_t slot_cols = few_slot_cols(t);
-  const int64_t chunk = kt_max_size(1, FEW_CHUNK_BYTES / (size_t)(lines * KT_Z_UNIT));
-  float *af = scratch, *acc = af + a->count * len;
-  for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, scale);
-  for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
-    const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
-    for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
-      const int two = a->count - m0 > 1;
-      const int64_t group = (two ? FEW_ACC / 2 : FEW_ACC) * slot_cols;
-      for (int64_t j0 = 0; j0 < n; j0 += group) {
-        const float *am = af + m0 * len;
-        float *accm = acc + (m0 * ld_acc + j0 / slot_cols) * 16;
-        const int64_t u0 = (n0 + j0) / per, pf = m0 == 0 && j0 == 0 ? lines : 0;
-#define FEW_CALL(MR, T)                                                                      \
-  nn_few_tile(MR, FEW_ACC / MR, T, am, len, w, units, b0, b1, u0, accm, ld_acc, b0 == 0, pf, \
-              nblocks)
-        if (t == KT_WTYPE_INT8) {
-          if (two)
-            FEW_CALL(2, KT_WTYPE_INT8);
-          else
-            FEW_CALL(1, KT_WTYPE_INT8);
-        } else {
-          if (two)
-            FEW_CALL(2, KT_WTYPE_BF16);
-          else
-            FEW_CALL(1, KT_WTYPE_BF16);
-        }
-#undef FEW_CALL
-      }
-    }
-  }
-  for (int64_t m = 0; m < a->count; m++) {
-    const float *am = acc + m * ld_acc * 16;
-    if (t == KT_WTYPE_BF16) {
-      for (int64_t j = 0; j < n; j++)
-        c[m * ldc + j] = _mm512_reduce_add_ps(_mm512_loadu_ps(am + j * 16));
-      continue;
-    }
-    for (int64_t u = 0; 4 * u < n; u++) { /* the 4 quarters of a unit's accumulator are 4 rows */
-      const __m512 v = _mm512_loadu_ps(am + u * 16);
-      const __m256 h =
-          _mm256_add_ps(_mm512_castps512_ps256(v),
-                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-      const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-      float four[4];
-      _mm_storeu_ps(four, q);
-      for (int64_t j = 4 * u; j < n && j < 4 * u + 4; j++) c[m * ldc + j] = four[j - 4 * u];
-    }
+  for (int64_t u = 0; 4 * u < n; u++) { /* the 4 quarters of a unit's accumulator are 4 rows */
+    const __m512 v = _mm512_loadu_ps(acc + u * 16);
+    const __m256 h =
+        _mm256_add_ps(_mm512_castps512_ps256(v),
+                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    float four[4];
+    _mm_storeu_ps(four, q);
+    for (int64_t j = 4 * u; j < n && j < 4 * u + 4; j++) c[j] = four[j - 4 * u];
   }
 }
+
+#include "nn_drive.h"
 
 /* ---- the LoRA products of a few rows --------------------------------------------------------- */
 
@@ -557,7 +513,7 @@ static void z_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const
       .gemm_scratch_bytes = z_scratch_bytes, \
       .gemm_nt = NT,                         \
       .gemm_nt_q8 = NT_Q8,                   \
-      .gemm_nn = z_gemm_nn,                  \
+      .gemm_nn = gemm_nn,                    \
       .sigmoid = kt_act_avx512_sigmoid,      \
       .silu = kt_act_avx512_silu,            \
       .lora_nt = z_lora_nt,                  \

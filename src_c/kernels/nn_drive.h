@@ -5,7 +5,15 @@
  *                                        zero padded to len (a multiple of 16)
  *   nn_rows(count, af, ldaf, wt, cnt, c, ldc, ncols, add, s)
  *        c[m, 0:ncols] (+)= s * sum_cc af[m, cc] * wt[cc, 0:ncols], m < count, ncols <= WT_LD
- *   transpose_block(w, c0, cnt, n0, n, wt)  wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64) in fp32 */
+ *   transpose_block(w, c0, cnt, n0, n, wt)  wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64) in fp32
+ * and, for x W of at most NN_FEW_M rows without a transpose, FEW_LANES (fp32 lanes of one
+ * accumulator), FEW_ACC (accumulators of the register tile), FEW_CHUNK_BYTES and:
+ *   nn_few_tile(mr, slots, t, af, ldaf, w, units, b0, b1, u0, acc_mem, ld_acc, first,
+ *               prefetch_lines, nblocks)
+ *        mr rows of A (1 or 2) x `slots` accumulators over the blocks b0 .. b1 of the units from
+ *        u0 on, loaded from (unless first) and stored to acc_mem; prefetches prefetch_lines
+ *        units of the blocks ahead
+ *   few_sum_lanes(acc, t, n, c)  c[0 .. n) = one row's accumulators summed across their lanes */
 #ifndef KTSFT_NN_DRIVE_H
 #define KTSFT_NN_DRIVE_H
 
@@ -130,6 +138,67 @@ static inline void outer_rn(int64_t M, int64_t r, int64_t n, const float *coef,
 static inline void outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int64_t ldd,
                             const float *coef, float s, float *out) {
   outer(M, n, r, d, ldd, NULL, coef, r, s, out);
+}
+
+/* ---- x W of a few rows ------------------------------------------------------------------ */
+
+/* Columns per accumulator: bf16, one column (lanes: rows of W); int8, one unit of 4 columns. */
+static inline int64_t few_slot_cols(kt_wtype t) { return t == KT_WTYPE_INT8 ? 4 : 1; }
+
+/* x W for at most NN_FEW_M rows around nn_few_tile: the blocks of W in chunks of about
+ * FEW_CHUNK_BYTES of the band, each chunk walked by column group (the chunk stays in L1), the
+ * first group of a chunk prefetching ahead; the accumulators kept in the scratch between
+ * chunks and summed across lanes at the end. */
+static void nn_gemm_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                        int64_t ldc, void *scratch) {
+  const kt_wtype t = w->wtype;
+  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
+  const int64_t units = kt_z_units(w->cols, t), per = kt_z_per_unit(t);
+  const float *scale = t == KT_WTYPE_INT8 ? w->scale : NULL;
+  const int64_t slot_cols = few_slot_cols(t), lines = (n + per - 1) / per;
+  /* accumulators per row: whole groups of one row of A, the widest */
+  const int64_t ld_acc = (n + FEW_ACC * slot_cols - 1) / (FEW_ACC * slot_cols) * FEW_ACC;
+  const int64_t chunk = kt_max_size(1, FEW_CHUNK_BYTES / (size_t)(lines * KT_Z_UNIT));
+  float *af = scratch, *acc = af + a->count * len;
+  for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, scale);
+  for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
+    const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
+    for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
+      const int two = a->count - m0 > 1;
+      const int64_t group = (two ? FEW_ACC / 2 : FEW_ACC) * slot_cols;
+      for (int64_t j0 = 0; j0 < n; j0 += group) {
+        const float *am = af + m0 * len;
+        float *accm = acc + (m0 * ld_acc + j0 / slot_cols) * FEW_LANES;
+        const int64_t u0 = (n0 + j0) / per, pf = m0 == 0 && j0 == 0 ? lines : 0;
+#define FEW_CALL(MR, T)                                                                      \
+  nn_few_tile(MR, FEW_ACC / MR, T, am, len, w, units, b0, b1, u0, accm, ld_acc, b0 == 0, pf, \
+              nblocks)
+        if (t == KT_WTYPE_INT8) {
+          if (two)
+            FEW_CALL(2, KT_WTYPE_INT8);
+          else
+            FEW_CALL(1, KT_WTYPE_INT8);
+        } else {
+          if (two)
+            FEW_CALL(2, KT_WTYPE_BF16);
+          else
+            FEW_CALL(1, KT_WTYPE_BF16);
+        }
+#undef FEW_CALL
+      }
+    }
+  }
+  for (int64_t m = 0; m < a->count; m++)
+    few_sum_lanes(acc + m * ld_acc * FEW_LANES, t, n, c + m * ldc);
+}
+
+/* The kernel table's gemm_nn: a few rows without a transpose, more through the transposed tile. */
+static void gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                    int64_t ldc, void *scratch) {
+  if (a->count > NN_FEW_M)
+    nn_gemm(a, w, n0, n, c, ldc, scratch);
+  else
+    nn_gemm_few(a, w, n0, n, c, ldc, scratch);
 }
 
 #endif /* KTSFT_NN_DRIVE_H */
