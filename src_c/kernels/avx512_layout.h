@@ -22,4 +22,11 @@ static inline void kt_z_store(float *c, __m512 acc, int64_t n) {
     _mm512_mask_storeu_ps(c, (__mmask16)((1u << n) - 1u), acc);
 }
 
+/* c[0 .. n) = sa * sw[0 .. n) * dot (n <= 16): an int32 row of an int8 GEMM with both scales.
+ * sw has one entry per row of W: the mask keeps the last block inside it. */
+static inline void kt_z_store_scaled(float *c, __m512i dot, float sa, const float *sw, int64_t n) {
+  const __m512 s = _mm512_mul_ps(_mm512_set1_ps(sa), _mm512_maskz_loadu_ps(kt_z_mask(n), sw));
+  kt_z_store(c, _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot)), n);
+}
+
 #endif /* KTSFT_AVX512_LAYOUT_H */

@@ -200,11 +200,8 @@ static void z_gemm_nt_q8_madd(const kt_rows_q8 *a, const kt_packed *w, int64_t n
         const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
         const float sa = a->scale[src];
         for (int v = 0; v < nb; v++) {
-          const int64_t j = n0 + j0 + 16 * v;
-          const __m512 s = _mm512_mul_ps(
-              _mm512_set1_ps(sa), _mm512_maskz_loadu_ps(kt_z_mask(ncols - 16 * v), w->scale + j));
-          kt_z_store(c + (m0 + i) * ldc + j0 + 16 * v,
-                     _mm512_mul_ps(s, _mm512_cvtepi32_ps(acc[i][v])), ncols - 16 * v);
+          kt_z_store_scaled(c + (m0 + i) * ldc + j0 + 16 * v, acc[i][v], sa,
+                            w->scale + n0 + j0 + 16 * v, ncols - 16 * v);
         }
       }
     }

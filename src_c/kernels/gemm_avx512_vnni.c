@@ -67,11 +67,8 @@ void kt_avx512_nt_q8_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, i
         for (int v = 0; v < nb; v++) {
           const int64_t j = n0 + j0 + 16 * v;
           const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(rowsum + j), 7);
-          const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][v], off));
-          /* w->scale has w->rows entries: the mask keeps the last block inside it */
-          const __m512 s = _mm512_mul_ps(
-              _mm512_set1_ps(sa), _mm512_maskz_loadu_ps(kt_z_mask(ncols - 16 * v), w->scale + j));
-          kt_z_store(c + (m0 + i) * ldc + j0 + 16 * v, _mm512_mul_ps(s, dot), ncols - 16 * v);
+          kt_z_store_scaled(c + (m0 + i) * ldc + j0 + 16 * v, _mm512_sub_epi32(acc[i][v], off), sa,
+                            w->scale + j, ncols - 16 * v);
         }
       }
     }
