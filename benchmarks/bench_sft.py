@@ -22,10 +22,10 @@ With T = 1024 it also reports the peak memory the step allocates beyond the pack
 (resident set sampled every millisecond, minus the resident set before the step).
 
 Gradient buffers: by default backward makes new ones every step, as ktsft.torch does under
-autograd; their pages are new to the process, and mapping the pages of the experts that got
-tokens is part of the step (the others stay untouched zero pages). --grads reused writes the same
-caller-owned buffers every step (a training loop that keeps its gradient buffers): no new pages,
-but every expert without tokens is zeroed again.
+autograd, so allocating them is part of the step (when at most half the experts can get a token
+they are fresh zero pages, and only the routed experts' pages are mapped). --grads reused writes
+the same caller-owned buffers every step (a training loop that keeps its gradient buffers): no
+new memory, but every expert without tokens is zeroed again.
 """
 
 from __future__ import annotations

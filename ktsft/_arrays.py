@@ -78,10 +78,14 @@ def empty(kind: str, shape: tuple, dtype: str, *, zero: bool = False) -> Any:
 
         make = torch.zeros if zero else torch.empty
         return make(shape, dtype=getattr(torch, dtype))
-    np_dtype = {"bfloat16": BF16, "float32": np.float32}[dtype]
+    return (np.zeros if zero else np.empty)(shape, dtype=_numpy_dtype(kind, dtype))
+
+
+def _numpy_dtype(kind: str, dtype: str) -> np.dtype:
+    """The NumPy dtype of a new array of the caller's kind (bf16 as raw bits for "numpy-bits")."""
     if dtype == "bfloat16" and kind == "numpy-bits":
-        np_dtype = np.uint16
-    return (np.zeros if zero else np.empty)(shape, dtype=np_dtype)
+        return np.dtype(np.uint16)
+    return np.dtype({"bfloat16": BF16, "float32": np.float32}[dtype])
 
 
 def zeros_mapped(kind: str, shape: tuple, dtype: str) -> Any:
@@ -92,10 +96,8 @@ def zeros_mapped(kind: str, shape: tuple, dtype: str) -> Any:
     for the others (a zero-filled ``empty`` buffer would touch every page). The mapping is
     released with the array.
     """
-    np_dtype = {"bfloat16": BF16, "float32": np.float32}[dtype]
-    if dtype == "bfloat16" and kind == "numpy-bits":
-        np_dtype = np.uint16
-    nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+    np_dtype = _numpy_dtype(kind, dtype)
+    nbytes = math.prod(shape) * np_dtype.itemsize
     if nbytes == 0:
         return empty(kind, shape, dtype, zero=True)
     pages = mmap.mmap(-1, nbytes)
