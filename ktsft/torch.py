@@ -184,7 +184,7 @@ class MoELoRAFunction(torch.autograd.Function):
             g = moe.backward(go[s:e], grad_input=grad_x[s:e], need_grad_weights=need_w, saved=saved)
             if need_w:
                 grad_w[s:e] = g.weights
-            lora_grads = {n: getattr(g, n) for n in LORA_NAMES}
+            lora_grads = g.lora()
             if total is not None:
                 for n in LORA_NAMES:
                     total[n] += lora_grads[n]

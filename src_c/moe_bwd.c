@@ -227,20 +227,27 @@ static void b5_sum_routes(void *vc, int64_t t, int32_t worker) {
   kt_store_bf16(c->args->grad_input + t * H, acc, H, c->args->accumulate);
 }
 
+/* Expert e's six LoRA gradient slices: address and bytes of each. */
+static void expert_grad_slices(const bwd_ctx *c, int64_t e, uint16_t *slice[6], size_t bytes[6]) {
+  const kt_lora_grads *g = &c->args->grads;
+  const size_t H = (size_t)c->m->cfg.hidden_size, I = (size_t)c->m->cfg.intermediate_size;
+  const size_t r = (size_t)c->m->cfg.lora_rank;
+  uint16_t *const base[6] = {g->gate_a, g->up_a, g->gate_b, g->up_b, g->down_a, g->down_b};
+  const size_t elems[6] = {r * H, r * H, I * r, I * r, r * I, H * r};
+  for (int i = 0; i < 6; i++) {
+    slice[i] = base[i] + (size_t)e * elems[i];
+    bytes[i] = elems[i] * sizeof(uint16_t);
+  }
+}
+
 /* Gradient buffers on fresh zero pages: map the pages of the experts with routes in bulk. */
 static void prefault_routed(void *vc, int64_t item, int32_t worker) {
   (void)worker;
   const bwd_ctx *c = vc;
-  const int64_t e = c->st->rt.active[item];
-  const kt_lora_grads *g = &c->args->grads;
-  const size_t H = (size_t)c->m->cfg.hidden_size, I = (size_t)c->m->cfg.intermediate_size;
-  const size_t r = (size_t)c->m->cfg.lora_rank;
-  kt_prefault(g->gate_a + e * r * H, r * H * 2);
-  kt_prefault(g->up_a + e * r * H, r * H * 2);
-  kt_prefault(g->gate_b + e * I * r, I * r * 2);
-  kt_prefault(g->up_b + e * I * r, I * r * 2);
-  kt_prefault(g->down_a + e * r * I, r * I * 2);
-  kt_prefault(g->down_b + e * H * r, H * r * 2);
+  uint16_t *slice[6];
+  size_t bytes[6];
+  expert_grad_slices(c, c->st->rt.active[item], slice, bytes);
+  for (int i = 0; i < 6; i++) kt_prefault(slice[i], bytes[i]);
 }
 
 /* Overwrite mode: an expert without routes gets zero gradients (one item per expert). */
@@ -249,15 +256,10 @@ static void zero_unrouted(void *vc, int64_t e, int32_t worker) {
   const bwd_ctx *c = vc;
   const kt_routing *rt = &c->st->rt;
   if (rt->offset[e + 1] > rt->offset[e]) return;
-  const kt_lora_grads *g = &c->args->grads;
-  const size_t H = (size_t)c->m->cfg.hidden_size, I = (size_t)c->m->cfg.intermediate_size;
-  const size_t r = (size_t)c->m->cfg.lora_rank;
-  memset(g->gate_a + e * r * H, 0, r * H * 2);
-  memset(g->up_a + e * r * H, 0, r * H * 2);
-  memset(g->gate_b + e * I * r, 0, I * r * 2);
-  memset(g->up_b + e * I * r, 0, I * r * 2);
-  memset(g->down_a + e * r * I, 0, r * I * 2);
-  memset(g->down_b + e * H * r, 0, H * r * 2);
+  uint16_t *slice[6];
+  size_t bytes[6];
+  expert_grad_slices(c, e, slice, bytes);
+  for (int i = 0; i < 6; i++) memset(slice[i], 0, bytes[i]);
 }
 
 kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err) {
@@ -321,7 +323,7 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   each = kt_max_size(each, (size_t)H * sizeof(float));              /* B5 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);
-  const int split_routes = c.n_hblk < 2 * (int64_t)nthreads;
+  const int split_routes = kt_split_by_route(c.n_hblk, nthreads);
   const int go_f32 = args->grad_output_dtype == KT_DTYPE_F32;
 
   kt_arena wa = {NULL, 0};

@@ -269,7 +269,7 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   each = kt_max_size(each, (size_t)H * sizeof(float));                      /* F4 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);
-  const int split_routes = c.n_hblk < 2 * (int64_t)nthreads;
+  const int split_routes = kt_split_by_route(c.n_hblk, nthreads);
 
   /* The state block: (x copy when saving), g, u, a_g, a_u, a_d; then a temporary: h, scratch. */
   kt_arena sa = {NULL, 0}, ta = {NULL, 0};

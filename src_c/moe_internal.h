@@ -69,6 +69,12 @@ static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
 
 kt_status kt_lora_check(const kt_lora *l, kt_error *err);
 
+/* Whether the per-H-block phases (F3, B4) give way to per-route buffers (F3 + F4, B4 + B5):
+ * with fewer than 2 blocks of KT_BLOCK_N hidden columns per thread, too few items to go round. */
+static inline int kt_split_by_route(int64_t n_hblk, int32_t nthreads) {
+  return n_hblk < 2 * (int64_t)nthreads;
+}
+
 /* acc[0 .. H) = the sum of the rows y_route[route] of token t's routes, in ascending order (the
  * order in which the per-H-block phases add them): 0 for a token without routes. */
 void kt_sum_token_routes(const kt_routing *rt, int64_t t, const float *y_route, int64_t H,
