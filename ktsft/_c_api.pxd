@@ -1,5 +1,5 @@
 # Mirrors src_c/include/ktsft.h, the one public C header.
-from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
 
 
 cdef extern from "ktsft.h" nogil:
@@ -48,6 +48,7 @@ cdef extern from "ktsft.h" nogil:
     ctypedef enum kt_quant:
         KT_QUANT_BF16
         KT_QUANT_INT8
+        KT_QUANT_FP8
 
     ctypedef struct kt_moe_config:
         int32_t expert_num
@@ -81,6 +82,7 @@ cdef extern from "ktsft.h" nogil:
         KT_DTYPE_F32
         KT_DTYPE_BF16
         KT_DTYPE_INT8
+        KT_DTYPE_FP8_E4M3
 
     ctypedef struct kt_saved:
         pass
@@ -179,5 +181,8 @@ cdef extern from "ktsft.h" nogil:
 
     kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale,
                            int64_t m, const void *w, const float *w_scale, int64_t rows,
-                           int64_t cols, int w_int8, int64_t n0, int64_t n, float *c,
+                           int64_t cols, kt_dtype w_dtype, int64_t n0, int64_t n, float *c,
                            kt_error *err)
+
+    void kt_fp8_decode(const uint8_t *q, float *out, int64_t n)
+    void kt_fp8_quantize(const uint16_t *w, int64_t rows, int64_t cols, uint8_t *q, float *scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-QUANT_MODES = ("bf16", "int8")
+QUANT_MODES = ("bf16", "int8", "fp8")
 SIZE_FIELDS = (
     "expert_num",
     "num_experts_per_tok",
@@ -40,8 +40,9 @@ class MoESFTConfig:
         The most tokens one forward may take.
     max_cache_depth : int, default 1
         How many forwards saved for backward may be pending at once.
-    quant : {"bf16", "int8"}, default "bf16"
-        Storage of the frozen base weights.
+    quant : {"bf16", "int8", "fp8"}, default "bf16"
+        Storage of the frozen base weights: as given, int8 with one scale per row (spec
+        section 5), or e4m3 with one scale per 128 x 128 block (spec section 5.1).
     """
 
     expert_num: int

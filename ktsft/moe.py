@@ -16,7 +16,26 @@ from .gradients import BASE_NAMES, LORA_NAMES, Gradients
 from .pool import ThreadPool
 
 _BF16 = ("bfloat16",)
-_SCALE_NAMES = ("gate_scale", "up_scale", "down_scale")
+# Accepted dtypes of base weights stored as bf16, int8 and fp8 (e4m3 or its raw bytes).
+_DTYPES = {"bf16": _BF16, "int8": ("int8",), "fp8": ("float8_e4m3fn", "uint8")}
+# The scale arrays that go with quantized gate, up and down weights.
+_SCALE_NAMES = {
+    "int8": ("gate_scale", "up_scale", "down_scale"),
+    "fp8": ("gate_scale_inv", "up_scale_inv", "down_scale_inv"),
+}
+_SCALE_DOC = {"int8": "float32, one scale per row", "fp8": "float32, one scale per 128 x 128 block"}
+
+
+def _stored_kind(v: _arrays.View) -> str:
+    """How base weights of this dtype are stored: "int8", "fp8" or (anything else) "bf16"."""
+    return next((k for k, d in _DTYPES.items() if v.dtype in d and k != "bf16"), "bf16")
+
+
+def _scale_shape(quant: str, rows: int, cols: int) -> tuple:
+    """Scales of one [rows, cols] matrix: one per row (int8), one per 128 x 128 block (fp8)."""
+    if quant == "int8":
+        return (rows,)
+    return (-(-rows // 128), -(-cols // 128))
 
 
 class MoESFT:
@@ -28,19 +47,23 @@ class MoESFT:
     no sync of any kind.
 
     With ``config.quant == "int8"`` the engine keeps the base weights as int8 with one float32
-    scale per output row (spec section 5): give bf16 weights to have them quantized here, or
-    int8 weights with their scale arrays (e.g. saved from :meth:`base_weights`), which
-    are used as they are. Weights may also be left out here and loaded expert by expert with
+    scale per output row (spec section 5); with ``"fp8"`` as e4m3 bytes with one float32 scale
+    per 128 x 128 block (spec section 5.1, DeepSeek-V3's ``weight_scale_inv``). Give bf16
+    weights to have them quantized here, or the quantized weights with their scale arrays (e.g.
+    saved from :meth:`base_weights`, or an fp8 checkpoint as it ships), which are used as they
+    are. Weights may also be left out here and loaded expert by expert with
     :meth:`load_experts`, so that no full copy of them need exist in the caller's memory.
 
     Parameters
     ----------
     config : MoESFTConfig
         Sizes and options.
-    gate_proj, up_proj : array, bf16 or int8, shape [E, I, H], optional
-    down_proj : array, bf16 or int8, shape [E, H, I], optional
-        Frozen base weights (NumPy ``ml_dtypes.bfloat16`` or ``uint16`` bits, or torch bf16;
-        int8 only with ``quant="int8"``). All three or none.
+    gate_proj, up_proj : array, shape [E, I, H], optional
+    down_proj : array, shape [E, H, I], optional
+        Frozen base weights: bf16 (NumPy ``ml_dtypes.bfloat16`` or ``uint16`` bits, or torch
+        bf16) in any mode; int8 with ``quant="int8"``; e4m3 (``ml_dtypes.float8_e4m3fn``,
+        ``torch.float8_e4m3fn`` or their bytes as ``uint8``) with ``quant="fp8"``. All three or
+        none.
     gate_lora_a, up_lora_a : array, bf16, shape [E, r, H]
     gate_lora_b, up_lora_b : array, bf16, shape [E, I, r]
     down_lora_a : array, bf16, shape [E, r, I]
@@ -53,6 +76,10 @@ class MoESFT:
     gate_scale, up_scale : array, float32, shape [E, I], optional
     down_scale : array, float32, shape [E, H], optional
         Per-row scales of int8 base weights (weight = int8 value * scale of its row).
+    gate_scale_inv, up_scale_inv : array, float32, shape [E, ceil(I/128), ceil(H/128)], optional
+    down_scale_inv : array, float32, shape [E, ceil(H/128), ceil(I/128)], optional
+        Block scales of e4m3 base weights: ``W[n, c] = e4m3(q[n, c]) * scale_inv[n // 128,
+        c // 128]``; finite.
     """
 
     def __init__(
@@ -73,6 +100,9 @@ class MoESFT:
         gate_scale: Any = None,
         up_scale: Any = None,
         down_scale: Any = None,
+        gate_scale_inv: Any = None,
+        up_scale_inv: Any = None,
+        down_scale_inv: Any = None,
     ):
         if not isinstance(config, MoESFTConfig):
             raise TypeError(f"config must be a ktsft.MoESFTConfig, got {type(config).__name__}")
@@ -89,13 +119,21 @@ class MoESFT:
             down_lora_b=down_lora_b,
         )
         base = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
-        scales = {"gate_scale": gate_scale, "up_scale": up_scale, "down_scale": down_scale}
+        scales = {
+            "gate_scale": gate_scale,
+            "up_scale": up_scale,
+            "down_scale": down_scale,
+            "gate_scale_inv": gate_scale_inv,
+            "up_scale_inv": up_scale_inv,
+            "down_scale_inv": down_scale_inv,
+        }
         given = [n for n in BASE_NAMES if base[n] is not None]
         if given and len(given) != 3:
             missing = [n for n in BASE_NAMES if base[n] is None]
             raise TypeError(f"give all three base weights or none; missing {missing}")
-        if not given and any(v is not None for v in scales.values()):
-            raise TypeError("gate_scale, up_scale and down_scale need the int8 base weights")
+        named = [n for n, v in scales.items() if v is not None]
+        if not given and named:
+            raise TypeError(f"{', '.join(named)} need the quantized base weights they scale")
         if isa is None:
             isa = os.environ.get("KTSFT_ISA", "auto")
         c = config
@@ -113,9 +151,9 @@ class MoESFT:
             c.quant,
         )
         if given:
-            int8 = _arrays.view(gate_proj, "gate_proj").dtype == "int8"
+            stored = _stored_kind(_arrays.view(gate_proj, "gate_proj"))
             for n in BASE_NAMES:  # the full [E, ...] shapes, before load_experts' checks
-                _arrays.checked(base[n], n, self._shapes[n], ("int8",) if int8 else _BF16)
+                _arrays.checked(base[n], n, self._shapes[n], _DTYPES[stored])
             self.load_experts(0, **base, **scales)
 
     # ---- base weights -----------------------------------------------------------------------
@@ -129,28 +167,44 @@ class MoESFT:
         gate_scale: Any = None,
         up_scale: Any = None,
         down_scale: Any = None,
+        gate_scale_inv: Any = None,
+        up_scale_inv: Any = None,
+        down_scale_inv: Any = None,
     ) -> None:
         """Packs the base weights of ``n`` experts from ``first`` on (replacing any loaded).
 
         Load a model expert by expert (``n = 1``) to keep the caller's memory at one expert
-        beyond the packed copy; forward and backward need every expert loaded.
+        beyond the packed copy; forward and backward need every expert loaded. A call that
+        fails loads nothing.
 
         Parameters
         ----------
         first : int
             Index of the first expert, 0 <= first <= E - n.
-        gate_proj, up_proj : array, bf16 or int8, shape [n, I, H] (or [I, H] for n = 1)
-        down_proj : array, bf16 or int8, shape [n, H, I] (or [H, I])
-            bf16 in either mode (quantized here in int8 mode), or int8 with the scales.
+        gate_proj, up_proj : array, shape [n, I, H] (or [I, H] for n = 1)
+        down_proj : array, shape [n, H, I] (or [H, I])
+            bf16 in any mode (quantized here in int8 and fp8 mode); int8 with the ``*_scale``
+            arrays in int8 mode; e4m3 (or its ``uint8`` bytes) with the ``*_scale_inv`` arrays
+            in fp8 mode.
         gate_scale, up_scale : array, float32, shape [n, I] (or [I])
         down_scale : array, float32, shape [n, H] (or [H])
             Per-row scales, with int8 weights only.
+        gate_scale_inv, up_scale_inv : array, float32, shape [n, ceil(I/128), ceil(H/128)]
+        down_scale_inv : array, float32, shape [n, ceil(H/128), ceil(I/128)]
+            Block scales, with e4m3 weights only; every one finite.
         """
         c = self.config
         E, H, I = c.expert_num, c.hidden_size, c.intermediate_size  # noqa: E741
         first = _index(first, "first")
         base = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
-        scales = {"gate_scale": gate_scale, "up_scale": up_scale, "down_scale": down_scale}
+        scales = {
+            "gate_scale": gate_scale,
+            "up_scale": up_scale,
+            "down_scale": down_scale,
+            "gate_scale_inv": gate_scale_inv,
+            "up_scale_inv": up_scale_inv,
+            "down_scale_inv": down_scale_inv,
+        }
         gv = _arrays.view(gate_proj, "gate_proj")
         single = len(gv.shape) == 2
         n = 1 if single else (gv.shape[0] if gv.shape else 0)
@@ -161,37 +215,40 @@ class MoESFT:
             )
         lead = () if single else (n,)
         rows = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-        int8 = gv.dtype == "int8"
-        if int8 and c.quant != "int8":
+        stored = _stored_kind(gv)
+        if stored != "bf16" and stored != c.quant:
             raise TypeError(
-                "gate_proj is int8 but this layer stores bf16 base weights; use "
-                "MoESFTConfig(quant='int8') or give bf16 weights"
+                f"gate_proj has dtype {gv.dtype} ({stored} weights) but this layer stores "
+                f"{c.quant} base weights; use MoESFTConfig(quant={stored!r}) or give bf16 weights"
             )
-        dtypes = ("int8",) if int8 else _BF16
-        ptrs = [_arrays.checked(base[m], m, lead + rows[m], dtypes).ptr for m in BASE_NAMES]
+        ptrs = [_arrays.checked(base[m], m, lead + rows[m], _DTYPES[stored]).ptr for m in BASE_NAMES]
         scale_ptrs = [0, 0, 0]
-        if int8:
-            for i, (m, s) in enumerate(zip(BASE_NAMES, _SCALE_NAMES)):
-                if scales[s] is None:
-                    raise TypeError(f"int8 {m} needs {s} (float32, one scale per row)")
-                shape = lead + rows[m][:1]
-                scale_ptrs[i] = _arrays.checked(scales[s], s, shape, ("float32",)).ptr
-        elif any(v is not None for v in scales.values()):
-            raise TypeError("gate_scale, up_scale and down_scale go with int8 base weights only")
-        self.pool.run(lambda: self._engine.load_experts(first, n, int8, *ptrs, *scale_ptrs))
+        wanted = _SCALE_NAMES.get(stored, ())
+        extra = [s for s, v in scales.items() if v is not None and s not in wanted]
+        if extra:
+            with_what = f"{stored} base weights" if stored != "bf16" else "quantized base weights"
+            raise TypeError(f"{', '.join(extra)} do not go with {with_what}")
+        for i, (m, s) in enumerate(zip(BASE_NAMES, wanted)):
+            if scales[s] is None:
+                raise TypeError(f"{stored} {m} needs {s} ({_SCALE_DOC[stored]})")
+            shape = lead + _scale_shape(stored, *rows[m])
+            scale_ptrs[i] = _arrays.checked(scales[s], s, shape, ("float32",)).ptr
+        self.pool.run(lambda: self._engine.load_experts(first, n, stored, *ptrs, *scale_ptrs))
 
     def base_weights(self, first: int = 0, count: int | None = None) -> dict:
         """The packed base weights of ``count`` experts from ``first`` on, read back.
 
-        In int8 mode these are exactly the bytes and scales the kernels use (e.g. to save a
-        quantized model and load it later without any bf16 copy).
+        In int8 and fp8 mode these are exactly the bytes and scales the kernels use (e.g. to
+        save a quantized model and load it later without any bf16 copy).
 
         Returns
         -------
         dict of numpy.ndarray
             ``gate_proj``, ``up_proj`` [count, I, H], ``down_proj`` [count, H, I]: bf16
-            (``ml_dtypes.bfloat16``) or int8; in int8 mode also ``gate_scale``, ``up_scale``
-            [count, I] and ``down_scale`` [count, H], float32.
+            (``ml_dtypes.bfloat16``), int8, or e4m3 (``ml_dtypes.float8_e4m3fn``); in int8 mode
+            also ``gate_scale``, ``up_scale`` [count, I] and ``down_scale`` [count, H]; in fp8
+            mode ``gate_scale_inv``, ``up_scale_inv`` [count, ceil(I/128), ceil(H/128)] and
+            ``down_scale_inv`` [count, ceil(H/128), ceil(I/128)]; scales float32.
         """
         c = self.config
         E, H, I = c.expert_num, c.hidden_size, c.intermediate_size  # noqa: E741
@@ -199,17 +256,11 @@ class MoESFT:
         count = E - first if count is None else _index(count, "count")
         if first < 0 or count < 1 or first + count > E:
             raise ValueError(f"experts {first} .. {first + count - 1} must lie in [0, {E})")
-        int8 = c.quant == "int8"
-        dtype = np.int8 if int8 else _arrays.BF16
-        out = {
-            "gate_proj": np.empty((count, I, H), dtype),
-            "up_proj": np.empty((count, I, H), dtype),
-            "down_proj": np.empty((count, H, I), dtype),
-        }
-        if int8:
-            out["gate_scale"] = np.empty((count, I), np.float32)
-            out["up_scale"] = np.empty((count, I), np.float32)
-            out["down_scale"] = np.empty((count, H), np.float32)
+        dtype = {"bf16": _arrays.BF16, "int8": np.int8, "fp8": _arrays.FP8}[c.quant]
+        rows = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+        out = {m: np.empty((count,) + rows[m], dtype) for m in BASE_NAMES}
+        for m, s in zip(BASE_NAMES, _SCALE_NAMES.get(c.quant, ())):
+            out[s] = np.empty((count,) + _scale_shape(c.quant, *rows[m]), np.float32)
         ptrs = [a.ctypes.data for a in out.values()]
         self.pool.run(lambda: self._engine.read_experts(first, count, *ptrs))
         return out
@@ -494,7 +545,7 @@ class MoESFT:
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes held by the packed base weights and their int8 scales (the only copy the
+        """Bytes held by the packed base weights and their scales (the only copy the
         library keeps)."""
         return self._engine.packed_bytes
 

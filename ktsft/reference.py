@@ -32,6 +32,12 @@ backward multiplies by the dequantized weights; and the bf16 roundings spec sect
 (``g``, ``u``, ``h``, ``dg``, ``du``) are applied, because the engine quantizes its bf16 ``h``
 and a quantizer turns a tiny difference into a whole step. The spec's int8 accuracy goals are
 measured against ``quant="bf16"``, the exact math of the unquantized model.
+
+FP8 (spec section 5.1): :func:`quantize_fp8` is the engine's e4m3 quantizer (one scale per
+128 x 128 block), bit for bit, and :func:`dequantize_fp8` the weights an fp8 engine multiplies
+by. ``quant="fp8"`` quantizes bf16 base weights that way and runs the exact float64 math on the
+dequantized weights: the activations stay bf16, so nothing else changes (for a checkpoint that
+ships in fp8, pass ``dequantize_fp8(q, scale_inv)`` with ``quant="bf16"``).
 """
 
 from __future__ import annotations
@@ -41,9 +47,18 @@ import numpy as np
 
 from .gradients import BASE_NAMES, LORA_NAMES, Gradients
 
-__all__ = ["backward", "dequantize_int8", "forward", "quantize_int8"]
+__all__ = [
+    "backward",
+    "dequantize_fp8",
+    "dequantize_int8",
+    "forward",
+    "quantize_fp8",
+    "quantize_int8",
+]
 
-QUANT_MODES = ("bf16", "int8")
+QUANT_MODES = ("bf16", "int8", "fp8")
+FP8_BLOCK = 128
+FP8_MAX = 448.0
 
 
 def _to_numpy(a):
@@ -138,6 +153,79 @@ def dequantize_int8(q, scale):
     return np.asarray(q, np.float64) * np.asarray(scale, np.float64)[..., None]
 
 
+def _blocks(a, fill):
+    """[..., rows, cols] padded with ``fill`` to whole 128 x 128 blocks, as
+    [..., row blocks, 128, column blocks, 128]."""
+    rows, cols = a.shape[-2:]
+    nbr, nbc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, nbr * FP8_BLOCK - rows), (0, nbc * FP8_BLOCK - cols)]
+    padded = np.pad(a, pad, constant_values=fill)
+    return padded.reshape(a.shape[:-2] + (nbr, FP8_BLOCK, nbc, FP8_BLOCK))
+
+
+def _unblock(b, rows, cols):
+    lead = b.shape[:-4]
+    nbr, nbc = b.shape[-4], b.shape[-2]
+    return b.reshape(lead + (nbr * FP8_BLOCK, nbc * FP8_BLOCK))[..., :rows, :cols]
+
+
+def quantize_fp8(w):
+    """e4m3 quantization with one scale per 128 x 128 block (spec section 5.1), as the engine
+    does it at load.
+
+    Per block ``scale = amax / 448`` (float32), ``q = e4m3(w / scale)``: the division in
+    float32, then rounded to the nearest e4m3 value (ties to even) and saturated at +-448. An
+    all-zero block gets scale 0 and zero bytes; a block holding NaN or Inf gets scale NaN and
+    zero bytes. Edge blocks are partial.
+
+    Parameters
+    ----------
+    w : array, shape [..., rows, cols]
+        Values of any supported kind, taken as float32.
+
+    Returns
+    -------
+    q : numpy.ndarray, ``ml_dtypes.float8_e4m3fn``, shape [..., rows, cols]
+    scale_inv : numpy.ndarray, float32, shape [..., ceil(rows / 128), ceil(cols / 128)]
+    """
+    w32 = _as_f64(w).astype(np.float32)
+    rows, cols = w32.shape[-2:]
+    b = _blocks(w32, 0)
+    finite = np.isfinite(b).all(axis=(-3, -1))
+    amax = np.abs(np.where(np.isfinite(b), b, 0)).max(axis=(-3, -1))
+    scale = (amax / np.float32(FP8_MAX)).astype(np.float32)
+    div = np.where(scale > 0, scale, np.float32(1))[..., :, None, :, None]
+    with np.errstate(invalid="ignore"):
+        v = np.clip(np.where(np.isfinite(b), b, 0) / div, -FP8_MAX, FP8_MAX).astype(np.float32)
+    keep = (finite & (amax > 0))[..., :, None, :, None]
+    q = np.where(keep, v, np.float32(0)).astype(ml_dtypes.float8_e4m3fn)
+    return _unblock(q, rows, cols), np.where(finite, scale, np.float32(np.nan))
+
+
+def dequantize_fp8(q, scale_inv):
+    """Dequantized e4m3 weights, in float64 (exact): ``q[n, c] * scale_inv[n // 128, c // 128]``.
+
+    Parameters
+    ----------
+    q : array, shape [..., rows, cols]
+        ``ml_dtypes.float8_e4m3fn``, ``torch.float8_e4m3fn`` or the bytes as ``uint8``.
+    scale_inv : array, float32, shape [..., ceil(rows / 128), ceil(cols / 128)]
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape [..., rows, cols]
+    """
+    if type(q).__module__.startswith("torch"):
+        q = q.detach().cpu().view(__import__("torch").uint8).numpy()
+    q = np.asarray(q)
+    if q.dtype == np.uint8:
+        q = q.view(ml_dtypes.float8_e4m3fn)
+    rows, cols = q.shape[-2:]
+    values = _blocks(q.astype(np.float64), 0.0)
+    scale = np.asarray(_to_numpy(scale_inv), np.float64)[..., :, None, :, None]
+    return _unblock(values * scale, rows, cols)
+
+
 def _fake_quant_rows(a):
     """Rows of ``a`` quantized per row as the int8 forward quantizes x and h, back in float64."""
     return dequantize_int8(*quantize_int8(a.astype(np.float32)))
@@ -161,9 +249,13 @@ def _prepare(x, expert_ids, weights, params, lora_alpha, quant):
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     p = {name: _as_f64(v) for name, v in params.items()}
-    if quant == "int8":
+    if quant in ("int8", "fp8"):
+        quantize, dequantize = {
+            "int8": (quantize_int8, dequantize_int8),
+            "fp8": (quantize_fp8, dequantize_fp8),
+        }[quant]
         for name in BASE_NAMES:
-            p[name] = dequantize_int8(*quantize_int8(p[name]))
+            p[name] = dequantize(*quantize(p[name]))
     x = _as_f64(x)
     w = _as_f64(weights)
     E, I, H = p["gate_proj"].shape
@@ -267,8 +359,9 @@ def forward(
         LoRA adapters; the rank ``r`` is read from ``gate_lora_a``.
     lora_alpha : float
         LoRA scaling numerator; the scale is ``s = lora_alpha / r``.
-    quant : {"bf16", "int8"}, default "bf16"
-        "int8" models the engine's int8 mode (see the module docstring); "bf16" is the exact
+    quant : {"bf16", "int8", "fp8"}, default "bf16"
+        "int8" and "fp8" model the engine's int8 and fp8 modes (see the module docstring);
+        "bf16" is the exact
         math on the given values.
 
     Returns

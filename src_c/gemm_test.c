@@ -6,38 +6,42 @@
 #include "internal.h"
 
 kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
-                       const void *w, const float *w_scale, int64_t rows, int64_t cols, int w_int8,
-                       int64_t n0, int64_t n, float *c, kt_error *err) {
+                       const void *w, const float *w_scale, int64_t rows, int64_t cols,
+                       kt_dtype w_dtype, int64_t n0, int64_t n, float *c, kt_error *err) {
   const kt_kernels *kern = kt_kernels_for(isa);
   if (!kern)
     return kt_fail(err, KT_ERR_ISA_UNAVAILABLE, "kernel family '%s' is not available here",
                    kt_isa_name(isa));
   const int64_t out_cols = op == KT_GEMM_NN ? cols : rows;
-  if (m < 1 || rows < 1 || cols < 1 || n < 1 || n0 < 0 || n0 + n > out_cols)
+  if (m < 1 || rows < 1 || cols < 1 || n < 1 || n0 < 0 || n0 % KT_BLOCK_N || n0 + n > out_cols)
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
                    "bad sizes: m %" PRId64 ", W [%" PRId64 ", %" PRId64 "], columns [%" PRId64
                    ", %" PRId64 ")",
                    m, rows, cols, n0, n0 + n);
-  if ((op == KT_GEMM_NT_Q8 && (!w_int8 || !a_scale)) || (w_int8 && !w_scale) ||
-      (op == KT_GEMM_NT && w_int8))
+  const kt_wtype wt = w_dtype == KT_DTYPE_INT8       ? KT_WTYPE_INT8
+                      : w_dtype == KT_DTYPE_FP8_E4M3 ? KT_WTYPE_FP8
+                                                     : KT_WTYPE_BF16;
+  if ((w_dtype != KT_DTYPE_BF16 && wt == KT_WTYPE_BF16) ||
+      (op == KT_GEMM_NT_Q8) != (wt == KT_WTYPE_INT8) || (op == KT_GEMM_NT_Q8 && !a_scale) ||
+      (wt != KT_WTYPE_BF16 && !w_scale))
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "operation and weight type do not match");
-  const kt_wtype wt = w_int8 ? KT_WTYPE_INT8 : KT_WTYPE_BF16;
   const int64_t k = op == KT_GEMM_NN ? rows : cols;
   void *packed = kt_alloc(kern->packed_bytes(rows, cols, wt));
-  void *scratch = kt_alloc(kern->gemm_scratch_bytes(n, k));
+  void *scratch = kt_alloc(
+      kt_max_size(kern->gemm_scratch_bytes(n, k), kt_base_gemm_scratch_bytes(kern, wt, n, k)));
   if (!packed || !scratch) {
     kt_free(packed);
     kt_free(scratch);
     return kt_fail(err, KT_ERR_OUT_OF_MEMORY, "out of memory");
   }
   kern->pack(packed, w, rows, cols, wt);
-  const kt_packed pw = {packed, rows, cols, wt, w_int8 ? w_scale : NULL};
+  const kt_packed pw = {packed, rows, cols, wt, wt == KT_WTYPE_BF16 ? NULL : w_scale};
   if (op == KT_GEMM_NT_Q8) {
     const kt_rows_q8 aq = {a, k, NULL, m, a_scale};
     kern->gemm_nt_q8(&aq, &pw, n0, n, c, n, scratch);
   } else {
     const kt_rows ar = {a, k, NULL, m};
-    (op == KT_GEMM_NN ? kern->gemm_nn : kern->gemm_nt)(&ar, &pw, n0, n, c, n, scratch);
+    (op == KT_GEMM_NN ? kt_base_gemm_nn : kt_base_gemm_nt)(kern, &ar, &pw, n0, n, c, n, scratch);
   }
   kt_free(packed);
   kt_free(scratch);

@@ -107,15 +107,26 @@ typedef struct kt_rows_q8 {
   const float *scale;
 } kt_rows_q8;
 
-typedef enum kt_wtype { KT_WTYPE_BF16 = 0, KT_WTYPE_INT8 = 1 } kt_wtype;
+typedef enum kt_wtype { KT_WTYPE_BF16 = 0, KT_WTYPE_INT8 = 1, KT_WTYPE_FP8 = 2 } kt_wtype;
 
-/* A frozen [rows, cols] matrix in a family's packed layout: bf16, or int8 with one fp32 scale
- * per row (W[n, c] = q[n, c] * scale[n]). */
+/* Bytes of one packed element: 2 for bf16, 1 for int8 and fp8 (e4m3). */
+static inline int64_t kt_wtype_size(kt_wtype t) { return t == KT_WTYPE_BF16 ? 2 : 1; }
+
+/* Rows and columns of one fp8 scale block (spec section 5.1). */
+#define KT_FP8_BLOCK 128
+
+/* A frozen [rows, cols] matrix in a family's packed layout:
+ *   BF16  as given; scale NULL, or (x W only) one fp32 factor per row of W folded into A
+ *   INT8  one fp32 scale per row: W[n, c] = q[n, c] * scale[n]
+ *   FP8   e4m3 bytes packed as INT8 is, with block scales [ceil(rows/128), ceil(cols/128)]:
+ *         W[n, c] = e4m3(q[n, c]) * scale[(n / 128) * ceil(cols/128) + c / 128]. The kernels
+ *         never see it: the fp8 drivers (fp8.c) decode panels of it to bf16 (decode_fp8) and
+ *         run the family's bf16 GEMMs on them. */
 typedef struct kt_packed {
   const void *data;
   int64_t rows, cols;
   kt_wtype wtype;
-  const float *scale; /* [rows] for INT8; NULL for BF16 */
+  const float *scale;
 } kt_packed;
 
 /* A row-major bf16 matrix in the caller's memory (LoRA tensors), as a GEMM operand of the generic
@@ -140,12 +151,17 @@ typedef struct kt_kernels {
    * "x W^T", W bf16: C[m, j] = sum_c A[m, c] * W[n0 + j, c], m < A.count, j < n, c < W.cols. */
   void (*gemm_nt)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                   int64_t ldc, void *scratch);
+  /* W[r0 .. r0 + nr, c0 .. c0 + nc) of a packed FP8 matrix as a packed BF16 [nr, nc] matrix
+   * (what pack would make of the decoded values; e4m3 is exact in bf16). r0 and c0 are
+   * multiples of KT_BLOCK_N. */
+  void (*decode_fp8)(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc, void *dst);
   /* "x W^T", both int8: C[m, j] = sa[m] sw[n0 + j] sum_c qa[m, c] qw[n0 + j, c], the sum in
    * int32. */
   void (*gemm_nt_q8)(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                      int64_t ldc, void *scratch);
   /* "x W", W bf16 or int8: C[m, j] = sum_c A[m, c] * W[c, n0 + j], m < A.count, j < n,
-   * c < W.rows. For int8, the row scale folds into A in fp32: sum_c (A[m, c] sw[c]) qw[c, n0+j]. */
+   * c < W.rows. With a row scale (int8; bf16 panels of fp8), it folds into A in fp32:
+   * sum_c (A[m, c] sw[c]) W[c, n0 + j]. */
   void (*gemm_nn)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                   int64_t ldc, void *scratch);
   void (*sigmoid)(const float *x, float *y, int64_t n);
@@ -230,6 +246,59 @@ static inline float kt_quantize_value(float v, float scale) {
  * NaN for a row with a non-finite value). */
 static inline float kt_dequantize_value(float v, float scale) {
   return scale == 0.0f ? 0.0f : kt_quantize_value(v, scale) * scale;
+}
+
+/* ---- fp8 e4m3 (spec section 5.1) ----------------------------------------------------------- */
+
+/* The bf16 bits of an e4m3 (float8_e4m3fn) byte: exact; 0x7f and 0xff are NaN. */
+static inline uint16_t kt_e4m3_to_bf16(uint8_t b) {
+  const uint16_t sign = (uint16_t)((b & 0x80u) << 8);
+  const unsigned e = (b >> 3) & 15u, m = b & 7u;
+  if (e == 15u && m == 7u) return (uint16_t)(sign | 0x7fc0u);
+  if (e > 0u) return (uint16_t)(sign | ((e + 120u) << 7) | (m << 4));
+  if (m == 0u) return sign;
+  /* subnormal m 2^-9: normalize the leading bit p of m */
+  const unsigned p = m >= 4u ? 2u : m >= 2u ? 1u : 0u;
+  return (uint16_t)(sign | ((118u + p) << 7) | (((m << (7u - p)) & 0x7fu)));
+}
+
+/* The e4m3 byte nearest v (ties to even), saturated at +-448; NaN gives 0x7f (with its sign). */
+uint8_t kt_f32_to_e4m3(float v);
+
+/* Quantizes a bf16 [rows, cols] matrix to e4m3 with one scale per 128 x 128 block (amax / 448,
+ * w / scale in fp32, then to e4m3; an all-zero block gets scale 0 and zero bytes; a block with
+ * a non-finite value gets scale NaN). q [rows, cols], scale [ceil(rows/128), ceil(cols/128)]. */
+void kt_quantize_fp8_bf16(const uint16_t *w, int64_t rows, int64_t cols, uint8_t *q, float *scale);
+
+/* The fp8 GEMMs on the family's bf16 kernels (fp8.c), same contracts as gemm_nt and gemm_nn of
+ * the table, with scratch of kt_fp8_scratch_bytes(kern) bytes:
+ *   x W^T  per 128-column block: the fp32 partial sum of the block times its scale
+ *   x W    per 128-row block: the block's scale folded into A in fp32 */
+size_t kt_fp8_scratch_bytes(const kt_kernels *kern);
+void kt_fp8_gemm_nt(const kt_kernels *kern, const kt_rows *a, const kt_packed *w, int64_t n0,
+                    int64_t n, float *c, int64_t ldc, void *scratch);
+void kt_fp8_gemm_nn(const kt_kernels *kern, const kt_rows *a, const kt_packed *w, int64_t n0,
+                    int64_t n, float *c, int64_t ldc, void *scratch);
+
+/* The base-weight GEMMs with bf16 activations, whatever the storage (bf16, int8 for x W, fp8). */
+static inline void kt_base_gemm_nt(const kt_kernels *kern, const kt_rows *a, const kt_packed *w,
+                                   int64_t n0, int64_t n, float *c, int64_t ldc, void *scratch) {
+  if (w->wtype == KT_WTYPE_FP8)
+    kt_fp8_gemm_nt(kern, a, w, n0, n, c, ldc, scratch);
+  else
+    kern->gemm_nt(a, w, n0, n, c, ldc, scratch);
+}
+static inline void kt_base_gemm_nn(const kt_kernels *kern, const kt_rows *a, const kt_packed *w,
+                                   int64_t n0, int64_t n, float *c, int64_t ldc, void *scratch) {
+  if (w->wtype == KT_WTYPE_FP8)
+    kt_fp8_gemm_nn(kern, a, w, n0, n, c, ldc, scratch);
+  else
+    kern->gemm_nn(a, w, n0, n, c, ldc, scratch);
+}
+/* Scratch of either of them for outputs of at most n columns and reductions of length k. */
+static inline size_t kt_base_gemm_scratch_bytes(const kt_kernels *kern, kt_wtype t, int64_t n,
+                                                int64_t k) {
+  return t == KT_WTYPE_FP8 ? kt_fp8_scratch_bytes(kern) : kern->gemm_scratch_bytes(n, k);
 }
 
 /* ---- CPU ----------------------------------------------------------------------------------- */

@@ -22,8 +22,8 @@ kt_status kt_moe_create(const kt_moe_config *c, kt_pool *pool, kt_moe **out, kt_
     if (sizes[i].value <= 0)
       return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "%s must be > 0, got %d", sizes[i].name,
                      (int)sizes[i].value);
-  if (c->quant != KT_QUANT_BF16 && c->quant != KT_QUANT_INT8)
-    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "quant must be bf16 or int8, got code %d",
+  if (c->quant != KT_QUANT_BF16 && c->quant != KT_QUANT_INT8 && c->quant != KT_QUANT_FP8)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "quant must be bf16, int8 or fp8, got code %d",
                    (int)c->quant);
   if (!(c->lora_alpha == c->lora_alpha))
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "lora_alpha must be a number, got NaN");
@@ -47,7 +47,9 @@ kt_status kt_moe_create(const kt_moe_config *c, kt_pool *pool, kt_moe **out, kt_
   m->scale = c->lora_alpha / (float)c->lora_rank;
   m->pool = pool;
   m->kern = kern;
-  m->wtype = c->quant == KT_QUANT_INT8 ? KT_WTYPE_INT8 : KT_WTYPE_BF16;
+  m->wtype = c->quant == KT_QUANT_INT8  ? KT_WTYPE_INT8
+             : c->quant == KT_QUANT_FP8 ? KT_WTYPE_FP8
+                                        : KT_WTYPE_BF16;
   m->stack = stack;
   pthread_mutex_init(&m->lock, NULL);
   *out = m;
@@ -74,6 +76,10 @@ static int64_t proj_cols(const kt_moe *m, int p) {
   return p == KT_DOWN ? m->cfg.intermediate_size : m->cfg.hidden_size;
 }
 static const char *const proj_name[3] = {"gate_proj", "up_proj", "down_proj"};
+/* Scales of one expert's matrix of projection p (0 in bf16 mode). */
+static size_t proj_scales(const kt_moe *m, int p) {
+  return (size_t)kt_scale_count(m->wtype, proj_rows(m, p), proj_cols(m, p));
+}
 
 /* The packed storage of all E experts, made at the first load. */
 static kt_status alloc_packed(kt_moe *m, kt_error *err) {
@@ -84,14 +90,14 @@ static kt_status alloc_packed(kt_moe *m, kt_error *err) {
         kt_align_up(m->kern->packed_bytes(proj_rows(m, p), proj_cols(m, p), m->wtype));
     m->packed[p] = kt_alloc_huge(m->packed_stride[p] * E);
     total += m->packed_stride[p] * E;
-    if (m->wtype == KT_WTYPE_INT8) {
-      m->scales[p] = kt_alloc(E * (size_t)proj_rows(m, p) * sizeof(float));
-      total += E * (size_t)proj_rows(m, p) * sizeof(float);
+    if (proj_scales(m, p)) {
+      m->scales[p] = kt_alloc(E * proj_scales(m, p) * sizeof(float));
+      total += E * proj_scales(m, p) * sizeof(float);
     }
   }
   m->expert_loaded = calloc(E, 1);
   int ok = m->expert_loaded != NULL;
-  for (int p = 0; p < 3; p++) ok &= m->packed[p] && (m->wtype != KT_WTYPE_INT8 || m->scales[p]);
+  for (int p = 0; p < 3; p++) ok &= m->packed[p] && (!proj_scales(m, p) || m->scales[p]);
   if (ok) return KT_OK;
   for (int p = 0; p < 3; p++) {
     kt_free(m->packed[p]);
@@ -119,7 +125,7 @@ typedef struct pack_ctx {
   kt_moe *m;
   int32_t first;
   const kt_expert_weights *w;
-  int8_t *q8; /* bf16 into int8: one matrix per worker */
+  void *q8; /* bf16 into int8 or fp8: one matrix per worker */
   size_t q8_each;
 } pack_ctx;
 
@@ -136,18 +142,22 @@ static void pack_one(void *vctx, int64_t item, int32_t worker) {
     m->kern->pack(dst, (const uint16_t *)src[p] + (size_t)i * n, rows, cols, KT_WTYPE_BF16);
     return;
   }
-  float *scale = m->scales[p] + (size_t)e * (size_t)rows;
-  if (ctx->w->dtype == KT_DTYPE_INT8) {
+  const size_t ns = proj_scales(m, p);
+  float *scale = m->scales[p] + (size_t)e * ns;
+  if (ctx->w->dtype != KT_DTYPE_BF16) { /* int8 or e4m3 bytes with their scales, as given */
     const float *s[3] = {ctx->w->gate_scale, ctx->w->up_scale, ctx->w->down_scale};
-    memcpy(scale, s[p] + (size_t)i * (size_t)rows, (size_t)rows * sizeof(float));
-    m->kern->pack(dst, (const int8_t *)src[p] + (size_t)i * n, rows, cols, KT_WTYPE_INT8);
+    memcpy(scale, s[p] + (size_t)i * ns, ns * sizeof(float));
+    m->kern->pack(dst, (const int8_t *)src[p] + (size_t)i * n, rows, cols, m->wtype);
     return;
   }
-  int8_t *q = ctx->q8 + (size_t)worker * ctx->q8_each;
+  char *q = (char *)ctx->q8 + (size_t)worker * ctx->q8_each;
   const uint16_t *w = (const uint16_t *)src[p] + (size_t)i * n;
-  for (int64_t r = 0; r < rows; r++)
-    scale[r] = kt_quantize_row_bf16(w + r * cols, cols, q + r * cols);
-  m->kern->pack(dst, q, rows, cols, KT_WTYPE_INT8);
+  if (m->wtype == KT_WTYPE_FP8)
+    kt_quantize_fp8_bf16(w, rows, cols, (uint8_t *)q, scale);
+  else
+    for (int64_t r = 0; r < rows; r++)
+      scale[r] = kt_quantize_row_bf16(w + r * cols, cols, (int8_t *)q + r * cols);
+  m->kern->pack(dst, q, rows, cols, m->wtype);
 }
 
 kt_status kt_moe_load_experts(kt_moe *m, int32_t first, int32_t count, const kt_expert_weights *w,
@@ -161,20 +171,36 @@ kt_status kt_moe_load_experts(kt_moe *m, int32_t first, int32_t count, const kt_
       return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
                      "gate_proj, up_proj and down_proj must all be set (got a null pointer for %s)",
                      proj_name[p]);
-  if (w->dtype == KT_DTYPE_INT8) {
-    if (m->wtype != KT_WTYPE_INT8)
+  if (w->dtype == KT_DTYPE_INT8 || w->dtype == KT_DTYPE_FP8_E4M3) {
+    const int fp8 = w->dtype == KT_DTYPE_FP8_E4M3;
+    const char *what = fp8 ? "e4m3" : "int8";
+    if (m->wtype != (fp8 ? KT_WTYPE_FP8 : KT_WTYPE_INT8))
       return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
-                     "int8 base weights need quant = int8; this engine stores bf16");
+                     "%s base weights need quant = %s; this engine stores %s", what,
+                     fp8 ? "fp8" : "int8",
+                     m->wtype == KT_WTYPE_BF16   ? "bf16"
+                     : m->wtype == KT_WTYPE_INT8 ? "int8"
+                                                 : "fp8");
     const float *sc[3] = {w->gate_scale, w->up_scale, w->down_scale};
-    for (int p = 0; p < 3; p++)
+    for (int p = 0; p < 3; p++) {
       if (!sc[p])
         return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
-                       "int8 %s needs its per-row scales (got a null pointer)", proj_name[p]);
+                       "%s %s needs its %s scales (got a null pointer)", what, proj_name[p],
+                       fp8 ? "block" : "per-row");
+      const size_t ns = proj_scales(m, p) * (size_t)count;
+      for (size_t j = 0; fp8 && j < ns; j++)
+        if (!isfinite(sc[p][j]))
+          return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                         "%s_scale_inv of expert %d, block %zu is %g: the block scales of fp8 "
+                         "weights must be finite",
+                         proj_name[p], (int)(first + (int32_t)(j / proj_scales(m, p))),
+                         j % proj_scales(m, p), (double)sc[p][j]);
+    }
   } else if (w->dtype != KT_DTYPE_BF16) {
-    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "base weights must be bfloat16 or int8");
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "base weights must be bfloat16, int8 or e4m3");
   }
   pack_ctx ctx = {.m = m, .first = first, .w = w};
-  if (m->wtype == KT_WTYPE_INT8 && w->dtype == KT_DTYPE_BF16) {
+  if (m->wtype != KT_WTYPE_BF16 && w->dtype == KT_DTYPE_BF16) {
     const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
     ctx.q8_each = kt_align_up((size_t)(H * I));
     ctx.q8 = kt_alloc(ctx.q8_each * (size_t)kt_pool_num_threads(m->pool));
@@ -210,7 +236,7 @@ kt_status kt_moe_read_experts(kt_moe *m, int32_t first, int32_t count, const kt_
   void *dst[3] = {out->gate_proj, out->up_proj, out->down_proj};
   float *sc[3] = {out->gate_scale, out->up_scale, out->down_scale};
   for (int p = 0; p < 3; p++)
-    if (!dst[p] || (m->wtype == KT_WTYPE_INT8 && !sc[p]))
+    if (!dst[p] || (proj_scales(m, p) && !sc[p]))
       return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "the buffer for %s%s is a null pointer",
                      proj_name[p], dst[p] ? " scales" : "");
   pthread_mutex_lock(&m->lock);
@@ -220,16 +246,15 @@ kt_status kt_moe_read_experts(kt_moe *m, int32_t first, int32_t count, const kt_
     return kt_fail(err, KT_ERR_WEIGHTS_NOT_LOADED, "Weights not loaded: expert %d has no weights",
                    (int)e);
   }
-  const size_t elt = m->wtype == KT_WTYPE_INT8 ? 1 : 2;
+  const size_t elt = (size_t)kt_wtype_size(m->wtype);
   for (int p = 0; p < 3; p++) {
     const int64_t rows = proj_rows(m, p), cols = proj_cols(m, p);
     for (int32_t i = 0; i < count; i++) {
       const size_t e = (size_t)(first + i);
       m->kern->unpack((char *)dst[p] + (size_t)i * (size_t)(rows * cols) * elt,
                       (const char *)m->packed[p] + e * m->packed_stride[p], rows, cols, m->wtype);
-      if (m->wtype == KT_WTYPE_INT8)
-        memcpy(sc[p] + (size_t)i * (size_t)rows, m->scales[p] + e * (size_t)rows,
-               (size_t)rows * sizeof(float));
+      const size_t ns = proj_scales(m, p);
+      if (ns) memcpy(sc[p] + (size_t)i * ns, m->scales[p] + e * ns, ns * sizeof(float));
     }
   }
   pthread_mutex_unlock(&m->lock);
@@ -246,7 +271,7 @@ size_t kt_moe_packed_bytes(const kt_moe *m) {
   size_t bytes = 0;
   for (int p = 0; p < 3; p++) {
     bytes += m->packed_stride[p] * E;
-    if (m->scales[p]) bytes += E * (size_t)proj_rows(m, p) * sizeof(float);
+    if (m->scales[p]) bytes += E * proj_scales(m, p) * sizeof(float);
   }
   return bytes;
 }

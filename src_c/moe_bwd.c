@@ -76,7 +76,7 @@ static void b2_down_act(void *vc, int64_t item, int32_t worker) {
 
   const kt_rows go = {c->go, H, rt->token + off, M};
   const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
-  m->kern->gemm_nn(&go, &wd, i0, nb, z, nb, gemm_scratch);
+  kt_base_gemm_nn(m->kern, &go, &wd, i0, nb, z, nb, gemm_scratch);
   const kt_rows gr = {st->g + off * I, I, NULL, M}, ur = {st->u + off * I, I, NULL, M};
   kt_rows_to_f32(&gr, i0, nb, g, nb);
   kt_rows_to_f32(&ur, i0, nb, u, nb);
@@ -163,9 +163,9 @@ static void b4_expert_block(const bwd_ctx *c, int32_t e, int64_t h0, int64_t nb,
   const kt_packed wg = kt_moe_weight(m, KT_GATE, e), wu = kt_moe_weight(m, KT_UP, e);
   const float *bg = c->b_g + off * r, *bu = c->b_u + off * r;
   const uint16_t *ag = a->lora.gate_a + e * r * H, *au = a->lora.up_a + e * r * H;
-  m->kern->gemm_nn(&dg, &wg, h0, nb, y, ldy, gemm_scratch);
+  kt_base_gemm_nn(m->kern, &dg, &wg, h0, nb, y, ldy, gemm_scratch);
   m->kern->lora_add_nn(M, nb, r, bg, ag, H, h0, s, y, ldy);
-  m->kern->gemm_nn(&du, &wu, h0, nb, yu, nb, gemm_scratch);
+  kt_base_gemm_nn(m->kern, &du, &wu, h0, nb, yu, nb, gemm_scratch);
   m->kern->lora_add_nn(M, nb, r, bu, au, H, h0, s, yu, nb);
   for (int64_t mm = 0; mm < M; mm++)
     for (int64_t j = 0; j < nb; j++) y[mm * ldy + j] += yu[mm * nb + j];
@@ -317,10 +317,10 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   const int64_t K = H > I ? H : I, Mx = c.max_routes, NB = KT_BLOCK_N;
   size_t each = m->kern->gemm_scratch_bytes(r, K); /* B1, B3 */
   each = kt_max_size(each, (size_t)(6 * Mx * NB + NB * r) * sizeof(float) +
-                               m->kern->gemm_scratch_bytes(NB, H)); /* B2 */
+                               kt_base_gemm_scratch_bytes(m->kern, m->wtype, NB, H)); /* B2 */
   each = kt_max_size(each, (size_t)((T + 3 * Mx) * NB + NB * r) * sizeof(float) +
-                               m->kern->gemm_scratch_bytes(NB, I)); /* B4 */
-  each = kt_max_size(each, (size_t)H * sizeof(float));              /* B5 */
+                               kt_base_gemm_scratch_bytes(m->kern, m->wtype, NB, I)); /* B4 */
+  each = kt_max_size(each, (size_t)H * sizeof(float));                                /* B5 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);
   const int split_routes = kt_split_by_route(c.n_hblk, nthreads);

@@ -78,8 +78,8 @@ static void f1_gate_up(void *vc, int64_t item, int32_t worker) {
     m->kern->gemm_nt_q8(&xq, &wg, i0, nb, gt, nb, gemm_scratch);
     m->kern->gemm_nt_q8(&xq, &wu, i0, nb, ut, nb, gemm_scratch);
   } else {
-    m->kern->gemm_nt(&x, &wg, i0, nb, gt, nb, gemm_scratch);
-    m->kern->gemm_nt(&x, &wu, i0, nb, ut, nb, gemm_scratch);
+    kt_base_gemm_nt(m->kern, &x, &wg, i0, nb, gt, nb, gemm_scratch);
+    kt_base_gemm_nt(m->kern, &x, &wu, i0, nb, ut, nb, gemm_scratch);
   }
   m->kern->lora_add_nt(M, nb, r, st->a_g + off * r, c->lora->gate_b + e * I * r, i0, m->scale, gt,
                        nb);
@@ -131,7 +131,7 @@ static void f3_expert_block(const fwd_ctx *c, int32_t e, int64_t h0, int64_t nb,
     m->kern->gemm_nt_q8(&hq, &wd, h0, nb, y, ldy, gemm_scratch);
   } else {
     const kt_rows h = {c->h + off * I, I, NULL, M};
-    m->kern->gemm_nt(&h, &wd, h0, nb, y, ldy, gemm_scratch);
+    kt_base_gemm_nt(m->kern, &h, &wd, h0, nb, y, ldy, gemm_scratch);
   }
   m->kern->lora_add_nt(M, nb, r, st->a_d + off * r, c->lora->down_b + e * H * r, h0, m->scale, y,
                        ldy);
@@ -262,11 +262,13 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   }
   const int64_t K = H > I ? H : I, Mx = c.max_routes;
   size_t each = m->kern->gemm_scratch_bytes(r, K); /* F0, F2 */
-  each = kt_max_size(each, 3 * (size_t)(Mx * KT_BLOCK_N) * sizeof(float) +
-                               m->kern->gemm_scratch_bytes(KT_BLOCK_N, H)); /* F1 */
-  each = kt_max_size(each, (size_t)((T + Mx) * KT_BLOCK_N) * sizeof(float) +
-                               m->kern->gemm_scratch_bytes(KT_BLOCK_N, I)); /* F3 */
-  each = kt_max_size(each, (size_t)H * sizeof(float));                      /* F4 */
+  each =
+      kt_max_size(each, 3 * (size_t)(Mx * KT_BLOCK_N) * sizeof(float) +
+                            kt_base_gemm_scratch_bytes(m->kern, m->wtype, KT_BLOCK_N, H)); /* F1 */
+  each =
+      kt_max_size(each, (size_t)((T + Mx) * KT_BLOCK_N) * sizeof(float) +
+                            kt_base_gemm_scratch_bytes(m->kern, m->wtype, KT_BLOCK_N, I)); /* F3 */
+  each = kt_max_size(each, (size_t)H * sizeof(float));                                     /* F4 */
   c.scratch_each = kt_align_up(each);
   const int32_t nthreads = kt_pool_num_threads(m->pool);
   const int split_routes = kt_split_by_route(c.n_hblk, nthreads);

@@ -43,16 +43,24 @@ struct kt_moe {
   float scale; /* lora_alpha / r */
   kt_pool *pool;
   const kt_kernels *kern;
-  kt_wtype wtype;          /* KT_WTYPE_INT8 in KT_QUANT_INT8 mode */
+  kt_wtype wtype;          /* KT_WTYPE_INT8 in KT_QUANT_INT8 mode, KT_WTYPE_FP8 in KT_QUANT_FP8 */
   void *packed[3];         /* gate, up, down: E packed matrices each, allocated at first load */
   size_t packed_stride[3]; /* bytes between two experts' matrices */
-  float *scales[3];        /* int8: [E, rows] per-row scales */
+  float *scales[3];        /* int8: [E, rows] per-row scales; fp8: [E, blocks] block scales */
   uint8_t *expert_loaded;  /* [E] */
   int32_t n_loaded;
   kt_saved **stack; /* [max_cache_depth] */
   int32_t depth;
   pthread_mutex_t lock; /* one call at a time on an engine */
 };
+
+/* Scales of one [rows, cols] matrix: one per row (int8), one per 128 x 128 block (fp8). */
+static inline int64_t kt_scale_count(kt_wtype t, int64_t rows, int64_t cols) {
+  const int64_t b = KT_FP8_BLOCK;
+  return t == KT_WTYPE_INT8  ? rows
+         : t == KT_WTYPE_FP8 ? ((rows + b - 1) / b) * ((cols + b - 1) / b)
+                             : 0;
+}
 
 /* Expert e's matrix of projection p (KT_GATE, KT_UP: [I, H]; KT_DOWN: [H, I]). */
 static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
@@ -63,7 +71,8 @@ static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
     w.rows = H;
     w.cols = I;
   }
-  if (m->wtype == KT_WTYPE_INT8) w.scale = m->scales[p] + (size_t)e * (size_t)w.rows;
+  if (m->scales[p])
+    w.scale = m->scales[p] + (size_t)e * (size_t)kt_scale_count(m->wtype, w.rows, w.cols);
   return w;
 }
 

@@ -437,7 +437,7 @@ def gemm(isa, op, a, w, n0, n, a_scale=None, w_scale=None):
         ptr(w_scale),
         w.shape[0],
         w.shape[1],
-        w.dtype == np.int8,
+        "int8" if w.dtype == np.int8 else "bf16",
         n0,
         n,
         c.ctypes.data,

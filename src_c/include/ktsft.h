@@ -108,7 +108,8 @@ int32_t kt_pool_num_threads(const kt_pool *pool);
 /* How the engine stores the frozen base weights (spec section 5). */
 typedef enum kt_quant {
   KT_QUANT_BF16 = 0, /* as given */
-  KT_QUANT_INT8 = 1  /* int8, one fp32 scale per output row, quantized at load */
+  KT_QUANT_INT8 = 1, /* int8, one fp32 scale per output row, quantized at load */
+  KT_QUANT_FP8 = 2   /* e4m3, one fp32 scale per 128 x 128 block (spec section 5.1) */
 } kt_quant;
 
 typedef struct kt_moe_config {
@@ -134,7 +135,12 @@ typedef struct kt_lora_grads {
   uint16_t *gate_a, *gate_b, *up_a, *up_b, *down_a, *down_b;
 } kt_lora_grads;
 
-typedef enum kt_dtype { KT_DTYPE_F32 = 0, KT_DTYPE_BF16 = 1, KT_DTYPE_INT8 = 2 } kt_dtype;
+typedef enum kt_dtype {
+  KT_DTYPE_F32 = 0,
+  KT_DTYPE_BF16 = 1,
+  KT_DTYPE_INT8 = 2,
+  KT_DTYPE_FP8_E4M3 = 3 /* float8_e4m3fn bytes */
+} kt_dtype;
 
 /* Saved forward state owned by the caller (see kt_forward_args.saved_out). */
 typedef struct kt_saved kt_saved;
@@ -178,15 +184,19 @@ typedef struct kt_backward_args {
 /* Base weights of `count` consecutive experts, as the caller holds them (row-major):
  *   BF16: gate_proj, up_proj [count, I, H], down_proj [count, H, I] bf16; scales unused.
  *   INT8: the same shapes in int8 plus their per-row scales gate_scale, up_scale [count, I] and
- *         down_scale [count, H] (float32): weight = int8 value * scale of its row. */
+ *         down_scale [count, H] (float32): weight = int8 value * scale of its row.
+ *   FP8_E4M3: the same shapes in e4m3 bytes plus their block scales (DeepSeek's weight_scale_inv)
+ *         gate_scale, up_scale [count, ceil(I/128), ceil(H/128)] and down_scale [count,
+ *         ceil(H/128), ceil(I/128)]: W[n, c] = e4m3(q[n, c]) * scale[n / 128, c / 128]. */
 typedef struct kt_expert_weights {
-  kt_dtype dtype; /* KT_DTYPE_BF16 or KT_DTYPE_INT8 */
+  kt_dtype dtype; /* KT_DTYPE_BF16, KT_DTYPE_INT8 or KT_DTYPE_FP8_E4M3 */
   const void *gate_proj, *up_proj, *down_proj;
   const float *gate_scale, *up_scale, *down_scale;
 } kt_expert_weights;
 
 /* Caller buffers the packed base weights are read back into, shapes as in kt_expert_weights:
- * bf16 in KT_QUANT_BF16 mode, int8 plus scales in KT_QUANT_INT8 mode. */
+ * bf16 in KT_QUANT_BF16 mode, int8 plus row scales in KT_QUANT_INT8 mode, e4m3 bytes plus block
+ * scales in KT_QUANT_FP8 mode. */
 typedef struct kt_expert_buffers {
   void *gate_proj, *up_proj, *down_proj;
   float *gate_scale, *up_scale, *down_scale;
@@ -202,9 +212,11 @@ void kt_moe_destroy(kt_moe *moe);
  * KT_QUANT_INT8 mode); the caller may free them after. */
 kt_status kt_moe_load_weights(kt_moe *moe, const uint16_t *gate_proj, const uint16_t *up_proj,
                               const uint16_t *down_proj, kt_error *err);
-/* Packs experts [first, first + count): bf16 weights in either mode (quantized in INT8 mode), or
- * int8 weights and scales in INT8 mode, used as they are. Loading expert by expert keeps the
- * caller's peak memory at one expert beyond the packed copy. Reloading an expert replaces it. */
+/* Packs experts [first, first + count): bf16 weights in any mode (quantized in INT8 and FP8
+ * mode), or int8 weights and scales in INT8 mode, or e4m3 weights and block scales in FP8 mode,
+ * used as they are (scales must be finite: a NaN or Inf scale is an error and loads nothing).
+ * Loading expert by expert keeps the caller's peak memory at one expert beyond the packed copy.
+ * Reloading an expert replaces it. */
 kt_status kt_moe_load_experts(kt_moe *moe, int32_t first, int32_t count,
                               const kt_expert_weights *weights, kt_error *err);
 /* Reads experts [first, first + count) back from the packed copy (see kt_expert_buffers). */
@@ -240,16 +252,25 @@ void kt_vec_silu(kt_isa isa, const float *x, float *y, int64_t n);
 /* ---- one kernel GEMM, exposed for tests ---------------------------------------------------- */
 
 typedef enum kt_gemm_op {
-  KT_GEMM_NT = 0,    /* C = A W^T, A bf16 [m, cols], W bf16 */
+  KT_GEMM_NT = 0,    /* C = A W^T, A bf16 [m, cols], W bf16 or fp8 */
   KT_GEMM_NT_Q8 = 1, /* C = (a_scale A) (w_scale W)^T, A int8 [m, cols], W int8 */
-  KT_GEMM_NN = 2     /* C = A W, A bf16 [m, rows], W bf16 or int8 (times w_scale per row) */
+  KT_GEMM_NN = 2     /* C = A W, A bf16 [m, rows], W bf16, int8 or fp8 */
 } kt_gemm_op;
 
-/* Packs W [rows, cols] (bf16 bits, or int8 when w_int8, with w_scale [rows]) in the family's
- * layout and writes the output columns [n0, n0 + n) of the product into c [m, n] (fp32). */
+/* Packs W [rows, cols] (w_dtype: bf16 bits; int8 with w_scale [rows]; e4m3 bytes with the
+ * block scales w_scale [ceil(rows/128), ceil(cols/128)]) in the family's layout and writes the
+ * output columns [n0, n0 + n) of the product into c [m, n] (fp32). n0 must be a multiple of 64. */
 kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
-                       const void *w, const float *w_scale, int64_t rows, int64_t cols, int w_int8,
-                       int64_t n0, int64_t n, float *c, kt_error *err);
+                       const void *w, const float *w_scale, int64_t rows, int64_t cols,
+                       kt_dtype w_dtype, int64_t n0, int64_t n, float *c, kt_error *err);
+
+/* ---- fp8 e4m3 conversions, exposed for tests ---------------------------------------------- */
+
+/* out[i] = the value of e4m3 byte q[i] (NaN for 0x7f and 0xff). */
+void kt_fp8_decode(const uint8_t *q, float *out, int64_t n);
+/* The quantizer of spec section 5.1 on a bf16 [rows, cols] matrix: q [rows, cols] e4m3 bytes and
+ * scale [ceil(rows/128), ceil(cols/128)]. */
+void kt_fp8_quantize(const uint16_t *w, int64_t rows, int64_t cols, uint8_t *q, float *scale);
 
 /* ---- the AMX software model (amx-emu), exposed for tests --------------------------------- */
 

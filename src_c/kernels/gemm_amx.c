@@ -343,7 +343,8 @@ static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int
 
 typedef struct a_nn_ctx {
   const kt_rows *a;
-  const float *scale; /* int8 W: row scales, folded into A in fp32 and split in three parts */
+  const float *scale; /* row scales of W (int8, fp8 panels), folded into A in fp32 and split in
+                       * three parts */
   int64_t k, kp;
 } a_nn_ctx;
 
@@ -393,15 +394,15 @@ static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
                         int64_t ldc, void *scratch) {
   const int64_t ncb = ceil_div(w->rows, K_BF16), kp = ncb * K_BF16;
   const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
-  const int q8 = w->wtype == KT_WTYPE_INT8;
+  const int scaled = w->scale != NULL; /* int8, or a bf16 panel of fp8 */
   char *panel = align_scratch(scratch);
   char *abuf = panel + (t_last - t_first + 1) * ncb * TILE_BYTES;
-  char *cbuf = abuf + (q8 ? NN_PARTS : 1) * BLOCK_M * kp * 2;
+  char *cbuf = abuf + (scaled ? NN_PARTS : 1) * BLOCK_M * kp * 2;
   build_panel(w, t_first, t_last, ncb, (uint16_t *)(void *)panel);
-  const a_nn_ctx x = {a, q8 ? w->scale : NULL, w->rows, kp};
+  const a_nn_ctx x = {a, w->scale, w->rows, kp};
   const epilogue ep = {KIND_BF16, NULL, NULL, NULL};
-  run_gemm(KIND_BF16, a->count, fill_a_nn, &x, kp * 2, q8 ? NN_PARTS : 1, panel, ncb * TILE_BYTES,
-           t_first, ncb, &ep, n0, n, c, ldc, abuf, cbuf);
+  run_gemm(KIND_BF16, a->count, fill_a_nn, &x, kp * 2, scaled ? NN_PARTS : 1, panel,
+           ncb * TILE_BYTES, t_first, ncb, &ep, n0, n, c, ldc, abuf, cbuf);
 }
 
 #endif
@@ -415,6 +416,7 @@ const kt_kernels kt_kernels_amx_emu = {
     .unpack = kt_z_unpack,
     .gemm_scratch_bytes = amx_gemm_scratch_bytes,
     .gemm_nt = amx_gemm_nt,
+    .decode_fp8 = kt_z_decode_fp8,
     .gemm_nt_q8 = amx_gemm_nt_q8,
     .gemm_nn = amx_gemm_nn,
     .sigmoid = kt_act_generic_sigmoid,

@@ -371,6 +371,7 @@ static const kt_kernels y_table = {
     .unpack = kt_z_unpack,
     .gemm_scratch_bytes = y_scratch_bytes,
     .gemm_nt = y_gemm_nt_fma,
+    .decode_fp8 = kt_z_decode_fp8,
     .gemm_nt_q8 = y_gemm_nt_q8,
     .gemm_nn = gemm_nn,
     .sigmoid = kt_act_avx2_sigmoid,

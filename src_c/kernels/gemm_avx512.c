@@ -509,6 +509,7 @@ static void z_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const
       .unpack = kt_z_unpack,                 \
       .gemm_scratch_bytes = z_scratch_bytes, \
       .gemm_nt = NT,                         \
+      .decode_fp8 = kt_z_decode_fp8,         \
       .gemm_nt_q8 = NT_Q8,                   \
       .gemm_nn = gemm_nn,                    \
       .sigmoid = kt_act_avx512_sigmoid,      \

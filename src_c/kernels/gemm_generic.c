@@ -24,7 +24,7 @@ static float dot_f32(const float *x, const float *y, int64_t n) {
 }
 
 static size_t generic_packed_bytes(int64_t rows, int64_t cols, kt_wtype wtype) {
-  return (size_t)rows * (size_t)cols * (wtype == KT_WTYPE_INT8 ? 1 : sizeof(uint16_t));
+  return (size_t)rows * (size_t)cols * (size_t)kt_wtype_size(wtype);
 }
 
 static void generic_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype wtype) {
@@ -85,7 +85,7 @@ static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, in
                             int64_t ldc, void *scratch) {
   const int64_t k = w->rows, cols = w->cols;
   float *wf = scratch;    /* W[:, n0:n0+n] as [k, n] (int8 values, exact) */
-  float *af = wf + n * k; /* one row of A, times the row scales for int8 */
+  float *af = wf + n * k; /* one row of A, times the row scales (int8, fp8 panels) */
   if (w->wtype == KT_WTYPE_INT8) {
     const int8_t *wsrc = (const int8_t *)w->data + n0;
     for (int64_t r = 0; r < k; r++)
@@ -96,7 +96,7 @@ static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, in
   }
   for (int64_t m = 0; m < a->count; m++) {
     to_f32(kt_row(a, m), af, k);
-    if (w->wtype == KT_WTYPE_INT8)
+    if (w->scale)
       for (int64_t r = 0; r < k; r++) af[r] *= w->scale[r];
     float *crow = c + m * ldc;
     for (int64_t j = 0; j < n; j++) crow[j] = 0.0f;
@@ -106,6 +106,17 @@ static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, in
       for (int64_t j = 0; j < n; j++) crow[j] += av * wrow[j];
     }
   }
+}
+
+/* The packed layout is row-major: the panel is row-major bf16 [nr, nc]. */
+static void generic_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                               void *dst) {
+  uint16_t table[256];
+  for (int i = 0; i < 256; i++) table[i] = kt_e4m3_to_bf16((uint8_t)i);
+  const uint8_t *src = (const uint8_t *)w->data + r0 * w->cols + c0;
+  uint16_t *d = dst;
+  for (int64_t r = 0; r < nr; r++)
+    for (int64_t c = 0; c < nc; c++) d[r * nc + c] = table[src[r * w->cols + c]];
 }
 
 void kt_lora_generic_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c,
@@ -128,6 +139,7 @@ const kt_kernels kt_kernels_generic = {
     .unpack = generic_unpack,
     .gemm_scratch_bytes = kt_generic_gemm_scratch_bytes,
     .gemm_nt = generic_gemm_nt,
+    .decode_fp8 = generic_decode_fp8,
     .gemm_nt_q8 = generic_gemm_nt_q8,
     .gemm_nn = generic_gemm_nn,
     .sigmoid = kt_act_generic_sigmoid,

@@ -21,7 +21,7 @@ static inline void nn_gemm(const kt_rows *a, const kt_packed *w, int64_t n0, int
                            int64_t ldc, void *scratch) {
   const int64_t k = w->rows;
   float *wt = scratch, *af = wt + NN_CH * WT_LD;
-  const float *scale = w->wtype == KT_WTYPE_INT8 ? w->scale : NULL;
+  const float *scale = w->scale; /* int8, or a bf16 panel of fp8 */
   for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
     const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH;
     transpose_block(w, c0, cnt, n0, n, wt);
@@ -154,7 +154,7 @@ static void nn_gemm_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
   const kt_wtype t = w->wtype;
   const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
   const int64_t units = kt_z_units(w->cols, t), per = kt_z_per_unit(t);
-  const float *scale = t == KT_WTYPE_INT8 ? w->scale : NULL;
+  const float *scale = w->scale; /* int8, or a bf16 panel of fp8 */
   const int64_t slot_cols = few_slot_cols(t), lines = (n + per - 1) / per;
   /* accumulators per row: whole groups of one row of A, the widest */
   const int64_t ld_acc = (n + FEW_ACC * slot_cols - 1) / (FEW_ACC * slot_cols) * FEW_ACC;

@@ -3,7 +3,7 @@
  *
  * A [rows, cols] matrix is stored in blocks of 16 rows (the lanes of a zmm register, two ymm);
  * inside a block, "units" of 4 bytes per row follow each other, 64 bytes per unit: a unit holds 2
- * consecutive columns (bf16) or 4 (int8) of each of the 16 rows. That is the operand layout of
+ * consecutive columns (bf16) or 4 (int8, fp8) of each of the 16 rows. That is the operand layout of
  * vdpbf16ps and vpdpbusd ("VNNI" layout), so x W^T streams it directly; x W (the backward)
  * transposes units in registers into a small per-thread fp32 scratch. Rows are padded to 16 and
  * units to a multiple of 16 with zeros, so every load is whole. int8 matrices are followed by
@@ -18,7 +18,7 @@ enum {
   KT_Z_UNIT = 64, /* bytes of one unit */
 };
 
-static inline int64_t kt_z_per_unit(kt_wtype t) { return t == KT_WTYPE_INT8 ? 4 : 2; }
+static inline int64_t kt_z_per_unit(kt_wtype t) { return t == KT_WTYPE_BF16 ? 2 : 4; }
 static inline int64_t kt_z_rows_padded(int64_t rows) { return (rows + 15) & ~(int64_t)15; }
 /* Units per block row: columns rounded up to 16 units. */
 static inline int64_t kt_z_units(int64_t cols, kt_wtype t) {
@@ -64,7 +64,7 @@ static inline void kt_z_q8_pairs(const kt_rows_q8 *a, int64_t m0, int64_t mr, in
 
 /* Byte offset of W[r, c] in the packed layout. */
 static inline size_t kt_z_offset(int64_t units, int64_t r, int64_t c, kt_wtype t) {
-  const int64_t per = kt_z_per_unit(t), size = t == KT_WTYPE_INT8 ? 1 : 2;
+  const int64_t per = kt_z_per_unit(t), size = kt_wtype_size(t);
   return (size_t)(((r / 16) * units + c / per) * KT_Z_UNIT + (r % 16) * 4 + (c % per) * size);
 }
 
@@ -84,6 +84,12 @@ static inline void kt_z_pack(void *dst, const void *src, int64_t rows, int64_t c
         memcpy(d + kt_z_offset(units, r, c, t), s + r * cols + c, 2);
     return;
   }
+  if (t == KT_WTYPE_FP8) {
+    const uint8_t *s = src;
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t c = 0; c < cols; c++) d[kt_z_offset(units, r, c, t)] = (char)s[r * cols + c];
+    return;
+  }
   const int8_t *s = src;
   int32_t *rowsum = (int32_t *)(d + kt_z_rows_padded(rows) * units * KT_Z_UNIT / 16);
   for (int64_t r = 0; r < rows; r++) {
@@ -98,11 +104,32 @@ static inline void kt_z_pack(void *dst, const void *src, int64_t rows, int64_t c
 
 static inline void kt_z_unpack(void *dst, const void *packed, int64_t rows, int64_t cols,
                                kt_wtype t) {
-  const int64_t units = kt_z_units(cols, t), size = t == KT_WTYPE_INT8 ? 1 : 2;
+  const int64_t units = kt_z_units(cols, t), size = kt_wtype_size(t);
   for (int64_t r = 0; r < rows; r++)
     for (int64_t c = 0; c < cols; c++)
       memcpy((char *)dst + (r * cols + c) * size,
              (const char *)packed + kt_z_offset(units, r, c, t), (size_t)size);
+}
+
+/* The table's decode_fp8 in plain C: each fp8 unit (4 columns of 16 rows) becomes two bf16
+ * units. Every unit of the bf16 panel, padding included, comes from a unit of W (its padding
+ * is zeros), so no clearing is needed. */
+static inline void kt_z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
+                                   int64_t nc, void *dst) {
+  uint16_t table[256];
+  for (int i = 0; i < 256; i++) table[i] = kt_e4m3_to_bf16((uint8_t)i);
+  const int64_t su = kt_z_units(w->cols, KT_WTYPE_FP8), du = kt_z_units(nc, KT_WTYPE_BF16);
+  for (int64_t b = 0; b < kt_z_rows_padded(nr) / 16; b++)
+    for (int64_t u = 0; u < du / 2; u++) {
+      const uint8_t *s = (const uint8_t *)kt_z_unit_ptr(w->data, su, r0 / 16 + b, c0 / 4 + u);
+      uint16_t *d = (uint16_t *)(void *)((char *)dst + (b * du + 2 * u) * KT_Z_UNIT);
+      for (int i = 0; i < 16; i++) {
+        d[2 * i] = table[s[4 * i]];
+        d[2 * i + 1] = table[s[4 * i + 1]];
+        d[32 + 2 * i] = table[s[4 * i + 2]];
+        d[32 + 2 * i + 1] = table[s[4 * i + 3]];
+      }
+    }
 }
 
 #endif /* KTSFT_VNNI_LAYOUT_H */
