@@ -221,13 +221,17 @@ class MoESFT:
                 f"gate_proj has dtype {gv.dtype} ({stored} weights) but this layer stores "
                 f"{c.quant} base weights; use MoESFTConfig(quant={stored!r}) or give bf16 weights"
             )
-        ptrs = [_arrays.checked(base[m], m, lead + rows[m], _DTYPES[stored]).ptr for m in BASE_NAMES]
+        dtypes = _DTYPES[stored]
+        ptrs = [_arrays.checked(base[m], m, lead + rows[m], dtypes).ptr for m in BASE_NAMES]
         scale_ptrs = [0, 0, 0]
         wanted = _SCALE_NAMES.get(stored, ())
         extra = [s for s, v in scales.items() if v is not None and s not in wanted]
         if extra:
-            with_what = f"{stored} base weights" if stored != "bf16" else "quantized base weights"
-            raise TypeError(f"{', '.join(extra)} do not go with {with_what}")
+            kinds = [k for k, names in _SCALE_NAMES.items() if set(extra) & set(names)]
+            raise TypeError(
+                f"{', '.join(extra)} go with {' or '.join(kinds)} base weights only; gate_proj "
+                f"holds {stored} weights"
+            )
         for i, (m, s) in enumerate(zip(BASE_NAMES, wanted)):
             if scales[s] is None:
                 raise TypeError(f"{stored} {m} needs {s} ({_SCALE_DOC[stored]})")

@@ -22,8 +22,8 @@ kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_
                       : w_dtype == KT_DTYPE_FP8_E4M3 ? KT_WTYPE_FP8
                                                      : KT_WTYPE_BF16;
   if ((w_dtype != KT_DTYPE_BF16 && wt == KT_WTYPE_BF16) ||
-      (op == KT_GEMM_NT_Q8) != (wt == KT_WTYPE_INT8) || (op == KT_GEMM_NT_Q8 && !a_scale) ||
-      (wt != KT_WTYPE_BF16 && !w_scale))
+      (op == KT_GEMM_NT_Q8 && (wt != KT_WTYPE_INT8 || !a_scale)) ||
+      (op == KT_GEMM_NT && wt == KT_WTYPE_INT8) || (wt != KT_WTYPE_BF16 && !w_scale))
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "operation and weight type do not match");
   const int64_t k = op == KT_GEMM_NN ? rows : cols;
   void *packed = kt_alloc(kern->packed_bytes(rows, cols, wt));

@@ -76,6 +76,7 @@ static int64_t proj_cols(const kt_moe *m, int p) {
   return p == KT_DOWN ? m->cfg.intermediate_size : m->cfg.hidden_size;
 }
 static const char *const proj_name[3] = {"gate_proj", "up_proj", "down_proj"};
+static const char *const scale_inv_name[3] = {"gate_scale_inv", "up_scale_inv", "down_scale_inv"};
 /* Scales of one expert's matrix of projection p (0 in bf16 mode). */
 static size_t proj_scales(const kt_moe *m, int p) {
   return (size_t)kt_scale_count(m->wtype, proj_rows(m, p), proj_cols(m, p));
@@ -191,9 +192,9 @@ kt_status kt_moe_load_experts(kt_moe *m, int32_t first, int32_t count, const kt_
       for (size_t j = 0; fp8 && j < ns; j++)
         if (!isfinite(sc[p][j]))
           return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
-                         "%s_scale_inv of expert %d, block %zu is %g: the block scales of fp8 "
+                         "%s of expert %d, block %zu is %g: the block scales of fp8 "
                          "weights must be finite",
-                         proj_name[p], (int)(first + (int32_t)(j / proj_scales(m, p))),
+                         scale_inv_name[p], (int)(first + (int32_t)(j / proj_scales(m, p))),
                          j % proj_scales(m, p), (double)sc[p][j]);
     }
   } else if (w->dtype != KT_DTYPE_BF16) {

@@ -444,8 +444,8 @@ def test_config_lora_alpha_must_be_a_number(value):
 
 
 def test_config_unknown_quant():
-    with _raises(ValueError, "quant", "bf16", "int8", "fp8"):
-        ktsft.MoESFTConfig(**_config_kw(quant="fp8"))
+    with _raises(ValueError, "quant", "bf16", "int8", "fp8", "int3"):
+        ktsft.MoESFTConfig(**_config_kw(quant="int3"))
 
 
 # ---- base weights: int8, partial loads -------------------------------------------------------

@@ -363,6 +363,54 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
 
 #include "nn_drive.h"
 
+/* ---- fp8: e4m3 units to bf16 units ------------------------------------------------------------
+ */
+
+/* 16 words holding e4m3 bytes (0 .. 255) as bf16: normal values by shifting the exponent and
+ * mantissa into place, the 7 subnormals from byte tables (vpshufb), NaN (0x7f, 0xff) by
+ * compare. */
+static inline __m256i e4m3_words_to_bf16(__m256i w) {
+  const __m128i lo =
+      _mm_setr_epi8(0, 0, (char)0x80, (char)0xc0, 0, 0x20, 0x40, 0x60, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m128i hi =
+      _mm_setr_epi8(0, 0x3b, 0x3b, 0x3b, 0x3c, 0x3c, 0x3c, 0x3c, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m256i mag = _mm256_and_si256(w, _mm256_set1_epi16(0x7f));
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8);
+  const __m256i norm = _mm256_add_epi16(_mm256_slli_epi16(mag, 4), _mm256_set1_epi16(120 << 7));
+  /* a word's high byte is 0, so it looks up entry 0 (zero) of each table */
+  const __m256i sub = _mm256_or_si256(
+      _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(lo), mag),
+      _mm256_slli_epi16(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(hi), mag), 8));
+  __m256i v = _mm256_blendv_epi8(norm, sub, _mm256_cmpgt_epi16(_mm256_set1_epi16(8), mag));
+  v = _mm256_blendv_epi8(v, _mm256_set1_epi16(0x7fc0),
+                         _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f)));
+  return _mm256_or_si256(v, sign);
+}
+
+/* decode_fp8 of the table: each half of an fp8 unit (8 rows: bytes k0 k1 k2 k3) gives the
+ * halves of two bf16 units (k0 k1, and k2 k3), the bytes spread to words by one in-lane shuffle
+ * each. */
+static void y_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                         void *dst) {
+  const __m256i lo = _mm256_broadcastsi128_si256(
+      _mm_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1));
+  const __m256i hi = _mm256_broadcastsi128_si256(
+      _mm_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1));
+  const int64_t su = kt_z_units(w->cols, KT_WTYPE_FP8), du = kt_z_units(nc, KT_WTYPE_BF16);
+  for (int64_t b = 0; b < kt_z_rows_padded(nr) / 16; b++) {
+    const char *s = kt_z_unit_ptr(w->data, su, r0 / 16 + b, c0 / 4);
+    char *d = (char *)dst + b * du * KT_Z_UNIT;
+    for (int64_t u = 0; u < du / 2; u++)
+      for (int half = 0; half < 2; half++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(s + u * KT_Z_UNIT + 32 * half));
+        _mm256_storeu_si256((__m256i *)(d + 2 * u * KT_Z_UNIT + 32 * half),
+                            e4m3_words_to_bf16(_mm256_shuffle_epi8(v, lo)));
+        _mm256_storeu_si256((__m256i *)(d + (2 * u + 1) * KT_Z_UNIT + 32 * half),
+                            e4m3_words_to_bf16(_mm256_shuffle_epi8(v, hi)));
+      }
+  }
+}
+
 static const kt_kernels y_table = {
     .isa = KT_ISA_AVX2,
     .variant = "avx2-fma+vpmaddwd",
@@ -371,7 +419,7 @@ static const kt_kernels y_table = {
     .unpack = kt_z_unpack,
     .gemm_scratch_bytes = y_scratch_bytes,
     .gemm_nt = y_gemm_nt_fma,
-    .decode_fp8 = kt_z_decode_fp8,
+    .decode_fp8 = y_decode_fp8,
     .gemm_nt_q8 = y_gemm_nt_q8,
     .gemm_nn = gemm_nn,
     .sigmoid = kt_act_avx2_sigmoid,

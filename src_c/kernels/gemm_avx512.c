@@ -498,6 +498,46 @@ static void z_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const
   }
 }
 
+/* ---- fp8: e4m3 units to bf16 units ------------------------------------------------------------
+ */
+
+/* 32 words holding e4m3 bytes (0 .. 255) as bf16: normal values by shifting the exponent and
+ * mantissa into place, the 7 subnormals from a table (vpermw), NaN (0x7f, 0xff) by compare. */
+static inline __m512i e4m3_words_to_bf16(__m512i w) {
+  const __m512i sub =
+      _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                       0x3c60, 0x3c40, 0x3c20, 0x3c00, 0x3bc0, 0x3b80, 0x3b00, 0);
+  const __m512i mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7f));
+  const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(w, _mm512_set1_epi16(0x80)), 8);
+  __m512i v = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+  v = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), v,
+                              _mm512_permutexvar_epi16(mag, sub));
+  v = _mm512_mask_blend_epi16(_mm512_cmpeq_epi16_mask(mag, _mm512_set1_epi16(0x7f)), v,
+                              _mm512_set1_epi16(0x7fc0));
+  return _mm512_or_si512(v, sign);
+}
+
+/* decode_fp8 of the table: each fp8 unit (row i: bytes k0 k1 k2 k3) gives two bf16 units (row
+ * i: k0 k1, and k2 k3), the bytes spread to words by one in-lane shuffle each. */
+static void z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                         void *dst) {
+  const __m512i lo = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1));
+  const __m512i hi = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1));
+  const int64_t su = kt_z_units(w->cols, KT_WTYPE_FP8), du = kt_z_units(nc, KT_WTYPE_BF16);
+  for (int64_t b = 0; b < kt_z_rows_padded(nr) / 16; b++) {
+    const char *s = kt_z_unit_ptr(w->data, su, r0 / 16 + b, c0 / 4);
+    char *d = (char *)dst + b * du * KT_Z_UNIT;
+    for (int64_t u = 0; u < du / 2; u++) {
+      const __m512i v = _mm512_loadu_si512(s + u * KT_Z_UNIT);
+      _mm512_storeu_si512(d + 2 * u * KT_Z_UNIT, e4m3_words_to_bf16(_mm512_shuffle_epi8(v, lo)));
+      _mm512_storeu_si512(d + (2 * u + 1) * KT_Z_UNIT,
+                          e4m3_words_to_bf16(_mm512_shuffle_epi8(v, hi)));
+    }
+  }
+}
+
 /* ---- the variants ---------------------------------------------------------------------------- */
 
 #define Z_TABLE(NAME, VARIANT, NT, NT_Q8)    \
@@ -509,7 +549,7 @@ static void z_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const
       .unpack = kt_z_unpack,                 \
       .gemm_scratch_bytes = z_scratch_bytes, \
       .gemm_nt = NT,                         \
-      .decode_fp8 = kt_z_decode_fp8,         \
+      .decode_fp8 = z_decode_fp8,            \
       .gemm_nt_q8 = NT_Q8,                   \
       .gemm_nn = gemm_nn,                    \
       .sigmoid = kt_act_avx512_sigmoid,      \
