@@ -18,7 +18,7 @@ Adapters are saved and loaded as safetensors with the parameter names as keys
 (:meth:`MoELoRA.save_adapter`, :meth:`MoELoRA.load_adapter`); :meth:`MoELoRA.merged_weights`
 folds them into bf16 expert weights for serving stacks without LoRA; and
 :meth:`MoELoRA.from_safetensors` loads one layer's experts from a Hugging Face style checkpoint,
-expert by expert.
+expert by expert (the key layouts are read by :mod:`ktsft.checkpoint`).
 
 This module imports torch (an optional dependency of ktsft); ``safetensors`` is needed for the
 checkpoint and adapter functions only.
@@ -37,6 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import (
+    DEFAULT_KEY_FORMAT,
+    ExpertLayout,
+    SafetensorsIndex,
+    find_experts,
+    iter_experts,
+    to_bf16_expert,
+)
 from .config import MoESFTConfig
 from .gradients import BASE_NAMES, LORA_NAMES
 from .moe import MoESFT
@@ -49,11 +57,6 @@ __all__ = [
     "MoELoRAFunction",
     "default_pool",
 ]
-
-DEFAULT_KEY_FORMAT = "{prefix}.{expert}.{proj}.weight"
-"""Key of one expert's projection in a Hugging Face MoE checkpoint (Qwen3-MoE, DeepSeek, ...):
-``{prefix}`` is e.g. ``model.layers.3.mlp.experts``, ``{expert}`` the expert index and ``{proj}``
-one of ``gate_proj``, ``up_proj``, ``down_proj`` (or the names given by ``proj_names``)."""
 
 ADAPTER_FORMAT = "ktsft-moe-lora"
 """``format`` entry of the metadata of adapter files written by :meth:`MoELoRA.save_adapter`."""
@@ -215,20 +218,6 @@ def _forward_no_graph(moe: MoESFT, x, expert_ids, weights) -> torch.Tensor:
 # ---- the module -------------------------------------------------------------------------------
 
 
-def _as_bf16_expert(w: Any, name: str) -> Any:
-    """One expert's base weight as a C-contiguous bf16 tensor (NumPy bf16 passed through)."""
-    if isinstance(w, np.ndarray):
-        return np.ascontiguousarray(w)
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(w).__name__}")
-    if not w.is_floating_point() or w.dtype.itemsize == 1:
-        raise TypeError(
-            f"{name} must have dtype bfloat16 (float16/float32/float64 are converted), got "
-            f"{w.dtype}; float8 checkpoints must be dequantized to bf16 first"
-        )
-    return w.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
-
-
 def _shape(w: Any) -> tuple:
     return tuple(w.shape)
 
@@ -339,7 +328,7 @@ class MoELoRA(nn.Module):
         else:  # converted one expert at a time: at most one expert's copy besides the packed
             for e in range(E):
                 self.moe.load_experts(
-                    e, *(_as_bf16_expert(views[n][e], f"{n}[{e}]") for n in BASE_NAMES)
+                    e, *(to_bf16_expert(views[n][e], f"{n}[{e}]") for n in BASE_NAMES)
                 )
         self.reset_lora_parameters(init_lora_weights)
 
@@ -398,7 +387,10 @@ class MoELoRA(nn.Module):
         Streams expert by expert: each expert's three matrices are read (and converted to bf16
         if stored otherwise), packed, and dropped before the next, so peak memory stays near
         the packed size. Sharded checkpoints (``model-00001-of-00004.safetensors``, ...) are
-        handled by passing every shard that holds this layer; other keys are ignored.
+        handled by passing every shard that holds this layer; other keys are ignored. The fused
+        transformers 5 keys ``{prefix}.gate_up_proj`` [E, 2I, H] and ``{prefix}.down_proj``
+        [E, H, I] are used when the per-expert keys of expert 0 are absent (layouts:
+        :mod:`ktsft.checkpoint`).
 
         Parameters
         ----------
@@ -423,73 +415,37 @@ class MoELoRA(nn.Module):
         -------
         MoELoRA
         """
-        from safetensors import safe_open
-
-        if isinstance(files, (str, os.PathLike)):
-            files = [files]
-        files = [os.fspath(f) for f in files]
-        if not files:
-            raise ValueError("files must name at least one safetensors file")
-        if isinstance(expert_num, bool) or not isinstance(expert_num, (int, np.integer)):
-            raise TypeError(f"expert_num must be an int, got {type(expert_num).__name__}")
-        if expert_num < 1:
-            raise ValueError(f"expert_num must be >= 1, got {expert_num}")
-        names = {n: n for n in BASE_NAMES}
-        if proj_names is not None:
-            unknown = set(proj_names) - set(BASE_NAMES)
-            if unknown:
-                raise ValueError(f"proj_names: unknown keys {sorted(unknown)}; use {BASE_NAMES}")
-            names.update(proj_names)
-
-        def key(e: int, n: str) -> str:
-            return key_format.format(prefix=prefix, expert=e, proj=names[n])
-
-        where: dict = {}
-        for f in files:
-            with safe_open(f, framework="pt") as fh:
-                for k in fh.keys():
-                    where.setdefault(k, f)
-        missing = [
-            key(e, n) for e in range(expert_num) for n in BASE_NAMES if key(e, n) not in where
-        ]
-        if missing:
-            hint = sorted(k for k in where if k.endswith(f"{names['gate_proj']}.weight"))[:3]
-            raise KeyError(
-                f"{len(missing)} expert weight(s) not found in {files}, first {missing[0]!r} "
-                f"(key_format={key_format!r}, prefix={prefix!r}); keys ending like gate_proj "
-                f"there: {hint}"
-            )
-
-        def shape_of(k: str) -> tuple:
-            with safe_open(where[k], framework="pt") as fh:
-                return tuple(fh.get_slice(k).get_shape())
-
-        gshape = shape_of(key(0, "gate_proj"))
-        if len(gshape) != 2:
-            raise ValueError(f"{key(0, 'gate_proj')} must be a matrix [I, H], got {list(gshape)}")
-        I, H = gshape
-        expected = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+        index = SafetensorsIndex(files)
+        layout = find_experts(index, prefix, expert_num, key_format, proj_names=proj_names)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         init = options.pop("init_lora_weights", True)
-        layer._setup(expert_num, H, I, **options)
-        for e in range(expert_num):
-            mats = []
-            for n in BASE_NAMES:
-                k = key(e, n)
-                with safe_open(where[k], framework="pt") as fh:
-                    t = fh.get_tensor(k)
-                if tuple(t.shape) != expected[n]:
-                    raise ValueError(
-                        f"{k} in {where[k]} must have shape {list(expected[n])} (from "
-                        f"{key(0, 'gate_proj')} [I, H] = {list(gshape)}), got {list(t.shape)}"
-                    )
-                mats.append(_as_bf16_expert(t, k))
-                del t
-            layer.moe.load_experts(e, *mats)
-            del mats
+        layer._setup(layout.expert_num, layout.hidden_size, layout.intermediate_size, **options)
+        layer.load_experts_from(index, layout)
         layer.reset_lora_parameters(init)
         return layer
+
+    def load_experts_from(self, index: SafetensorsIndex, layout: ExpertLayout) -> None:
+        """Packs (or quantizes) the experts described by ``layout`` into the engine, streaming
+        them from ``index`` one expert at a time (see :mod:`ktsft.checkpoint`).
+
+        Parameters
+        ----------
+        index : ktsft.checkpoint.SafetensorsIndex
+        layout : ktsft.checkpoint.ExpertLayout
+            Found by :func:`ktsft.checkpoint.find_experts`; its E, H and I must be this layer's.
+        """
+        sizes = (layout.expert_num, layout.hidden_size, layout.intermediate_size)
+        if sizes != (self.expert_num, self.hidden_size, self.intermediate_size):
+            raise ValueError(
+                f"the checkpoint's experts at {layout.prefix!r} have (E, H, I) = {sizes}, this "
+                f"layer has {(self.expert_num, self.hidden_size, self.intermediate_size)}"
+            )
+        for e, mats in iter_experts(index, layout):
+            bf16 = [to_bf16_expert(mats[n], layout.source(e, n)) for n in BASE_NAMES]
+            del mats
+            self.moe.load_experts(e, *bf16)
+            del bf16
 
     # ---- LoRA parameters ---------------------------------------------------------------------
 

@@ -92,6 +92,25 @@ def test_from_safetensors_custom_key_format(tmp_path, layer_params):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_from_safetensors_fused_transformers5_keys(tmp_path, layer_params, dtype):
+    """``{prefix}.gate_up_proj`` [E, 2I, H] (gate rows first) and ``{prefix}.down_proj``."""
+    gate, up, down = (t_bf16(layer_params[n]) for n in BASE)
+    tensors = {
+        f"{PREFIX}.gate_up_proj": torch.cat([gate, up], dim=1).to(dtype),
+        f"{PREFIX}.down_proj": down.to(dtype),
+    }
+    path = tmp_path / "fused.safetensors"
+    safetensors_torch.save_file(tensors, str(path))
+    layer = MoELoRA.from_safetensors(path, PREFIX, 5, lora_rank=4)
+    packed = layer.moe.base_weights()
+    for n in BASE:
+        want = t_bf16(layer_params[n]).to(dtype).to(torch.bfloat16).view(torch.uint16).numpy()
+        assert np.array_equal(packed[n].view(np.uint16), want), n
+    with pytest.raises(ValueError, match=r"gate_up_proj .* must have shape \[E=4, 2I, H\]"):
+        MoELoRA.from_safetensors(path, PREFIX, 4)
+
+
 def test_from_safetensors_errors(tmp_path, layer_params):
     files = write_checkpoint(tmp_path, layer_params)
     with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight"):

@@ -1,0 +1,321 @@
+"""Reading MoE experts from Hugging Face style safetensors checkpoints.
+
+The one place that knows checkpoint key layouts and formats; :mod:`ktsft.torch`
+(:meth:`~ktsft.torch.MoELoRA.from_safetensors`) and ``ktsft.hf`` both read through it.
+
+Layouts of one layer's routed experts (``prefix`` is e.g. ``model.layers.3.mlp.experts``):
+
+- **per expert** (the Hub's layout): ``{prefix}.{e}.gate_proj.weight`` [I, H],
+  ``{prefix}.{e}.up_proj.weight`` [I, H], ``{prefix}.{e}.down_proj.weight`` [H, I], row = output
+  feature as in ``nn.Linear``. Other key formats and projection names (Mixtral's ``w1``, ``w3``,
+  ``w2`` = gate, up, down: :data:`MIXTRAL_PROJ_NAMES`) are given by ``key_format`` and
+  ``proj_names``.
+- **fused** (what transformers 5 holds in memory and may save): ``{prefix}.gate_up_proj``
+  [E, 2I, H] (the gate rows first, then the up rows) and ``{prefix}.down_proj`` [E, H, I].
+
+Floating sources (bf16, fp16, fp32, fp64) are read one expert at a time (a fused tensor through a
+safetensors slice, so only that expert's bytes are read) and handed over as stored;
+:func:`to_bf16_expert` converts one matrix for the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .gradients import BASE_NAMES
+
+__all__ = [
+    "DEFAULT_KEY_FORMAT",
+    "FUSED_DOWN_KEY",
+    "FUSED_GATE_UP_KEY",
+    "MIXTRAL_PROJ_NAMES",
+    "ExpertLayout",
+    "SafetensorsIndex",
+    "find_experts",
+    "iter_experts",
+    "read_expert",
+    "to_bf16_expert",
+]
+
+DEFAULT_KEY_FORMAT = "{prefix}.{expert}.{proj}.weight"
+"""Key of one expert's projection in a Hugging Face MoE checkpoint (Qwen3-MoE, DeepSeek, ...):
+``{prefix}`` is e.g. ``model.layers.3.mlp.experts``, ``{expert}`` the expert index and ``{proj}``
+one of ``gate_proj``, ``up_proj``, ``down_proj`` (or the names given by ``proj_names``)."""
+
+MIXTRAL_PROJ_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+"""Mixtral's names of the three projections (``block_sparse_moe.experts.{e}.w1.weight``, ...)."""
+
+FUSED_GATE_UP_KEY = "{prefix}.gate_up_proj"
+"""Key of a layer's fused gate and up weights [E, 2I, H] (gate rows first), transformers 5."""
+
+FUSED_DOWN_KEY = "{prefix}.down_proj"
+"""Key of a layer's fused down weights [E, H, I], transformers 5."""
+
+
+def to_bf16_expert(w: Any, name: str) -> Any:
+    """One expert's base weight as a C-contiguous bf16 CPU tensor (NumPy arrays passed through).
+
+    Parameters
+    ----------
+    w : torch.Tensor (floating, 2 or more bytes per element) or numpy.ndarray
+    name : str
+        Named in error messages.
+    """
+    if isinstance(w, np.ndarray):
+        return np.ascontiguousarray(w)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(w).__name__}")
+    if not w.is_floating_point() or w.dtype.itemsize == 1:
+        raise TypeError(
+            f"{name} must have dtype bfloat16 (float16/float32/float64 are converted), got "
+            f"{w.dtype}; float8 checkpoints must be dequantized to bf16 first"
+        )
+    return w.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+
+
+class SafetensorsIndex:
+    """Which file of a set of safetensors files holds each key; reads tensors on demand.
+
+    Only the headers are read at construction. A key stored in several files is taken from the
+    first file that has it.
+
+    Parameters
+    ----------
+    files : str, os.PathLike or sequence of them
+        The safetensors file(s), e.g. every shard of a checkpoint.
+    """
+
+    def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike]):
+        from safetensors import safe_open
+
+        if isinstance(files, (str, os.PathLike)):
+            files = [files]
+        self.files = [os.fspath(f) for f in files]
+        if not self.files:
+            raise ValueError("files must name at least one safetensors file")
+        self._where: dict = {}
+        self._shape: dict = {}
+        for f in self.files:
+            with safe_open(f, framework="pt") as fh:
+                for k in fh.keys():
+                    if k not in self._where:
+                        self._where[k] = f
+                        self._shape[k] = tuple(fh.get_slice(k).get_shape())
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> SafetensorsIndex:
+        """The safetensors files of a model directory: those listed by
+        ``model.safetensors.index.json`` if it exists, else every ``*.safetensors`` file."""
+        model_dir = os.fspath(model_dir)
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            names = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+        if not names:
+            raise FileNotFoundError(
+                f"{model_dir} holds no safetensors checkpoint (no *.safetensors file and no "
+                "model.safetensors.index.json)"
+            )
+        return cls([os.path.join(model_dir, n) for n in names])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def keys(self) -> list:
+        """Every key, in file order."""
+        return list(self._where)
+
+    def file_of(self, key: str) -> str:
+        """The file that holds ``key``."""
+        return self._where[key]
+
+    def shape(self, key: str) -> tuple:
+        """The stored shape of ``key`` (from the header)."""
+        return self._shape[key]
+
+    def get(self, key: str, index: int | None = None) -> torch.Tensor:
+        """The tensor ``key`` as stored, or only its row ``index`` along the first axis (read
+        through a slice: only those bytes are read)."""
+        from safetensors import safe_open
+
+        with safe_open(self._where[key], framework="pt") as fh:
+            if index is None:
+                return fh.get_tensor(key)
+            return fh.get_slice(key)[index]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where and how one MoE layer's routed experts are stored (see the module docstring).
+
+    Attributes
+    ----------
+    kind : {"per_expert", "fused"}
+    prefix : str
+        Key prefix of the layer's experts.
+    expert_num, hidden_size, intermediate_size : int
+        E, H, I.
+    key_format : str
+        Per-expert layout: the format of one key (``{prefix}``, ``{expert}``, ``{proj}``).
+    proj_names : dict
+        Per-expert layout: the ``{proj}`` value of ``gate_proj``, ``up_proj``, ``down_proj``.
+    """
+
+    kind: str
+    prefix: str
+    expert_num: int
+    hidden_size: int
+    intermediate_size: int
+    key_format: str = DEFAULT_KEY_FORMAT
+    proj_names: Mapping[str, str] | None = None
+
+    def key(self, expert: int, proj: str) -> str:
+        """Per-expert layout: the key of ``proj`` (one of ``BASE_NAMES``) of ``expert``."""
+        names = self.proj_names or {}
+        return self.key_format.format(prefix=self.prefix, expert=expert, proj=names.get(proj, proj))
+
+    def source(self, expert: int, proj: str) -> str:
+        """Where ``proj`` of ``expert`` is stored, for messages: its key, or ``key[e]`` (and the
+        half of gate_up) in the fused layout."""
+        if self.kind == "fused":
+            gu, dn = self.fused_keys()
+            half = {"gate_proj": ", gate half", "up_proj": ", up half"}
+            return f"{dn}[{expert}]" if proj == "down_proj" else f"{gu}[{expert}{half[proj]}]"
+        return self.key(expert, proj)
+
+    def fused_keys(self) -> tuple:
+        """Fused layout: the keys (gate_up, down)."""
+        return (
+            FUSED_GATE_UP_KEY.format(prefix=self.prefix),
+            FUSED_DOWN_KEY.format(prefix=self.prefix),
+        )
+
+
+def _check_expert_num(expert_num: Any) -> int:
+    if isinstance(expert_num, bool) or not isinstance(expert_num, (int, np.integer)):
+        raise TypeError(f"expert_num must be an int, got {type(expert_num).__name__}")
+    if expert_num < 1:
+        raise ValueError(f"expert_num must be >= 1, got {expert_num}")
+    return int(expert_num)
+
+
+def find_experts(
+    index: SafetensorsIndex,
+    prefix: str,
+    expert_num: int,
+    key_format: str = DEFAULT_KEY_FORMAT,
+    *,
+    proj_names: Mapping[str, str] | None = None,
+) -> ExpertLayout:
+    """The layout of one layer's experts in a checkpoint, checked: every key present, shapes
+    consistent (no tensor data is read).
+
+    The per-expert layout given by ``key_format`` and ``proj_names`` is looked for first; if none
+    of its keys for expert 0 exist and the fused keys ``{prefix}.gate_up_proj`` and
+    ``{prefix}.down_proj`` do, the fused layout is used.
+
+    Parameters
+    ----------
+    index : SafetensorsIndex
+    prefix : str
+        Key prefix of the layer's experts, e.g. ``"model.layers.3.mlp.experts"``.
+    expert_num : int
+        E; experts 0 .. E-1 must all be present.
+    key_format : str, default ``DEFAULT_KEY_FORMAT``
+    proj_names : mapping, optional
+        ``{proj}`` values for ``"gate_proj"``, ``"up_proj"``, ``"down_proj"`` (default: those).
+
+    Returns
+    -------
+    ExpertLayout
+
+    Raises
+    ------
+    KeyError
+        Expert weights missing (the message names the first missing key and how many).
+    ValueError
+        Shapes that do not fit together.
+    """
+    E = _check_expert_num(expert_num)
+    names = {n: n for n in BASE_NAMES}
+    if proj_names is not None:
+        unknown = set(proj_names) - set(BASE_NAMES)
+        if unknown:
+            raise ValueError(f"proj_names: unknown keys {sorted(unknown)}; use {BASE_NAMES}")
+        names.update(proj_names)
+    per = ExpertLayout("per_expert", prefix, E, 0, 0, key_format, names)
+    gu, dn = per.fused_keys()
+    if all(per.key(0, n) not in index for n in BASE_NAMES) and gu in index and dn in index:
+        return _check_fused(index, prefix, E)
+    missing = [per.key(e, n) for e in range(E) for n in BASE_NAMES if per.key(e, n) not in index]
+    if missing:
+        hint = sorted(k for k in index.keys() if k.endswith(f"{names['gate_proj']}.weight"))[:3]
+        raise KeyError(
+            f"{len(missing)} expert weight(s) not found in {index.files}, first {missing[0]!r} "
+            f"(key_format={key_format!r}, prefix={prefix!r}); keys ending like gate_proj "
+            f"there: {hint}"
+        )
+    k0 = per.key(0, "gate_proj")
+    gshape = index.shape(k0)
+    if len(gshape) != 2:
+        raise ValueError(f"{k0} must be a matrix [I, H], got {list(gshape)}")
+    I, H = gshape
+    expected = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    for e in range(E):
+        for n in BASE_NAMES:
+            k = per.key(e, n)
+            s = index.shape(k)
+            if s != expected[n]:
+                raise ValueError(
+                    f"{k} in {index.file_of(k)} must have shape {list(expected[n])} (from "
+                    f"{k0} [I, H] = {list(gshape)}), got {list(s)}"
+                )
+    return ExpertLayout("per_expert", prefix, E, H, I, key_format, names)
+
+
+def _check_fused(index: SafetensorsIndex, prefix: str, E: int) -> ExpertLayout:
+    gu = FUSED_GATE_UP_KEY.format(prefix=prefix)
+    dn = FUSED_DOWN_KEY.format(prefix=prefix)
+    gshape, dshape = index.shape(gu), index.shape(dn)
+    if len(gshape) != 3 or gshape[0] != E or gshape[1] % 2:
+        raise ValueError(
+            f"{gu} in {index.file_of(gu)} must have shape [E={E}, 2I, H], got {list(gshape)}"
+        )
+    I2, H = gshape[1:]
+    if dshape != (E, H, I2 // 2):
+        raise ValueError(
+            f"{dn} in {index.file_of(dn)} must have shape {[E, H, I2 // 2]} (from {gu} "
+            f"[E, 2I, H] = {list(gshape)}), got {list(dshape)}"
+        )
+    return ExpertLayout("fused", prefix, E, H, I2 // 2)
+
+
+def read_expert(index: SafetensorsIndex, layout: ExpertLayout, expert: int) -> dict:
+    """One expert's three matrices as stored: ``{"gate_proj": [I, H], "up_proj": [I, H],
+    "down_proj": [H, I]}`` (torch tensors in the checkpoint's dtype)."""
+    if layout.kind == "fused":
+        gu, dn = layout.fused_keys()
+        gate_up = index.get(gu, expert)
+        I = layout.intermediate_size
+        return {
+            "gate_proj": gate_up[:I],
+            "up_proj": gate_up[I:],
+            "down_proj": index.get(dn, expert),
+        }
+    return {n: index.get(layout.key(expert, n)) for n in BASE_NAMES}
+
+
+def iter_experts(index: SafetensorsIndex, layout: ExpertLayout) -> Iterator:
+    """``(e, read_expert(index, layout, e))`` for e = 0 .. E-1, one expert in memory at a time
+    (the caller drops each before asking for the next)."""
+    for e in range(layout.expert_num):
+        yield e, read_expert(index, layout, e)
