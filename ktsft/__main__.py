@@ -17,7 +17,10 @@ def main(argv: list | None = None) -> int:
     demo.add_argument("--threads", type=int, default=None, help="native threads")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--quant", choices=("bf16", "int8"), default="bf16", help="how base weights are stored"
+        "--quant",
+        choices=("bf16", "int8", "fp8"),
+        default="bf16",
+        help="how base weights are stored",
     )
     sub.add_parser("info", help="kernel family, CPU features, threads (JSON)")
     args = parser.parse_args(argv)

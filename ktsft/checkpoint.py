@@ -16,6 +16,13 @@ Layouts of one layer's routed experts (``prefix`` is e.g. ``model.layers.3.mlp.e
 Floating sources (bf16, fp16, fp32, fp64) are read one expert at a time (a fused tensor through a
 safetensors slice, so only that expert's bytes are read) and handed over as stored;
 :func:`to_bf16_expert` converts one matrix for the engine.
+
+FP8 checkpoints as DeepSeek-V3/R1, Kimi-K2 and the Qwen3 "-FP8" releases ship them (per-expert
+layout): each ``...{proj}.weight`` is ``float8_e4m3fn`` and is followed by
+``...{proj}.weight_scale_inv``, one float32 scale per 128 x 128 block, ``W[n, c] = q[n, c] *
+scale_inv[n // 128, c // 128]``. :func:`find_experts` recognises the layout by itself
+(``ExpertLayout.fp8``); :func:`read_expert` then returns the scales too, and
+:func:`dequantize_fp8_expert` turns one expert into bf16 for layers that do not store fp8.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ __all__ = [
     "MIXTRAL_PROJ_NAMES",
     "ExpertLayout",
     "SafetensorsIndex",
+    "SCALE_INV_SUFFIX",
+    "dequantize_fp8_expert",
     "find_experts",
     "iter_experts",
     "read_expert",
@@ -57,6 +66,18 @@ FUSED_GATE_UP_KEY = "{prefix}.gate_up_proj"
 
 FUSED_DOWN_KEY = "{prefix}.down_proj"
 """Key of a layer's fused down weights [E, H, I], transformers 5."""
+
+SCALE_INV_SUFFIX = "_scale_inv"
+"""An fp8 weight's block scales are stored under its key with this suffix (DeepSeek-V3)."""
+
+SCALE_NAMES = {
+    "gate_proj": "gate_scale_inv",
+    "up_proj": "up_scale_inv",
+    "down_proj": "down_scale_inv",
+}
+"""The names :func:`read_expert` gives the block scales of an fp8 expert's projections."""
+
+FP8_BLOCK = 128
 
 
 def to_bf16_expert(w: Any, name: str) -> Any:
@@ -102,12 +123,15 @@ class SafetensorsIndex:
             raise ValueError("files must name at least one safetensors file")
         self._where: dict = {}
         self._shape: dict = {}
+        self._dtype: dict = {}
         for f in self.files:
             with safe_open(f, framework="pt") as fh:
                 for k in fh.keys():
                     if k not in self._where:
+                        sl = fh.get_slice(k)
                         self._where[k] = f
-                        self._shape[k] = tuple(fh.get_slice(k).get_shape())
+                        self._shape[k] = tuple(sl.get_shape())
+                        self._dtype[k] = sl.get_dtype()
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> SafetensorsIndex:
@@ -142,6 +166,10 @@ class SafetensorsIndex:
         """The stored shape of ``key`` (from the header)."""
         return self._shape[key]
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype of ``key`` as the header names it ("BF16", "F8_E4M3", ...)."""
+        return self._dtype[key]
+
     def get(self, key: str, index: int | None = None) -> torch.Tensor:
         """The tensor ``key`` as stored, or only its row ``index`` along the first axis (read
         through a slice: only those bytes are read)."""
@@ -168,6 +196,8 @@ class ExpertLayout:
         Per-expert layout: the format of one key (``{prefix}``, ``{expert}``, ``{proj}``).
     proj_names : dict
         Per-expert layout: the ``{proj}`` value of ``gate_proj``, ``up_proj``, ``down_proj``.
+    fp8 : bool
+        Per-expert layout: the weights are e4m3 with ``weight_scale_inv`` block scales.
     """
 
     kind: str
@@ -177,6 +207,7 @@ class ExpertLayout:
     intermediate_size: int
     key_format: str = DEFAULT_KEY_FORMAT
     proj_names: Mapping[str, str] | None = None
+    fp8: bool = False
 
     def key(self, expert: int, proj: str) -> str:
         """Per-expert layout: the key of ``proj`` (one of ``BASE_NAMES``) of ``expert``."""
@@ -270,6 +301,7 @@ def find_experts(
         raise ValueError(f"{k0} must be a matrix [I, H], got {list(gshape)}")
     I, H = gshape
     expected = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    fp8 = index.dtype(k0) == "F8_E4M3"
     for e in range(E):
         for n in BASE_NAMES:
             k = per.key(e, n)
@@ -279,7 +311,31 @@ def find_experts(
                     f"{k} in {index.file_of(k)} must have shape {list(expected[n])} (from "
                     f"{k0} [I, H] = {list(gshape)}), got {list(s)}"
                 )
-    return ExpertLayout("per_expert", prefix, E, H, I, key_format, names)
+            if (index.dtype(k) == "F8_E4M3") != fp8:
+                raise ValueError(
+                    f"{k} in {index.file_of(k)} has dtype {index.dtype(k)} but {k0} has "
+                    f"{index.dtype(k0)}: an expert layer is either all float8_e4m3fn or not"
+                )
+            if fp8:
+                _check_scale_inv(index, k, expected[n])
+    return ExpertLayout("per_expert", prefix, E, H, I, key_format, names, fp8)
+
+
+def _check_scale_inv(index: SafetensorsIndex, key: str, shape: tuple) -> None:
+    """An fp8 weight's block scales: present, floating, [ceil(rows/128), ceil(cols/128)]."""
+    sk = key + SCALE_INV_SUFFIX
+    blocks = tuple(-(-d // FP8_BLOCK) for d in shape)
+    if sk not in index:
+        raise KeyError(
+            f"{key} is float8_e4m3fn but its block scales {sk!r} are not in {index.files} "
+            f"(expected float32 {list(blocks)}: one scale per 128 x 128 block)"
+        )
+    if index.shape(sk) != blocks or index.dtype(sk) not in ("F32", "BF16", "F16"):
+        raise ValueError(
+            f"{sk} in {index.file_of(sk)} must be float32 with shape {list(blocks)} (one scale "
+            f"per 128 x 128 block of {key} {list(shape)}), got {index.dtype(sk)} "
+            f"{list(index.shape(sk))}"
+        )
 
 
 def _check_fused(index: SafetensorsIndex, prefix: str, E: int) -> ExpertLayout:
@@ -296,12 +352,24 @@ def _check_fused(index: SafetensorsIndex, prefix: str, E: int) -> ExpertLayout:
             f"{dn} in {index.file_of(dn)} must have shape {[E, H, I2 // 2]} (from {gu} "
             f"[E, 2I, H] = {list(gshape)}), got {list(dshape)}"
         )
+    if "F8_E4M3" in (index.dtype(gu), index.dtype(dn)):
+        raise ValueError(
+            f"{gu} / {dn}: fused float8_e4m3fn experts are not supported; fp8 experts are read "
+            "in the per-expert layout (...{proj}.weight + ...{proj}.weight_scale_inv)"
+        )
     return ExpertLayout("fused", prefix, E, H, I2 // 2)
 
 
 def read_expert(index: SafetensorsIndex, layout: ExpertLayout, expert: int) -> dict:
     """One expert's three matrices as stored: ``{"gate_proj": [I, H], "up_proj": [I, H],
-    "down_proj": [H, I]}`` (torch tensors in the checkpoint's dtype)."""
+    "down_proj": [H, I]}`` (torch tensors in the checkpoint's dtype); for an fp8 layout also
+    their block scales ``gate_scale_inv``, ``up_scale_inv``, ``down_scale_inv`` (float32)."""
+    if layout.fp8:
+        out = {n: index.get(layout.key(expert, n)) for n in BASE_NAMES}
+        for n in BASE_NAMES:
+            scale = index.get(layout.key(expert, n) + SCALE_INV_SUFFIX)
+            out[SCALE_NAMES[n]] = scale.to(torch.float32).contiguous()
+        return out
     if layout.kind == "fused":
         gu, dn = layout.fused_keys()
         gate_up = index.get(gu, expert)
@@ -312,6 +380,19 @@ def read_expert(index: SafetensorsIndex, layout: ExpertLayout, expert: int) -> d
             "down_proj": index.get(dn, expert),
         }
     return {n: index.get(layout.key(expert, n)) for n in BASE_NAMES}
+
+
+def dequantize_fp8_expert(mats: Mapping[str, torch.Tensor]) -> dict:
+    """One fp8 expert (as :func:`read_expert` returns it) as bf16 matrices: ``q * scale_inv``
+    per 128 x 128 block, computed in float32 (e4m3 is exact there; one rounding) and rounded to
+    bf16 once."""
+    out = {}
+    for n in BASE_NAMES:
+        q, s = mats[n], mats[SCALE_NAMES[n]]
+        rows, cols = q.shape
+        full = s.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
+        out[n] = (q.to(torch.float32) * full).to(torch.bfloat16)
+    return out
 
 
 def iter_experts(index: SafetensorsIndex, layout: ExpertLayout) -> Iterator:

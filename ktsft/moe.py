@@ -269,6 +269,29 @@ class MoESFT:
         self.pool.run(lambda: self._engine.read_experts(first, count, *ptrs))
         return out
 
+    def dequantized_weights(self, first: int = 0, count: int | None = None) -> dict:
+        """The base weights the kernels multiply by, as float32, ``count`` experts from
+        ``first`` on: bf16 values as they are, ``q * scale`` of its row (int8), ``e4m3(q) *
+        scale_inv`` of its 128 x 128 block (fp8; the product rounded to float32 once).
+
+        Returns
+        -------
+        dict of numpy.ndarray, float32
+            ``gate_proj``, ``up_proj`` [count, I, H] and ``down_proj`` [count, H, I].
+        """
+        raw = self.base_weights(first, count)
+        quant = self.config.quant
+        out = {}
+        for m, s in zip(BASE_NAMES, _SCALE_NAMES.get(quant, (None,) * 3)):
+            w = raw[m].astype(np.float32)
+            if quant == "int8":
+                w *= raw[s][..., None]
+            elif quant == "fp8":
+                rows, cols = w.shape[-2:]
+                w *= np.repeat(np.repeat(raw[s], 128, axis=-2), 128, axis=-1)[..., :rows, :cols]
+            out[m] = w
+        return out
+
     @property
     def experts_loaded(self) -> int:
         """How many experts have base weights (forward needs all E)."""

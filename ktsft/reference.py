@@ -166,7 +166,9 @@ def _blocks(a, fill):
 def _unblock(b, rows, cols):
     lead = b.shape[:-4]
     nbr, nbc = b.shape[-4], b.shape[-2]
-    return b.reshape(lead + (nbr * FP8_BLOCK, nbc * FP8_BLOCK))[..., :rows, :cols]
+    return np.ascontiguousarray(
+        b.reshape(lead + (nbr * FP8_BLOCK, nbc * FP8_BLOCK))[..., :rows, :cols]
+    )
 
 
 def quantize_fp8(w):

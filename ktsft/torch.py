@@ -41,6 +41,7 @@ from .checkpoint import (
     DEFAULT_KEY_FORMAT,
     ExpertLayout,
     SafetensorsIndex,
+    dequantize_fp8_expert,
     find_experts,
     iter_experts,
     to_bf16_expert,
@@ -226,7 +227,8 @@ class MoELoRA(nn.Module):
     """The routed experts of one MoE layer with LoRA adapters, as a PyTorch module.
 
     Base weights are packed into the native engine here (quantized to int8 with
-    ``quant="int8"``); the module keeps no reference to them. The six LoRA tensors are
+    ``quant="int8"``, to e4m3 with 128 x 128 block scales with ``quant="fp8"``); the module keeps
+    no reference to them. The six LoRA tensors are
     ``torch.nn.Parameter`` objects in bf16 with the spec's shapes, read in place by the
     engine at every call.
 
@@ -240,8 +242,10 @@ class MoELoRA(nn.Module):
         r.
     lora_alpha : float, default 32.0
         The LoRA scale is ``lora_alpha / lora_rank``.
-    quant : {"bf16", "int8"}, default "bf16"
-        How the engine stores the base weights (spec section 5).
+    quant : {"bf16", "int8", "fp8"}, default "bf16"
+        How the engine stores the base weights (spec sections 5 and 5.1). An fp8 checkpoint
+        loads into an fp8 layer as it ships (:meth:`from_safetensors`), into a bf16 or int8
+        layer dequantized one expert at a time.
     max_len : int, default 4096
         Most tokens per engine call; longer inputs are run in pieces of ``max_len`` tokens.
     pool : ThreadPool, optional
@@ -442,6 +446,11 @@ class MoELoRA(nn.Module):
                 f"layer has {(self.expert_num, self.hidden_size, self.intermediate_size)}"
             )
         for e, mats in iter_experts(index, layout):
+            if layout.fp8 and self.quant == "fp8":  # e4m3 bytes and scales as they ship
+                self.moe.load_experts(e, **mats)
+                continue
+            if layout.fp8:  # dequantized one expert at a time, then stored as this layer does
+                mats = dequantize_fp8_expert(mats)
             bf16 = [to_bf16_expert(mats[n], layout.source(e, n)) for n in BASE_NAMES]
             del mats
             self.moe.load_experts(e, *bf16)
@@ -643,8 +652,9 @@ class MoELoRA(nn.Module):
         """Base weights with the adapters folded in, for serving stacks without LoRA.
 
         ``W + s * B @ A`` per expert and projection (``s = lora_alpha / lora_rank``),
-        computed in float32 and rounded to bf16 once. In int8 mode ``W`` is the dequantized
-        weight the engine uses (int8 value times row scale). Built one expert at a time.
+        computed in float32 and rounded to bf16 once. In int8 and fp8 mode ``W`` is the
+        dequantized weight the engine uses (:meth:`ktsft.MoESFT.dequantized_weights`). Built one
+        expert at a time.
 
         Returns
         -------
@@ -658,17 +668,11 @@ class MoELoRA(nn.Module):
             "up_proj": torch.empty((E, I, H), dtype=torch.bfloat16),
             "down_proj": torch.empty((E, H, I), dtype=torch.bfloat16),
         }
-        int8 = self.quant == "int8"
         with torch.no_grad():
             for e in range(E):
-                base = self.moe.base_weights(e, 1)
+                base = self.moe.dequantized_weights(e, 1)
                 for proj, part in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
-                    w = base[proj][0]
-                    if int8:
-                        W = torch.from_numpy(w.astype(np.float32))
-                        W *= torch.from_numpy(base[f"{part}_scale"][0])[:, None]
-                    else:
-                        W = torch.from_numpy(w.view(np.uint16)).view(torch.bfloat16).float()
+                    W = torch.from_numpy(base[proj][0])
                     A = getattr(self, f"{part}_lora_a")[e].float()
                     B = getattr(self, f"{part}_lora_b")[e].float()
                     W.addmm_(B, A, alpha=s)
@@ -714,7 +718,7 @@ class MoELoRA(nn.Module):
 
     @property
     def quant(self) -> str:
-        """ "bf16" or "int8": how the base weights are stored."""
+        """ "bf16", "int8" or "fp8": how the base weights are stored."""
         return self.moe.config.quant
 
     @property

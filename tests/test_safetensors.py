@@ -188,10 +188,86 @@ def test_adapter_load_errors_change_nothing(tmp_path, layer_params):
     assert torch.equal(b.up_lora_b, a.up_lora_b)
 
 
+# ---- fp8 checkpoints as DeepSeek-V3 / Kimi-K2 / Qwen3-FP8 ship them ---------------------------
+
+FP8_PREFIX = "model.layers.3.mlp.experts"
+
+
+def write_fp8_checkpoint(tmp_path, p, *, drop=None, edit=None):
+    """One layer in DeepSeek-V3's key layout: ``...experts.{e}.{proj}.weight`` float8_e4m3fn and
+    ``...weight_scale_inv`` float32 [ceil(rows/128), ceil(cols/128)], with the router and an fp8
+    shared expert beside it. ``drop``: a key left out; ``edit``: {key: tensor} replacements.
+    Returns (path, {key: tensor}) of what was written."""
+    E = p["gate_proj"].shape[0]
+    t = {"model.layers.3.mlp.gate.weight": torch.zeros(E, p["gate_proj"].shape[2])}
+    for e in range(E):
+        for n in BASE:
+            q, scale = reference.quantize_fp8(p[n][e])
+            key = f"{FP8_PREFIX}.{e}.{n}.weight"
+            t[key] = torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn)
+            t[key + "_scale_inv"] = torch.from_numpy(scale)
+    shared = "model.layers.3.mlp.shared_experts.gate_proj.weight"
+    t[shared] = t[f"{FP8_PREFIX}.0.gate_proj.weight"].clone()
+    t[shared + "_scale_inv"] = t[f"{FP8_PREFIX}.0.gate_proj.weight_scale_inv"].clone()
+    t.pop(drop, None)
+    t.update(edit or {})
+    path = tmp_path / "model-00001-of-00001.safetensors"
+    safetensors_torch.save_file(t, str(path))
+    return path, t
+
+
+@pytest.fixture
+def fp8_params(rng):
+    return make_layer(rng, 4, 200, 130, 4)  # partial 128 x 128 edge blocks
+
+
+def test_from_safetensors_fp8_layout_loads_as_it_ships(tmp_path, fp8_params):
+    """quant="fp8": the e4m3 bytes and block scales of the file, bit for bit, no bf16 copy;
+    quant="bf16" / "int8": each expert dequantized (float32 product, rounded to bf16) and then
+    stored as the layer stores it."""
+    path, t = write_fp8_checkpoint(tmp_path, fp8_params)
+    layer = MoELoRA.from_safetensors(path, FP8_PREFIX, 4, quant="fp8", lora_rank=4)
+    got = layer.moe.base_weights()
+    for e in range(4):
+        for n, sn in zip(BASE, ("gate_scale_inv", "up_scale_inv", "down_scale_inv")):
+            key = f"{FP8_PREFIX}.{e}.{n}.weight"
+            assert got[n][e].tobytes() == t[key].view(torch.uint8).numpy().tobytes(), key
+            assert got[sn][e].tobytes() == t[key + "_scale_inv"].numpy().tobytes(), key
+    for quant in ("bf16", "int8"):
+        other = MoELoRA.from_safetensors(path, FP8_PREFIX, 4, quant=quant, lora_rank=4)
+        mine = other.moe.base_weights()
+        for n in BASE:
+            deq = layer.moe.dequantized_weights()[n]
+            bf16 = torch.from_numpy(deq).to(torch.bfloat16)
+            if quant == "bf16":
+                assert np.array_equal(mine[n].view(np.uint16), bf16.view(torch.uint16).numpy())
+            else:
+                q, _ = reference.quantize_int8(bf16.float().numpy())
+                assert np.array_equal(mine[n], q), n
+
+
+def test_from_safetensors_fp8_errors(tmp_path, fp8_params):
+    key = f"{FP8_PREFIX}.2.up_proj.weight"
+    path, _ = write_fp8_checkpoint(tmp_path, fp8_params, drop=key + "_scale_inv")
+    with pytest.raises(KeyError, match=r"2.up_proj.weight is float8_e4m3fn but its block scales"):
+        MoELoRA.from_safetensors(path, FP8_PREFIX, 4, quant="fp8", lora_rank=4)
+    path, _ = write_fp8_checkpoint(tmp_path, fp8_params, edit={key + "_scale_inv": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"must be float32 with shape \[2, 2\].*got F32 \[2\]"):
+        MoELoRA.from_safetensors(path, FP8_PREFIX, 4, quant="fp8", lora_rank=4)
+    nan = torch.full((2, 2), float("nan"))
+    path, _ = write_fp8_checkpoint(tmp_path, fp8_params, edit={key + "_scale_inv": nan})
+    with pytest.raises(ValueError, match="up_scale_inv of expert 2, block 0 is nan"):
+        MoELoRA.from_safetensors(path, FP8_PREFIX, 4, quant="fp8", lora_rank=4)
+    half = t_bf16(fp8_params["up_proj"][2])
+    path, _ = write_fp8_checkpoint(tmp_path, fp8_params, edit={key: half})
+    with pytest.raises(ValueError, match="either all float8_e4m3fn or not"):
+        MoELoRA.from_safetensors(path, FP8_PREFIX, 4, quant="fp8", lora_rank=4)
+
+
 # ---- merging ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "fp8"])
 def test_merged_weights(layer_params, rng, quant):
     """W + s * B @ A per expert in bf16 (float64 check to half a bf16 ulp plus fp32 rounding);
     a LoRA-free layer over the merged weights computes what the adapted layer computes."""
@@ -207,6 +283,8 @@ def test_merged_weights(layer_params, rng, quant):
         assert m.dtype == torch.bfloat16 and m.shape == p[n].shape, n
         if quant == "int8":
             W = reference.dequantize_int8(*reference.quantize_int8(p[n]))
+        elif quant == "fp8":
+            W = reference.dequantize_fp8(*reference.quantize_fp8(p[n]))
         else:
             W = p[n].astype(np.float64)
         A = getattr(layer, f"{part}_lora_a").detach().double().numpy()
@@ -224,7 +302,9 @@ def test_merged_weights(layer_params, rng, quant):
     zero = {n: np.zeros(getattr(layer, n).shape) for n in LORA_NAMES}
     merged_np = {n: merged[n].float().numpy() for n in BASE}
     y_merged = reference.forward(x, ids, w, lora_alpha=8.0, **merged_np, **zero)
-    assert_close(y, y_merged, FWD_TOL if quant == "bf16" else 0.04, "adapted vs merged")
+    assert_close(
+        y, y_merged, {"bf16": FWD_TOL, "int8": 0.04, "fp8": 0.06}[quant], "adapted vs merged"
+    )
 
 
 _PEAK_SCRIPT = r"""
