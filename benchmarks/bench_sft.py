@@ -1,7 +1,7 @@
 """ktsft's LoRA-MoE SFT step against the roofline floor and PyTorch eager, in one process.
 
 Usage: python benchmarks/bench_sft.py [--threads N] [--shapes qwen3-30b-a3b,dsv2-lite]
-                                      [--tokens 4,128,1024] [--quant bf16,int8] [--repeats R]
+                                      [--tokens 4,128,1024] [--quant bf16,int8,fp8] [--repeats R]
                                       [--no-torch] [--grads new|reused]
 
 For each layer shape, T and base-weight mode it times ktsft's forward, backward and the step
@@ -226,7 +226,7 @@ def main() -> int:
             torch_ms = None if baseline is None else bench_torch(baseline, shape, T, a.repeats)
             for quant in a.quant.split(","):
                 r = bench_ktsft(shape, T, quant, a.rank, pool, a.repeats, a.grads == "reused")
-                wbytes = r["active"] * 3 * H * I * (1 if quant == "int8" else 2) * 2
+                wbytes = r["active"] * 3 * H * I * (2 if quant == "bf16" else 1) * 2
                 flops = T * k * (12.0 * H * I + 18.0 * a.rank * (H + I))
                 floor = max(wbytes / bandwidth, flops / gemm)
                 floor32 = max(wbytes / bandwidth, flops / max(gemm, gemm32))

@@ -35,7 +35,7 @@ static const family families[KT_ISA_COUNT] = {
     [KT_ISA_AMX] = {"amx", KT_CPU_AMX_TILE | KT_CPU_AMX_BF16 | KT_CPU_AMX_INT8, KT_AMX_TABLE_FOR},
     [KT_ISA_AVX512] = {"avx512", KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL,
                        kt_kernels_avx512},
-    [KT_ISA_AVX2] = {"avx2", KT_CPU_AVX2 | KT_CPU_FMA, kt_kernels_avx2},
+    [KT_ISA_AVX2] = {"avx2", KT_CPU_AVX2 | KT_CPU_FMA | KT_CPU_F16C, kt_kernels_avx2},
     [KT_ISA_GENERIC] = {"generic", 0, generic_table},
     [KT_ISA_AMX_EMU] = {"amx-emu", 0, amx_emu_table},
 };

@@ -1,12 +1,14 @@
 /* fp8.c - e4m3 base weights (spec section 5.1): the quantizer of bf16 weights, and the fp8 GEMMs
  * that every family runs on its own bf16 kernels.
  *
- * A GEMM on an fp8 matrix walks it in 128-wide scale blocks along the reduction: each block's
- * panel of at most 64 x 128 weights is decoded by the family (decode_fp8, exact: e4m3 is a
- * subset of bf16) into its packed bf16 layout in the per-thread scratch, where it stays in L1
- * while the family's bf16 GEMM runs every row of A over it. The block scale then either
- * multiplies the fp32 partial sum of the block (x W^T) or is folded into A in fp32 (x W), so
- * the weights are never re-quantized and no second copy exists. */
+ * x W (the backward) is the int8 scheme with e4m3 values: the family's gemm_nn decodes the bytes
+ * (exactly: e4m3 is a subset of bf16 and fp32) and folds the block scale of each row into A in
+ * fp32. x W^T (the forward) sums each 128-column block in fp32 and multiplies the sum by the
+ * block's scale: for a few rows of A (a few tokens per expert, where the step streams the
+ * weights) the family decodes in registers (gemm_nt_fp8_few); for more, each block's panel of at
+ * most 64 x 128 weights is decoded (decode_fp8) into the family's packed bf16 layout in the
+ * per-thread scratch, where it stays in L1 while the family's bf16 GEMM (vdpbf16ps, AMX tiles)
+ * runs every row of A over it. The weights are never re-quantized and no second copy exists. */
 #include "internal.h"
 
 enum {
@@ -64,17 +66,21 @@ void kt_fp8_quantize(const uint16_t *w, int64_t rows, int64_t cols, uint8_t *q, 
   kt_quantize_fp8_bf16(w, rows, cols, q, scale);
 }
 
-/* The decoded panel, the partial products of one block and the bf16 GEMM's own scratch. */
+/* x W^T on panels: the decoded panel, the partial products of one block, and the bf16 GEMM's
+ * own scratch. */
 static size_t panel_bytes(const kt_kernels *kern) {
-  return kt_align_up(kt_max_size(kern->packed_bytes(KT_BLOCK_N, KT_FP8_BLOCK, KT_WTYPE_BF16),
-                                 kern->packed_bytes(KT_FP8_BLOCK, KT_BLOCK_N, KT_WTYPE_BF16)));
+  return kt_align_up(kern->packed_bytes(KT_BLOCK_N, KT_FP8_BLOCK, KT_WTYPE_BF16));
 }
 static const size_t part_bytes = (size_t)FP8_M_BLOCK * KT_BLOCK_N * sizeof(float);
-static const size_t fold_bytes = (size_t)KT_FP8_BLOCK * sizeof(float);
 
-size_t kt_fp8_scratch_bytes(const kt_kernels *kern) {
-  return panel_bytes(kern) + part_bytes + fold_bytes +
-         kern->gemm_scratch_bytes(KT_BLOCK_N, KT_FP8_BLOCK);
+size_t kt_fp8_scratch_bytes(const kt_kernels *kern, int64_t n, int64_t k) {
+  const size_t panels =
+      panel_bytes(kern) + part_bytes + kern->gemm_scratch_bytes(KT_BLOCK_N, KT_FP8_BLOCK);
+  /* x W: the factors of each row, then the kernel's scratch */
+  const size_t nn = kt_align_up((size_t)k * sizeof(float)) + kern->gemm_scratch_bytes(n, k);
+  /* x W^T of a few rows: the rows in fp32 (k padded to 64) and 64 totals */
+  const size_t few = (size_t)(KT_FP8_FEW_M * (k + 64) + 64) * sizeof(float) + KT_CACHE_LINE;
+  return kt_max_size(panels, kt_max_size(nn, few));
 }
 
 /* Rows m0 .. m0 + count of A, from column c0 on. */
@@ -94,14 +100,18 @@ static void add_part(float *c, int64_t ldc, const float *part, int64_t mb, int64
 
 void kt_fp8_gemm_nt(const kt_kernels *kern, const kt_rows *a, const kt_packed *w, int64_t n0,
                     int64_t n, float *c, int64_t ldc, void *scratch) {
+  if (kern->gemm_nt_fp8_few && a->count <= KT_FP8_FEW_M) {
+    kern->gemm_nt_fp8_few(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
   const int64_t K = w->cols, nbc = (K + KT_FP8_BLOCK - 1) / KT_FP8_BLOCK;
   const float *block_scale = w->scale + (n0 / KT_FP8_BLOCK) * nbc;
   char *panel = scratch;
   float *part = (float *)(void *)(panel + panel_bytes(kern));
-  void *inner = (char *)part + part_bytes + fold_bytes;
+  void *inner = (char *)part + part_bytes;
   for (int64_t cb = 0; cb < nbc; cb++) {
     const int64_t c0 = cb * KT_FP8_BLOCK, kc = K - c0 < KT_FP8_BLOCK ? K - c0 : KT_FP8_BLOCK;
-    kern->decode_fp8(w, n0, n, c0, kc, panel);
+    kern->decode_fp8(w, n0, n, c0, kc, KT_SWEEP_COLS, panel);
     const kt_packed pw = {panel, n, kc, KT_WTYPE_BF16, NULL};
     for (int64_t m0 = 0; m0 < a->count; m0 += FP8_M_BLOCK) {
       const int64_t mb = a->count - m0 < FP8_M_BLOCK ? a->count - m0 : FP8_M_BLOCK;
@@ -115,22 +125,9 @@ void kt_fp8_gemm_nt(const kt_kernels *kern, const kt_rows *a, const kt_packed *w
 void kt_fp8_gemm_nn(const kt_kernels *kern, const kt_rows *a, const kt_packed *w, int64_t n0,
                     int64_t n, float *c, int64_t ldc, void *scratch) {
   const int64_t K = w->rows, nbc = (w->cols + KT_FP8_BLOCK - 1) / KT_FP8_BLOCK;
-  const int64_t cb = n0 / KT_FP8_BLOCK;
-  char *panel = scratch;
-  float *part = (float *)(void *)(panel + panel_bytes(kern));
-  float *fold = (float *)(void *)((char *)part + part_bytes);
-  void *inner = (char *)fold + fold_bytes;
-  for (int64_t r0 = 0; r0 < K; r0 += KT_FP8_BLOCK) {
-    const int64_t kr = K - r0 < KT_FP8_BLOCK ? K - r0 : KT_FP8_BLOCK;
-    kern->decode_fp8(w, r0, kr, n0, n, panel);
-    const float s = w->scale[(r0 / KT_FP8_BLOCK) * nbc + cb];
-    for (int64_t i = 0; i < kr; i++) fold[i] = s;
-    const kt_packed pw = {panel, kr, n, KT_WTYPE_BF16, fold};
-    for (int64_t m0 = 0; m0 < a->count; m0 += FP8_M_BLOCK) {
-      const int64_t mb = a->count - m0 < FP8_M_BLOCK ? a->count - m0 : FP8_M_BLOCK;
-      const kt_rows ab = rows_from(a, m0, mb, r0);
-      kern->gemm_nn(&ab, &pw, 0, n, part, n, inner);
-      add_part(c + m0 * ldc, ldc, part, mb, n, 1.0f, r0 == 0);
-    }
-  }
+  const float *block_scale = w->scale + n0 / KT_FP8_BLOCK; /* column block n0 / 128 */
+  float *fold = scratch;
+  for (int64_t r = 0; r < K; r++) fold[r] = block_scale[(r / KT_FP8_BLOCK) * nbc];
+  const kt_packed rows = {w->data, w->rows, w->cols, KT_WTYPE_FP8, fold};
+  kern->gemm_nn(a, &rows, n0, n, c, ldc, (char *)scratch + kt_align_up((size_t)K * sizeof(float)));
 }

@@ -114,14 +114,17 @@ static inline int64_t kt_wtype_size(kt_wtype t) { return t == KT_WTYPE_BF16 ? 2 
 
 /* Rows and columns of one fp8 scale block (spec section 5.1). */
 #define KT_FP8_BLOCK 128
+/* x W^T on fp8 of at most this many rows of A decodes in registers (gemm_nt_fp8_few). */
+#define KT_FP8_FEW_M 4
 
 /* A frozen [rows, cols] matrix in a family's packed layout:
  *   BF16  as given; scale NULL, or (x W only) one fp32 factor per row of W folded into A
  *   INT8  one fp32 scale per row: W[n, c] = q[n, c] * scale[n]
- *   FP8   e4m3 bytes packed as INT8 is, with block scales [ceil(rows/128), ceil(cols/128)]:
- *         W[n, c] = e4m3(q[n, c]) * scale[(n / 128) * ceil(cols/128) + c / 128]. The kernels
- *         never see it: the fp8 drivers (fp8.c) decode panels of it to bf16 (decode_fp8) and
- *         run the family's bf16 GEMMs on them. */
+ *   FP8   e4m3 bytes packed as INT8 is. Stored with block scales [ceil(rows/128),
+ *         ceil(cols/128)]: W[n, c] = e4m3(q[n, c]) * scale[(n / 128) * ceil(cols/128) + c / 128].
+ *         The fp8 drivers (fp8.c) hand the kernels, for x W, the per-row factors of the column
+ *         block instead (scale[n]: folded into A as for int8), and for x W^T either the block
+ *         scales (gemm_nt_fp8_few) or bf16 panels of it (decode_fp8). */
 typedef struct kt_packed {
   const void *data;
   int64_t rows, cols;
@@ -135,6 +138,9 @@ static inline kt_packed kt_bf16_matrix(const uint16_t *data, int64_t rows, int64
   const kt_packed w = {data, rows, cols, KT_WTYPE_BF16, NULL};
   return w;
 }
+
+/* The direction in which a GEMM walks the panels of an fp8 matrix (see decode_fp8). */
+typedef enum kt_sweep { KT_SWEEP_COLS = 0, KT_SWEEP_ROWS = 1 } kt_sweep;
 
 typedef struct kt_kernels {
   kt_isa isa;
@@ -151,16 +157,23 @@ typedef struct kt_kernels {
    * "x W^T", W bf16: C[m, j] = sum_c A[m, c] * W[n0 + j, c], m < A.count, j < n, c < W.cols. */
   void (*gemm_nt)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                   int64_t ldc, void *scratch);
+  /* "x W^T", W fp8 with its block scales, for at most KT_FP8_FEW_M rows of A (bf16): the
+   * e4m3 bytes decoded in registers, each 128-column block's fp32 partial sum times its scale.
+   * NULL in families that run every x W^T on decoded panels. */
+  void (*gemm_nt_fp8_few)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch);
   /* W[r0 .. r0 + nr, c0 .. c0 + nc) of a packed FP8 matrix as a packed BF16 [nr, nc] matrix
    * (what pack would make of the decoded values; e4m3 is exact in bf16). r0 and c0 are
-   * multiples of KT_BLOCK_N. */
-  void (*decode_fp8)(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc, void *dst);
+   * multiples of KT_BLOCK_N. `sweep` says where the caller's next panel lies, for prefetching:
+   * KT_SWEEP_COLS at columns c0 + nc (x W^T), KT_SWEEP_ROWS at rows r0 + nr (x W). */
+  void (*decode_fp8)(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                     kt_sweep sweep, void *dst);
   /* "x W^T", both int8: C[m, j] = sa[m] sw[n0 + j] sum_c qa[m, c] qw[n0 + j, c], the sum in
    * int32. */
   void (*gemm_nt_q8)(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                      int64_t ldc, void *scratch);
-  /* "x W", W bf16 or int8: C[m, j] = sum_c A[m, c] * W[c, n0 + j], m < A.count, j < n,
-   * c < W.rows. With a row scale (int8; bf16 panels of fp8), it folds into A in fp32:
+  /* "x W", W bf16, int8 or fp8: C[m, j] = sum_c A[m, c] * W[c, n0 + j], m < A.count, j < n,
+   * c < W.rows. With a row scale (int8, fp8), it folds into A in fp32:
    * sum_c (A[m, c] sw[c]) W[c, n0 + j]. */
   void (*gemm_nn)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                   int64_t ldc, void *scratch);
@@ -270,11 +283,12 @@ uint8_t kt_f32_to_e4m3(float v);
  * a non-finite value gets scale NaN). q [rows, cols], scale [ceil(rows/128), ceil(cols/128)]. */
 void kt_quantize_fp8_bf16(const uint16_t *w, int64_t rows, int64_t cols, uint8_t *q, float *scale);
 
-/* The fp8 GEMMs on the family's bf16 kernels (fp8.c), same contracts as gemm_nt and gemm_nn of
- * the table, with scratch of kt_fp8_scratch_bytes(kern) bytes:
- *   x W^T  per 128-column block: the fp32 partial sum of the block times its scale
- *   x W    per 128-row block: the block's scale folded into A in fp32 */
-size_t kt_fp8_scratch_bytes(const kt_kernels *kern);
+/* The fp8 GEMMs (fp8.c), same contracts as gemm_nt and gemm_nn of the table, with scratch of
+ * kt_fp8_scratch_bytes(kern, n, k) bytes:
+ *   x W^T  per 128-column block: the fp32 partial sum of the block times its scale; a few rows
+ *          of A on the family's gemm_nt_fp8_few, more on its bf16 gemm_nt over decoded panels
+ *   x W    the family's gemm_nn with the block scales of each row folded into A in fp32 */
+size_t kt_fp8_scratch_bytes(const kt_kernels *kern, int64_t n, int64_t k);
 void kt_fp8_gemm_nt(const kt_kernels *kern, const kt_rows *a, const kt_packed *w, int64_t n0,
                     int64_t n, float *c, int64_t ldc, void *scratch);
 void kt_fp8_gemm_nn(const kt_kernels *kern, const kt_rows *a, const kt_packed *w, int64_t n0,
@@ -298,7 +312,7 @@ static inline void kt_base_gemm_nn(const kt_kernels *kern, const kt_rows *a, con
 /* Scratch of either of them for outputs of at most n columns and reductions of length k. */
 static inline size_t kt_base_gemm_scratch_bytes(const kt_kernels *kern, kt_wtype t, int64_t n,
                                                 int64_t k) {
-  return t == KT_WTYPE_FP8 ? kt_fp8_scratch_bytes(kern) : kern->gemm_scratch_bytes(n, k);
+  return t == KT_WTYPE_FP8 ? kt_fp8_scratch_bytes(kern, n, k) : kern->gemm_scratch_bytes(n, k);
 }
 
 /* ---- CPU ----------------------------------------------------------------------------------- */

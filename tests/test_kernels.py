@@ -3,8 +3,8 @@
 A family holds variants chosen from the CPU features (avx512: vdpbf16ps or fp32 FMA for bf16,
 vpdpbusd or vpmaddwd for int8). ``_core.kernels_testing_set`` makes engines created afterwards
 pick the variant for a narrower feature set, or run the vdpbf16ps code on its software model, so
-every variant is tested here whatever the CPU has. Each runs forward and backward, bf16 and int8,
-on random shapes that are not tile multiples, with experts without tokens, k = 1, T = 1 and
+every variant is tested here whatever the CPU has. Each runs forward and backward, bf16, int8 and
+fp8, on random shapes that are not tile multiples, with experts without tokens, k = 1, T = 1 and
 NaN-poisoned output buffers. It must match the generic family, which quantizes the same way and
 rounds at the same places (only fp32 summation order differs), and the reference within the
 spec's budget wherever the generic family itself is comfortably inside it (tiny shapes can be
@@ -68,7 +68,7 @@ for _isa, _mask, _emu in CANDIDATES:
 # Fast vs generic: the same computation up to fp32 summation order (a bf16 rounding of g, u, h,
 # dg or du may flip for a few elements). Not a spec budget: a much tighter check for bugs.
 TWIN_TOL = 2e-3
-SPEC_TOL = {"bf16": (FWD_TOL, BWD_TOL), "int8": (0.04, 0.06)}
+SPEC_TOL = {"bf16": (FWD_TOL, BWD_TOL), "int8": (0.04, 0.06), "fp8": (0.06, 0.075)}
 
 
 @contextlib.contextmanager
@@ -83,8 +83,9 @@ def selected(variant: str):
 
 
 def run(p, k, x, ids, w, go, alpha, pool, isa, quant):
-    """Forward (saved) and backward into NaN-filled buffers through the engine itself (both
-    quant modes); returns (out, grads by name, the engine's kernel variant)."""
+    """Forward (saved) and backward into NaN-filled buffers through the engine itself (every
+    quant mode: bf16 weights are quantized at load); returns (out, grads by name, the engine's
+    kernel variant)."""
     E, I, H = p["gate_proj"].shape
     T, r = x.shape[0], p["gate_lora_a"].shape[1]
     eng = _core.Engine(pool._native, E, k, H, I, r, alpha, T, 1, isa, quant)
@@ -147,7 +148,7 @@ def problem(rng, E, k, H, I, r, T, pad):  # noqa: E741
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "fp8"])
 @given(
     E=st.integers(1, 6),
     k=st.integers(1, 4),
@@ -174,7 +175,7 @@ CASES = {  # E, k, H, I, r, T: tile multiples, many rows per expert, chunked sum
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "fp8"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_variant_matches_generic_named(variant, pool, rng, quant, case):
     E, k, H, I, r, T = CASES[case]  # noqa: E741

@@ -316,11 +316,11 @@ static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, 
 
 /* The VNNI tiles of W[:, t_first*16 : (t_last+1)*16]^T: for output tile column t and reduction
  * block cb (32 rows of W), tile row p, column j holds W[32 cb + 2p + {0, 1}, 16 t + j] as bf16
- * (int8 values are exact in bf16); zero outside W. */
+ * (int8 and e4m3 values are exact in bf16); zero outside W. */
 static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int64_t ncb,
                         uint16_t *panel) {
   const int v = (int)kt_z_per_unit(w->wtype); /* elements per 32-bit VNNI group */
-  const int64_t units = kt_z_units(w->cols, w->wtype), esize = w->wtype == KT_WTYPE_INT8 ? 1 : 2;
+  const int64_t units = kt_z_units(w->cols, w->wtype), esize = kt_wtype_size(w->wtype);
   memset(panel, 0, (size_t)((t_last - t_first + 1) * ncb) * TILE_BYTES);
   for (int64_t t = t_first; t <= t_last; t++) {
     const int64_t j1 = w->cols - t * TILE_ROWS < TILE_ROWS ? w->cols - t * TILE_ROWS : TILE_ROWS;
@@ -333,6 +333,10 @@ static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int
         const int8_t *src = (const int8_t *)w->data + at;
         for (int64_t j = 0; j < j1; j++)
           dst[2 * j] = kt_f32_to_bf16((float)src[(j / v) * TILE_ROWS * v + j % v]);
+      } else if (w->wtype == KT_WTYPE_FP8) {
+        const uint8_t *src = (const uint8_t *)w->data + at;
+        for (int64_t j = 0; j < j1; j++)
+          dst[2 * j] = kt_e4m3_to_bf16(src[(j / v) * TILE_ROWS * v + j % v]);
       } else {
         const uint16_t *src = (const uint16_t *)w->data + at;
         for (int64_t j = 0; j < j1; j++) dst[2 * j] = src[(j / v) * TILE_ROWS * v + j % v];

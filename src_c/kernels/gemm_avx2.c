@@ -22,6 +22,7 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Y_PREFETCH_BLOCKS = 4,
+  Y_PREFETCH_UNITS = 64,   /* x W^T, fp8: how far ahead the stream of units is fetched */
   FEW_LANES = 8,           /* fp32 lanes of one accumulator */
   NN_FEW_M = 4,            /* x W of at most this many rows: lane accumulators, no transpose */
   FEW_ACC = 8,             /* ... in a register tile of 8 accumulators */
@@ -56,6 +57,18 @@ static inline void row_to_f32(const uint16_t *src, int64_t n, float *dst, int64_
   for (; i < len; i++) dst[i] = 0.0f;
 }
 
+/* 8 e4m3 bytes (the low half of `bytes`) as fp32, exactly (times 256 unless `exact`): the byte,
+ * sign-extended to 16 bits and shifted, is the fp16 of the value / 256 (subnormals included),
+ * which vcvtph2ps widens; the NaN bytes 0x7f and 0xff become an fp16 NaN first. */
+static inline __m256 e4m3x8_to_f32(__m128i bytes, int exact) {
+  const __m128i h =
+      _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(bytes), 7), _mm_set1_epi16((short)0xbf80));
+  const __m128i nan =
+      _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x3f80)), _mm_set1_epi16(0x3f80));
+  const __m256 v = _mm256_cvtph_ps(_mm_blendv_epi8(h, _mm_set1_epi16(0x7e00), nan));
+  return exact ? _mm256_mul_ps(v, _mm256_set1_ps(256.0f)) : v;
+}
+
 /* c[0 .. n) = v, n <= 8 */
 static inline void store8(float *c, __m256 v, int64_t n) {
   if (n >= 8) {
@@ -65,6 +78,66 @@ static inline void store8(float *c, __m256 v, int64_t n) {
   float t[8];
   _mm256_storeu_ps(t, v);
   for (int64_t i = 0; i < n; i++) c[i] = t[i];
+}
+
+/* ---- x W^T, fp8, a few rows: e4m3 decoded in registers ------------------------------------ */
+
+/* As avx512's: each 8-byte group of a half unit (2 rows of W x its 4 columns) is decoded to fp32
+ * (/ 256, undone in the block scale) and multiplied by A[m, 4u .. 4u + 4) repeated twice, into
+ * one accumulator per group: lane 4i + j of group g sums row 8h + 2g + i, columns 4u + j. The
+ * totals of each 128-column block are kept in `tot` (memory: 16 ymm registers hold only the
+ * accumulators); one half unit (8 rows) and 2 rows of A at a time. */
+static inline __attribute__((always_inline)) void nt_fp8_tile(const int mr, const float *af,
+                                                              int64_t len, const char *p,
+                                                              int64_t used, const float *scale,
+                                                              float *tot) {
+  __m256 acc[2][4];
+  for (int64_t u0 = 0; u0 < used; u0 += KT_FP8_BLOCK / 4) {
+    const int64_t u1 = used - u0 < KT_FP8_BLOCK / 4 ? used : u0 + KT_FP8_BLOCK / 4;
+    for (int m = 0; m < mr; m++)
+      for (int g = 0; g < 4; g++) acc[m][g] = _mm256_setzero_ps();
+    for (int64_t u = u0; u < u1; u++) {
+      _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+      __m256 wg[4];
+      for (int g = 0; g < 4; g++)
+        wg[g] = e4m3x8_to_f32(_mm_loadl_epi64((const __m128i *)(p + u * KT_Z_UNIT + 8 * g)), 0);
+      for (int m = 0; m < mr; m++) {
+        const __m256 ap = _mm256_broadcast_ps((const __m128 *)(af + m * len + 4 * u));
+        for (int g = 0; g < 4; g++) acc[m][g] = _mm256_fmadd_ps(ap, wg[g], acc[m][g]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(256.0f * scale[u0 / (KT_FP8_BLOCK / 4)]);
+    for (int m = 0; m < mr; m++)
+      for (int g = 0; g < 4; g++) {
+        float *t = tot + (m * 4 + g) * 8;
+        _mm256_storeu_ps(t, _mm256_fmadd_ps(s, acc[m][g], _mm256_loadu_ps(t)));
+      }
+  }
+}
+
+static void y_gemm_nt_fp8_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                              int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_FP8), len = 4 * units;
+  const int64_t used = (k + 3) / 4, nbc = (k + KT_FP8_BLOCK - 1) / KT_FP8_BLOCK;
+  const float *scale = w->scale + (n0 / KT_FP8_BLOCK) * nbc;
+  float *af = scratch, *tot = af + a->count * len;
+  for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, NULL);
+  for (int64_t j0 = 0; j0 < n; j0 += 8) { /* 8 rows of W: half h of block j0 / 16 */
+    const char *p = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0) + 32 * ((j0 / 8) % 2);
+    for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
+      const int mr = a->count - m0 > 1 ? 2 : 1;
+      memset(tot, 0, sizeof(float) * 64);
+      if (mr == 2)
+        nt_fp8_tile(2, af + m0 * len, len, p, used, scale, tot);
+      else
+        nt_fp8_tile(1, af + m0 * len, len, p, used, scale, tot);
+      for (int m = 0; m < mr; m++)
+        for (int64_t i = 0; i < 8 && j0 + i < n; i++) {
+          const float *t = tot + (m * 4 + i / 2) * 8 + 4 * (i % 2);
+          c[(m0 + m) * ldc + j0 + i] = (t[0] + t[1]) + (t[2] + t[3]);
+        }
+    }
+  }
 }
 
 /* ---- x W^T, bf16 --------------------------------------------------------------------------- */
@@ -255,7 +328,12 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
         for (int i = 0; i < 8; i++) {
           float *d = dst + i * WT_LD + 8 * per * g;
           const __m128i lo = _mm256_castsi256_si128(r[i]), hi = _mm256_extracti128_si256(r[i], 1);
-          if (w->wtype == KT_WTYPE_INT8) {
+          if (w->wtype == KT_WTYPE_FP8) {
+            _mm256_storeu_ps(d, e4m3x8_to_f32(lo, 1));
+            _mm256_storeu_ps(d + 8, e4m3x8_to_f32(_mm_srli_si128(lo, 8), 1));
+            _mm256_storeu_ps(d + 16, e4m3x8_to_f32(hi, 1));
+            _mm256_storeu_ps(d + 24, e4m3x8_to_f32(_mm_srli_si128(hi, 8), 1));
+          } else if (w->wtype == KT_WTYPE_INT8) {
             _mm256_storeu_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
             _mm256_storeu_ps(d + 8,
                              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
@@ -306,7 +384,7 @@ static inline __attribute__((always_inline)) void nn_few_tile(
     for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7 of the block */
       __m256 av[2];
       for (int m = 0; m < mr; m++) av[m] = _mm256_loadu_ps(af + m * ldaf + 16 * b + 8 * h);
-      if (t == KT_WTYPE_INT8) {
+      if (t != KT_WTYPE_BF16) {
         for (int g = 0; g < 4; g++) { /* lane 4i + q of group g: row 8h + 2g + i, column q */
           const __m256i spread = _mm256_setr_epi32(2 * g, 2 * g, 2 * g, 2 * g, 2 * g + 1, 2 * g + 1,
                                                    2 * g + 1, 2 * g + 1);
@@ -315,7 +393,8 @@ static inline __attribute__((always_inline)) void nn_few_tile(
           for (int i = 0; i < slots; i++) {
             const __m128i bytes =
                 _mm_loadl_epi64((const __m128i *)(p + i * KT_Z_UNIT + 32 * h + 8 * g));
-            const __m256 wg = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+            const __m256 wg = t == KT_WTYPE_FP8 ? e4m3x8_to_f32(bytes, 1)
+                                                : _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
             for (int m = 0; m < mr; m++)
               acc[m * slots + i] = _mm256_fmadd_ps(ag[m], wg, acc[m * slots + i]);
           }
@@ -391,7 +470,7 @@ static inline __m256i e4m3_words_to_bf16(__m256i w) {
  * halves of two bf16 units (k0 k1, and k2 k3), the bytes spread to words by one in-lane shuffle
  * each. */
 static void y_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                         void *dst) {
+                         kt_sweep sweep, void *dst) {
   const __m256i lo = _mm256_broadcastsi128_si256(
       _mm_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1));
   const __m256i hi = _mm256_broadcastsi128_si256(
@@ -400,7 +479,10 @@ static void y_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
   for (int64_t b = 0; b < kt_z_rows_padded(nr) / 16; b++) {
     const char *s = kt_z_unit_ptr(w->data, su, r0 / 16 + b, c0 / 4);
     char *d = (char *)dst + b * du * KT_Z_UNIT;
-    for (int64_t u = 0; u < du / 2; u++)
+    for (int64_t u = 0; u < du / 2; u++) {
+      /* the source runs are short (2 KB or 1 KB): fetch the next panel's while this one decodes */
+      const char *next = kt_z_fp8_next_unit(w, r0, nr, c0, nc, sweep, b, u);
+      if (next) _mm_prefetch(next, _MM_HINT_T0);
       for (int half = 0; half < 2; half++) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)(s + u * KT_Z_UNIT + 32 * half));
         _mm256_storeu_si256((__m256i *)(d + 2 * u * KT_Z_UNIT + 32 * half),
@@ -408,6 +490,7 @@ static void y_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
         _mm256_storeu_si256((__m256i *)(d + (2 * u + 1) * KT_Z_UNIT + 32 * half),
                             e4m3_words_to_bf16(_mm256_shuffle_epi8(v, hi)));
       }
+    }
   }
 }
 
@@ -419,6 +502,7 @@ static const kt_kernels y_table = {
     .unpack = kt_z_unpack,
     .gemm_scratch_bytes = y_scratch_bytes,
     .gemm_nt = y_gemm_nt_fma,
+    .gemm_nt_fp8_few = y_gemm_nt_fp8_few,
     .decode_fp8 = y_decode_fp8,
     .gemm_nt_q8 = y_gemm_nt_q8,
     .gemm_nn = gemm_nn,

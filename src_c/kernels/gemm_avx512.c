@@ -208,6 +208,84 @@ static void z_gemm_nt_q8_madd(const kt_rows_q8 *a, const kt_packed *w, int64_t n
   }
 }
 
+/* ---- e4m3 to fp32 --------------------------------------------------------------------------- */
+
+/* 16 e4m3 bytes as fp32, exactly (times 256 unless `exact`, one multiply fewer): the byte,
+ * sign-extended to 16 bits and shifted, is the fp16 of the value / 256 (subnormals included),
+ * which vcvtph2ps widens; the NaN bytes 0x7f and 0xff become an fp16 NaN first. */
+static inline __m512 e4m3x16_to_f32(__m128i bytes, int exact) {
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+                                     _mm256_set1_epi16((short)0xbf80));
+  const __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x3f80)),
+                                                _mm256_set1_epi16(0x3f80));
+  const __m512 v = _mm512_cvtph_ps(_mm256_mask_mov_epi16(h, nan, _mm256_set1_epi16(0x7e00)));
+  return exact ? _mm512_mul_ps(v, _mm512_set1_ps(256.0f)) : v;
+}
+
+/* ---- x W^T, fp8, a few rows: e4m3 decoded in registers ------------------------------------ */
+
+/* Each unit's 4 quarters (16 bytes: 4 rows of W x its 4 columns) are decoded to fp32 (/ 256,
+ * undone in the block scale) and multiplied by A[m, 4u .. 4u + 4) repeated 4 times, into one
+ * accumulator per quarter: lane 4i + j of quarter q sums row 4q + i, columns 4u + j. At the end
+ * of each 128-column block the accumulators are added to the totals times 256 * its scale; the
+ * totals are summed over j at the end. 2 rows of A at a time (16 accumulators); one 16-row
+ * block of W at a time, streamed (prefetched 4 KB ahead) and kept in L1 for the next 2 rows. */
+static inline __attribute__((always_inline)) void nt_fp8_tile(const int mr, const float *af,
+                                                              int64_t len, const char *p,
+                                                              int64_t used, const float *scale,
+                                                              float *c, int64_t ldc,
+                                                              int64_t nrows) {
+  __m512 tot[2][4], acc[2][4];
+  for (int m = 0; m < mr; m++)
+    for (int q = 0; q < 4; q++) tot[m][q] = _mm512_setzero_ps();
+  for (int64_t u0 = 0; u0 < used; u0 += KT_FP8_BLOCK / 4) {
+    const int64_t u1 = used - u0 < KT_FP8_BLOCK / 4 ? used : u0 + KT_FP8_BLOCK / 4;
+    for (int m = 0; m < mr; m++)
+      for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
+    for (int64_t u = u0; u < u1; u++) {
+      _mm_prefetch(p + (u + Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+      __m512 wq[4];
+      for (int q = 0; q < 4; q++)
+        wq[q] = e4m3x16_to_f32(_mm_loadu_si128((const __m128i *)(p + u * KT_Z_UNIT + 16 * q)), 0);
+      for (int m = 0; m < mr; m++) {
+        const __m512 ap = _mm512_broadcast_f32x4(_mm_loadu_ps(af + m * len + 4 * u));
+        for (int q = 0; q < 4; q++) acc[m][q] = _mm512_fmadd_ps(ap, wq[q], acc[m][q]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(256.0f * scale[u0 / (KT_FP8_BLOCK / 4)]);
+    for (int m = 0; m < mr; m++)
+      for (int q = 0; q < 4; q++) tot[m][q] = _mm512_fmadd_ps(s, acc[m][q], tot[m][q]);
+  }
+  for (int m = 0; m < mr; m++)
+    for (int q = 0; q < 4; q++) {
+      float lanes[16];
+      _mm512_storeu_ps(lanes, tot[m][q]);
+      for (int i = 0; i < 4 && 4 * q + i < nrows; i++)
+        c[m * ldc + 4 * q + i] =
+            (lanes[4 * i] + lanes[4 * i + 1]) + (lanes[4 * i + 2] + lanes[4 * i + 3]);
+    }
+}
+
+static void z_gemm_nt_fp8_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                              int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_FP8), len = 4 * units;
+  const int64_t used = (k + 3) / 4, nbc = (k + KT_FP8_BLOCK - 1) / KT_FP8_BLOCK;
+  const float *scale = w->scale + (n0 / KT_FP8_BLOCK) * nbc;
+  float *af = scratch;
+  for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, NULL);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const char *p = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
+    const int64_t nrows = n - j0 < 16 ? n - j0 : 16;
+    for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
+      float *cc = c + m0 * ldc + j0;
+      if (a->count - m0 > 1)
+        nt_fp8_tile(2, af + m0 * len, len, p, used, scale, cc, ldc, nrows);
+      else
+        nt_fp8_tile(1, af + m0 * len, len, p, used, scale, cc, ldc, nrows);
+    }
+  }
+}
+
 /* ---- x W and the LoRA products: one register tile over a row-major fp32 block ------------- */
 
 /* c[m, 0:ncols] (+)= s * sum_cc af[m, cc] * wt[cc, 0:ncols], m < mr, ncols <= 16 nv. */
@@ -302,20 +380,19 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
     if (b + Z_PREFETCH_BLOCKS < nblocks)
       for (int64_t l = 0; l < lines; l++)
         _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Z_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
-    if (w->wtype == KT_WTYPE_INT8) {
+    if (w->wtype != KT_WTYPE_BF16) {
       for (int i = 0; i < 16; i++)
         r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 4 + i));
       transpose16(r);
       for (int i = 0; i < 16; i++) {
         float *d = dst + i * WT_LD;
-        _mm512_storeu_ps(
-            d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 0))));
-        _mm512_storeu_ps(
-            d + 16, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 1))));
-        _mm512_storeu_ps(
-            d + 32, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 2))));
-        _mm512_storeu_ps(
-            d + 48, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], 3))));
+        const __m128i q[4] = {
+            _mm512_extracti32x4_epi32(r[i], 0), _mm512_extracti32x4_epi32(r[i], 1),
+            _mm512_extracti32x4_epi32(r[i], 2), _mm512_extracti32x4_epi32(r[i], 3)};
+        for (int j = 0; j < 4; j++)
+          _mm512_storeu_ps(d + 16 * j, w->wtype == KT_WTYPE_FP8
+                                           ? e4m3x16_to_f32(q[j], 1)
+                                           : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q[j])));
       }
       continue;
     }
@@ -361,7 +438,7 @@ static inline __attribute__((always_inline)) void nn_few_tile(
     if (b + FEW_PREFETCH_BLOCKS < nblocks)
       for (int64_t l = 0; l < prefetch_lines; l++)
         _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
-    if (t == KT_WTYPE_INT8) {
+    if (t != KT_WTYPE_BF16) {
       /* lane 4i + q of quarter p is row 4p + i, column q of the unit */
       __m512 aq[2][4];
       for (int m = 0; m < mr; m++) {
@@ -376,7 +453,8 @@ static inline __attribute__((always_inline)) void nn_few_tile(
       for (int i = 0; i < slots; i++)
         for (int q = 0; q < 4; q++) {
           const __m128i bytes = _mm_loadu_si128((const __m128i *)(p + i * KT_Z_UNIT + 16 * q));
-          const __m512 wq = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+          const __m512 wq = t == KT_WTYPE_FP8 ? e4m3x16_to_f32(bytes, 1)
+                                              : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
           for (int m = 0; m < mr; m++)
             acc[m * slots + i] = _mm512_fmadd_ps(aq[m][q], wq, acc[m * slots + i]);
         }
@@ -520,7 +598,7 @@ static inline __m512i e4m3_words_to_bf16(__m512i w) {
 /* decode_fp8 of the table: each fp8 unit (row i: bytes k0 k1 k2 k3) gives two bf16 units (row
  * i: k0 k1, and k2 k3), the bytes spread to words by one in-lane shuffle each. */
 static void z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                         void *dst) {
+                         kt_sweep sweep, void *dst) {
   const __m512i lo = _mm512_broadcast_i32x4(
       _mm_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1));
   const __m512i hi = _mm512_broadcast_i32x4(
@@ -530,6 +608,9 @@ static void z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
     const char *s = kt_z_unit_ptr(w->data, su, r0 / 16 + b, c0 / 4);
     char *d = (char *)dst + b * du * KT_Z_UNIT;
     for (int64_t u = 0; u < du / 2; u++) {
+      /* the source runs are short (2 KB or 1 KB): fetch the next panel's while this one decodes */
+      const char *next = kt_z_fp8_next_unit(w, r0, nr, c0, nc, sweep, b, u);
+      if (next) _mm_prefetch(next, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(s + u * KT_Z_UNIT);
       _mm512_storeu_si512(d + 2 * u * KT_Z_UNIT, e4m3_words_to_bf16(_mm512_shuffle_epi8(v, lo)));
       _mm512_storeu_si512(d + (2 * u + 1) * KT_Z_UNIT,
@@ -549,6 +630,7 @@ static void z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
       .unpack = kt_z_unpack,                 \
       .gemm_scratch_bytes = z_scratch_bytes, \
       .gemm_nt = NT,                         \
+      .gemm_nt_fp8_few = z_gemm_nt_fp8_few,  \
       .decode_fp8 = z_decode_fp8,            \
       .gemm_nt_q8 = NT_Q8,                   \
       .gemm_nn = gemm_nn,                    \

@@ -84,12 +84,17 @@ static void generic_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t 
 static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                             int64_t ldc, void *scratch) {
   const int64_t k = w->rows, cols = w->cols;
-  float *wf = scratch;    /* W[:, n0:n0+n] as [k, n] (int8 values, exact) */
+  float *wf = scratch;    /* W[:, n0:n0+n] as [k, n] (int8 and e4m3 values, exact) */
   float *af = wf + n * k; /* one row of A, times the row scales (int8, fp8 panels) */
   if (w->wtype == KT_WTYPE_INT8) {
     const int8_t *wsrc = (const int8_t *)w->data + n0;
     for (int64_t r = 0; r < k; r++)
       for (int64_t j = 0; j < n; j++) wf[r * n + j] = (float)wsrc[r * cols + j];
+  } else if (w->wtype == KT_WTYPE_FP8) {
+    const uint8_t *wsrc = (const uint8_t *)w->data + n0;
+    for (int64_t r = 0; r < k; r++)
+      for (int64_t j = 0; j < n; j++)
+        wf[r * n + j] = kt_bf16_to_f32(kt_e4m3_to_bf16(wsrc[r * cols + j]));
   } else {
     const uint16_t *wsrc = (const uint16_t *)w->data + n0;
     for (int64_t r = 0; r < k; r++) to_f32(wsrc + r * cols, wf + r * n, n);
@@ -110,7 +115,8 @@ static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, in
 
 /* The packed layout is row-major: the panel is row-major bf16 [nr, nc]. */
 static void generic_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                               void *dst) {
+                               kt_sweep sweep, void *dst) {
+  (void)sweep;
   uint16_t table[256];
   for (int i = 0; i < 256; i++) table[i] = kt_e4m3_to_bf16((uint8_t)i);
   const uint8_t *src = (const uint8_t *)w->data + r0 * w->cols + c0;

@@ -1,6 +1,7 @@
 /* nn_drive.h - x W and the LoRA products around one register tile, shared by the avx512 and
  * avx2 families (static inline code; each family file includes it once, compiled with its own
- * flags). The including file defines NN_MR, NN_CH and WT_LD and:
+ * flags). W is bf16, int8 or fp8 (x W: with its row scales folded into A, w->scale). The including
+ * file defines NN_MR, NN_CH and WT_LD and:
  *   row_to_f32(src, n, dst, len, scale)  bf16 to fp32 (times scale[i] when not NULL), n values
  *                                        zero padded to len (a multiple of 16)
  *   nn_rows(count, af, ldaf, wt, cnt, c, ldc, ncols, add, s)
@@ -142,8 +143,9 @@ static inline void outer_nr(int64_t M, int64_t n, int64_t r, const float *d, int
 
 /* ---- x W of a few rows ------------------------------------------------------------------ */
 
-/* Columns per accumulator: bf16, one column (lanes: rows of W); int8, one unit of 4 columns. */
-static inline int64_t few_slot_cols(kt_wtype t) { return t == KT_WTYPE_INT8 ? 4 : 1; }
+/* Columns per accumulator: bf16, one column (lanes: rows of W); int8 and fp8, one unit of 4
+ * columns. */
+static inline int64_t few_slot_cols(kt_wtype t) { return t == KT_WTYPE_BF16 ? 1 : 4; }
 
 /* x W for at most NN_FEW_M rows around nn_few_tile: the blocks of W in chunks of about
  * FEW_CHUNK_BYTES of the band, each chunk walked by column group (the chunk stays in L1), the
@@ -178,6 +180,11 @@ static void nn_gemm_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
             FEW_CALL(2, KT_WTYPE_INT8);
           else
             FEW_CALL(1, KT_WTYPE_INT8);
+        } else if (t == KT_WTYPE_FP8) {
+          if (two)
+            FEW_CALL(2, KT_WTYPE_FP8);
+          else
+            FEW_CALL(1, KT_WTYPE_FP8);
         } else {
           if (two)
             FEW_CALL(2, KT_WTYPE_BF16);

@@ -111,11 +111,23 @@ static inline void kt_z_unpack(void *dst, const void *packed, int64_t rows, int6
              (const char *)packed + kt_z_offset(units, r, c, t), (size_t)size);
 }
 
+/* Source unit `u` of row block `b` of the fp8 panel decode_fp8 reads after (r0, c0, nr, nc):
+ * its address, or NULL past the matrix. */
+static inline const char *kt_z_fp8_next_unit(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
+                                             int64_t nc, kt_sweep sweep, int64_t b, int64_t u) {
+  const int64_t su = kt_z_units(w->cols, KT_WTYPE_FP8);
+  const int64_t block = r0 / 16 + b + (sweep == KT_SWEEP_ROWS ? kt_z_rows_padded(nr) / 16 : 0);
+  const int64_t unit = c0 / 4 + u + (sweep == KT_SWEEP_COLS ? nc / 4 : 0);
+  if (block >= kt_z_rows_padded(w->rows) / 16 || unit >= su) return NULL;
+  return kt_z_unit_ptr(w->data, su, block, unit);
+}
+
 /* The table's decode_fp8 in plain C: each fp8 unit (4 columns of 16 rows) becomes two bf16
  * units. Every unit of the bf16 panel, padding included, comes from a unit of W (its padding
  * is zeros), so no clearing is needed. */
 static inline void kt_z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
-                                   int64_t nc, void *dst) {
+                                   int64_t nc, kt_sweep sweep, void *dst) {
+  (void)sweep;
   uint16_t table[256];
   for (int i = 0; i < 256; i++) table[i] = kt_e4m3_to_bf16((uint8_t)i);
   const int64_t su = kt_z_units(w->cols, KT_WTYPE_FP8), du = kt_z_units(nc, KT_WTYPE_BF16);
