@@ -19,11 +19,13 @@ def gemm_test(
     w_scale: int,
     rows: int,
     cols: int,
-    w_int8: bool,
+    w_dtype: str,
     n0: int,
     n: int,
     c: int,
 ) -> None: ...
+def fp8_decode(q: int, out: int, n: int) -> None: ...
+def fp8_quantize(w: int, rows: int, cols: int, q: int, scale: int) -> None: ...
 def amx_status() -> str: ...
 
 class AMXFault(RuntimeError): ...
@@ -72,7 +74,7 @@ class Engine:
         self,
         first: int,
         count: int,
-        int8: bool,
+        dtype: str,
         gate: int,
         up: int,
         down: int,
