@@ -393,8 +393,9 @@ static inline __attribute__((always_inline)) void nn_few_tile(
           for (int i = 0; i < slots; i++) {
             const __m128i bytes =
                 _mm_loadl_epi64((const __m128i *)(p + i * KT_Z_UNIT + 32 * h + 8 * g));
-            const __m256 wg = t == KT_WTYPE_FP8 ? e4m3x8_to_f32(bytes, 1)
-                                                : _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+            const __m256 wg = t == KT_WTYPE_FP8 /* / 256: nn_gemm_few folded it into A */
+                                  ? e4m3x8_to_f32(bytes, 0)
+                                  : _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
             for (int m = 0; m < mr; m++)
               acc[m * slots + i] = _mm256_fmadd_ps(ag[m], wg, acc[m * slots + i]);
           }

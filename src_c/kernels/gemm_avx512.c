@@ -210,16 +210,20 @@ static void z_gemm_nt_q8_madd(const kt_rows_q8 *a, const kt_packed *w, int64_t n
 
 /* ---- e4m3 to fp32 --------------------------------------------------------------------------- */
 
-/* 16 e4m3 bytes as fp32, exactly (times 256 unless `exact`, one multiply fewer): the byte,
- * sign-extended to 16 bits and shifted, is the fp16 of the value / 256 (subnormals included),
+/* 32 e4m3 bytes as fp32 in two vectors (bytes 0-15, 16-31), exactly, divided by 256 unless
+ * `exact` (one multiply fewer per vector; the caller folds the 256 into a scale): each byte,
+ * sign-extended to 16 bits and shifted, is the fp16 of its value / 256 (subnormals included),
  * which vcvtph2ps widens; the NaN bytes 0x7f and 0xff become an fp16 NaN first. */
-static inline __m512 e4m3x16_to_f32(__m128i bytes, int exact) {
-  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
-                                     _mm256_set1_epi16((short)0xbf80));
-  const __mmask16 nan = _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x3f80)),
-                                                _mm256_set1_epi16(0x3f80));
-  const __m512 v = _mm512_cvtph_ps(_mm256_mask_mov_epi16(h, nan, _mm256_set1_epi16(0x7e00)));
-  return exact ? _mm512_mul_ps(v, _mm512_set1_ps(256.0f)) : v;
+static inline void e4m3x32_to_f32(__m256i bytes, int exact, __m512 out[2]) {
+  const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(bytes), 7),
+                                     _mm512_set1_epi16((short)0xbf80));
+  const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, _mm512_set1_epi16(0x3f80)),
+                                                _mm512_set1_epi16(0x3f80));
+  const __m512i v = _mm512_mask_mov_epi16(h, nan, _mm512_set1_epi16(0x7e00));
+  out[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
+  out[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
+  if (exact)
+    for (int i = 0; i < 2; i++) out[i] = _mm512_mul_ps(out[i], _mm512_set1_ps(256.0f));
 }
 
 /* ---- x W^T, fp8, a few rows: e4m3 decoded in registers ------------------------------------ */
@@ -245,8 +249,8 @@ static inline __attribute__((always_inline)) void nt_fp8_tile(const int mr, cons
     for (int64_t u = u0; u < u1; u++) {
       _mm_prefetch(p + (u + Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
       __m512 wq[4];
-      for (int q = 0; q < 4; q++)
-        wq[q] = e4m3x16_to_f32(_mm_loadu_si128((const __m128i *)(p + u * KT_Z_UNIT + 16 * q)), 0);
+      e4m3x32_to_f32(_mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT)), 0, wq);
+      e4m3x32_to_f32(_mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT + 32)), 0, wq + 2);
       for (int m = 0; m < mr; m++) {
         const __m512 ap = _mm512_broadcast_f32x4(_mm_loadu_ps(af + m * len + 4 * u));
         for (int q = 0; q < 4; q++) acc[m][q] = _mm512_fmadd_ps(ap, wq[q], acc[m][q]);
@@ -386,13 +390,17 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
       transpose16(r);
       for (int i = 0; i < 16; i++) {
         float *d = dst + i * WT_LD;
-        const __m128i q[4] = {
-            _mm512_extracti32x4_epi32(r[i], 0), _mm512_extracti32x4_epi32(r[i], 1),
-            _mm512_extracti32x4_epi32(r[i], 2), _mm512_extracti32x4_epi32(r[i], 3)};
+        if (w->wtype == KT_WTYPE_FP8) {
+          __m512 v[4];
+          e4m3x32_to_f32(_mm512_castsi512_si256(r[i]), 1, v);
+          e4m3x32_to_f32(_mm512_extracti64x4_epi64(r[i], 1), 1, v + 2);
+          for (int j = 0; j < 4; j++) _mm512_storeu_ps(d + 16 * j, v[j]);
+          continue;
+        }
         for (int j = 0; j < 4; j++)
-          _mm512_storeu_ps(d + 16 * j, w->wtype == KT_WTYPE_FP8
-                                           ? e4m3x16_to_f32(q[j], 1)
-                                           : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q[j])));
+          _mm512_storeu_ps(
+              d + 16 * j,
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], j))));
       }
       continue;
     }
@@ -418,6 +426,7 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
  *   int8  one accumulator per unit (4 columns): each 16-byte quarter (4 rows x 4 columns) is
  *         sign-extended and converted to fp32 and multiplied by A[m, c] spread to match, so a
  *         unit costs 4 extensions, 4 conversions and 4 FMAs per row of A;
+ *   fp8   the same with the quarters decoded from e4m3 (e4m3x32_to_f32, 2 per unit);
  * where a transpose costs about 10 operations per unit. The register tile holds FEW_ACC
  * accumulators (1 or 2 rows of A). The blocks are taken in chunks of FEW_CHUNK_BYTES of the
  * item's columns: within a chunk the tile walks the columns in groups, so the chunk is read from
@@ -450,14 +459,20 @@ static inline __attribute__((always_inline)) void nn_few_tile(
                                4 * q, 4 * q, 4 * q, 4 * q),
               av);
       }
-      for (int i = 0; i < slots; i++)
-        for (int q = 0; q < 4; q++) {
-          const __m128i bytes = _mm_loadu_si128((const __m128i *)(p + i * KT_Z_UNIT + 16 * q));
-          const __m512 wq = t == KT_WTYPE_FP8 ? e4m3x16_to_f32(bytes, 1)
-                                              : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-          for (int m = 0; m < mr; m++)
-            acc[m * slots + i] = _mm512_fmadd_ps(aq[m][q], wq, acc[m * slots + i]);
+      for (int i = 0; i < slots; i++) {
+        __m512 wq[4];
+        if (t == KT_WTYPE_FP8) { /* / 256: nn_gemm_few folded the 256 into A */
+          e4m3x32_to_f32(_mm256_loadu_si256((const __m256i *)(p + i * KT_Z_UNIT)), 0, wq);
+          e4m3x32_to_f32(_mm256_loadu_si256((const __m256i *)(p + i * KT_Z_UNIT + 32)), 0, wq + 2);
+        } else {
+          for (int q = 0; q < 4; q++)
+            wq[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(p + i * KT_Z_UNIT + 16 * q))));
         }
+        for (int q = 0; q < 4; q++)
+          for (int m = 0; m < mr; m++)
+            acc[m * slots + i] = _mm512_fmadd_ps(aq[m][q], wq[q], acc[m * slots + i]);
+      }
     } else {
       __m512 av[2];
       for (int m = 0; m < mr; m++) av[m] = _mm512_loadu_ps(af + m * ldaf + 16 * b);

@@ -163,6 +163,8 @@ static void nn_gemm_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
   const int64_t chunk = kt_max_size(1, FEW_CHUNK_BYTES / (size_t)(lines * KT_Z_UNIT));
   float *af = scratch, *acc = af + a->count * len;
   for (int64_t m = 0; m < a->count; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, scale);
+  if (t == KT_WTYPE_FP8) /* nn_few_tile decodes e4m3 / 256 (one multiply fewer per weight) */
+    for (int64_t i = 0; i < a->count * len; i++) af[i] *= 256.0f;
   for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
     const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
     for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
