@@ -285,9 +285,22 @@ class AMXInt8_SFT_MOE(AMXBF16_SFT_MOE):  # noqa: N801 - the predecessor's name
     _quant = "int8"
 
 
+class AMXFP8_SFT_MOE(AMXBF16_SFT_MOE):  # noqa: N801 - named like the predecessor's classes
+    """One layer with fp8 (e4m3) base weights and 128 x 128 block scales (spec section 5.1).
+
+    ``config.gate_proj``/``up_proj``/``down_proj`` point at bf16 weights, quantized by
+    :meth:`~AMXBF16_SFT_MOE.load_weights_task` into the only copy the engine keeps (to load an
+    fp8 checkpoint as it ships, use :class:`ktsft.MoESFT` or :class:`ktsft.torch.MoELoRA`).
+    Everything else as :class:`AMXBF16_SFT_MOE`.
+    """
+
+    _quant = "fp8"
+
+
 moe = types.SimpleNamespace(
     MOESFTConfig=MOESFTConfig,
     AMXBF16_SFT_MOE=AMXBF16_SFT_MOE,
     AMXInt8_SFT_MOE=AMXInt8_SFT_MOE,
+    AMXFP8_SFT_MOE=AMXFP8_SFT_MOE,
 )
 """The predecessor's ``kt_kernel_ext.moe`` namespace."""

@@ -208,12 +208,13 @@ def autograd_reference(base, lora, expert_ids, weights, input_data, grad_output)
     return out.detach(), grads
 
 
-# ---- seed 2.3: test_moe_sft_forward("bf16" / "int8") -------------------------------------------
+# ---- seed 2.3: test_moe_sft_forward("bf16" / "int8"; and "fp8") -------------------------------
 # Against the float64 math of the unquantized model; spec section 4's goals per mode.
 
 MODES = {  # quant: (layer class name, forward tolerance, backward tolerance)
     "bf16": ("AMXBF16_SFT_MOE", FWD_TOL, BWD_TOL),
     "int8": ("AMXInt8_SFT_MOE", 0.04, 0.06),
+    "fp8": ("AMXFP8_SFT_MOE", 0.06, 0.075),  # a bf16 model converted to fp8 (spec 5.1)
 }
 
 
@@ -229,9 +230,9 @@ def test_moe_sft_forward(quant, qlen):
     ref = float64_forward(base, lora, expert_ids, weights, input_data)
     diff = rel_err(output, ref)
     assert diff < fwd_tol, f"forward relative difference {diff:.6f}"
-    if quant == "int8":
+    if quant != "bf16":
         bf16 = SeedLayer(base, lora).forward(expert_ids, weights, input_data)
-        assert not torch.equal(output, bf16), "the int8 layer gave the bf16 layer's numbers"
+        assert not torch.equal(output, bf16), f"the {quant} layer gave the bf16 layer's numbers"
 
 
 def test_forward_output_is_overwritten():
@@ -386,7 +387,7 @@ def test_update_lora_weights_task_repoints_to_new_allocations():
 # ---- seed 2.3: test_moe_sft_training_loop() ----------------------------------------------------
 
 
-@pytest.mark.parametrize("moe_class", ["AMXBF16_SFT_MOE", "AMXInt8_SFT_MOE"])
+@pytest.mark.parametrize("moe_class", ["AMXBF16_SFT_MOE", "AMXInt8_SFT_MOE", "AMXFP8_SFT_MOE"])
 def test_moe_sft_training_loop(moe_class):
     """Seed section 4 with only the import changed, small sizes, and a learnable target: a
     teacher (same base, LoRA with the student's A and its own nonzero B) instead of noise."""
