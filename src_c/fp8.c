@@ -24,13 +24,12 @@ uint8_t kt_f32_to_e4m3(float v) {
   if (a >= 448.0f) return (uint8_t)(sign | 0x7eu); /* saturate (Inf included) */
   if (a < 0.015625f) /* below 2^-6: subnormals, steps of 2^-9 (8 steps round up to 2^-6) */
     return (uint8_t)(sign | (uint8_t)rintf(a * 512.0f));
-  int ex;
-  (void)frexpf(a, &ex); /* a in [2^(ex-1), 2^ex) */
-  const int e = ex - 1; /* -6 .. 8 */
-  /* 8 .. 16 steps of 2^(e-3); 16 carries into the exponent */
-  const unsigned q = (unsigned)rintf(ldexpf(a, 3 - e));
-  unsigned bits = ((unsigned)(e + 7) << 3) + q - 8u;
-  if (bits > 0x7eu) bits = 0x7eu;
+  /* round the fp32 mantissa to 3 bits, ties to even (a carry moves into the exponent), then
+   * rebias the exponent from 127 to 7: exponent and mantissa are the top bits of the result */
+  uint32_t ua;
+  memcpy(&ua, &a, sizeof ua);
+  const uint32_t rounded = (ua + 0x7ffffu + ((ua >> 20) & 1u)) >> 20;
+  const uint32_t bits = rounded - ((127u - 7u) << 3); /* <= 0x7e: a < 448 */
   return (uint8_t)(sign | bits);
 }
 

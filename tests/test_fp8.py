@@ -132,6 +132,22 @@ def test_quantizer_bit_for_bit_against_numpy_and_torch(rng, shape):
     assert bits(scale).tobytes() == bits(rs).tobytes() == bits(ts).tobytes()
 
 
+def test_quantizer_rounds_every_bf16_value_as_torch_does():
+    """Every finite bf16 value of magnitude <= 448 in blocks whose amax is 448 (scale 1): the
+    engine's e4m3 byte of each equals NumPy's (ml_dtypes) and torch's rounding."""
+    torch = pytest.importorskip("torch")
+    v = np.arange(65536, dtype=np.uint16).view(BF16).astype(np.float32)
+    v = v[np.isfinite(v) & (np.abs(v) <= 448)]
+    w = np.concatenate([v, np.zeros(-v.size % 127, np.float32)]).reshape(-1, 127)
+    w = np.concatenate([np.full((w.shape[0], 1), 448.0, np.float32), w], axis=1).astype(BF16)
+    q = np.empty(w.shape, np.uint8)
+    scale = np.empty(blocks(*w.shape), np.float32)
+    _core.fp8_quantize(w.ctypes.data, w.shape[0], w.shape[1], q.ctypes.data, scale.ctypes.data)
+    assert (scale == 1).all()
+    t = torch.from_numpy(w.astype(np.float32)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    assert q.tobytes() == reference.quantize_fp8(w)[0].tobytes() == t.tobytes()
+
+
 def test_quantizer_hand_computed_block():
     """amax 448 gives scale 1: values round to the nearest e4m3, ties to even."""
     row = np.array([[448.0, 17.0, 19.0, 0.5, -1.0625, 2.0**-10, 3 * 2.0**-10, 500.0 / 1e9]])
