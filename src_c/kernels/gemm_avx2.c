@@ -57,16 +57,20 @@ static inline void row_to_f32(const uint16_t *src, int64_t n, float *dst, int64_
   for (; i < len; i++) dst[i] = 0.0f;
 }
 
-/* 8 e4m3 bytes (the low half of `bytes`) as fp32, exactly (times 256 unless `exact`): the byte,
- * sign-extended to 16 bits and shifted, is the fp16 of the value / 256 (subnormals included),
+/* 16 e4m3 bytes as fp32 in two vectors (bytes 0-7, 8-15), exactly, divided by 256 unless
+ * `exact` (one multiply fewer per vector; the caller folds the 256 into a scale): each byte,
+ * sign-extended to 16 bits and shifted, is the fp16 of its value / 256 (subnormals included),
  * which vcvtph2ps widens; the NaN bytes 0x7f and 0xff become an fp16 NaN first. */
-static inline __m256 e4m3x8_to_f32(__m128i bytes, int exact) {
-  const __m128i h =
-      _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(bytes), 7), _mm_set1_epi16((short)0xbf80));
-  const __m128i nan =
-      _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x3f80)), _mm_set1_epi16(0x3f80));
-  const __m256 v = _mm256_cvtph_ps(_mm_blendv_epi8(h, _mm_set1_epi16(0x7e00), nan));
-  return exact ? _mm256_mul_ps(v, _mm256_set1_ps(256.0f)) : v;
+static inline void e4m3x16_to_f32(__m128i bytes, int exact, __m256 out[2]) {
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+                                     _mm256_set1_epi16((short)0xbf80));
+  const __m256i nan =
+      _mm256_cmpeq_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x3f80)), _mm256_set1_epi16(0x3f80));
+  const __m256i v = _mm256_blendv_epi8(h, _mm256_set1_epi16(0x7e00), nan);
+  out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+  out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
+  if (exact)
+    for (int i = 0; i < 2; i++) out[i] = _mm256_mul_ps(out[i], _mm256_set1_ps(256.0f));
 }
 
 /* c[0 .. n) = v, n <= 8 */
@@ -99,8 +103,8 @@ static inline __attribute__((always_inline)) void nt_fp8_tile(const int mr, cons
     for (int64_t u = u0; u < u1; u++) {
       _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
       __m256 wg[4];
-      for (int g = 0; g < 4; g++)
-        wg[g] = e4m3x8_to_f32(_mm_loadl_epi64((const __m128i *)(p + u * KT_Z_UNIT + 8 * g)), 0);
+      e4m3x16_to_f32(_mm_loadu_si128((const __m128i *)(p + u * KT_Z_UNIT)), 0, wg);
+      e4m3x16_to_f32(_mm_loadu_si128((const __m128i *)(p + u * KT_Z_UNIT + 16)), 0, wg + 2);
       for (int m = 0; m < mr; m++) {
         const __m256 ap = _mm256_broadcast_ps((const __m128 *)(af + m * len + 4 * u));
         for (int g = 0; g < 4; g++) acc[m][g] = _mm256_fmadd_ps(ap, wg[g], acc[m][g]);
@@ -329,10 +333,10 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
           float *d = dst + i * WT_LD + 8 * per * g;
           const __m128i lo = _mm256_castsi256_si128(r[i]), hi = _mm256_extracti128_si256(r[i], 1);
           if (w->wtype == KT_WTYPE_FP8) {
-            _mm256_storeu_ps(d, e4m3x8_to_f32(lo, 1));
-            _mm256_storeu_ps(d + 8, e4m3x8_to_f32(_mm_srli_si128(lo, 8), 1));
-            _mm256_storeu_ps(d + 16, e4m3x8_to_f32(hi, 1));
-            _mm256_storeu_ps(d + 24, e4m3x8_to_f32(_mm_srli_si128(hi, 8), 1));
+            __m256 v[4];
+            e4m3x16_to_f32(lo, 1, v);
+            e4m3x16_to_f32(hi, 1, v + 2);
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(d + 8 * j, v[j]);
           } else if (w->wtype == KT_WTYPE_INT8) {
             _mm256_storeu_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
             _mm256_storeu_ps(d + 8,
@@ -385,19 +389,27 @@ static inline __attribute__((always_inline)) void nn_few_tile(
       __m256 av[2];
       for (int m = 0; m < mr; m++) av[m] = _mm256_loadu_ps(af + m * ldaf + 16 * b + 8 * h);
       if (t != KT_WTYPE_BF16) {
-        for (int g = 0; g < 4; g++) { /* lane 4i + q of group g: row 8h + 2g + i, column q */
-          const __m256i spread = _mm256_setr_epi32(2 * g, 2 * g, 2 * g, 2 * g, 2 * g + 1, 2 * g + 1,
-                                                   2 * g + 1, 2 * g + 1);
-          __m256 ag[2];
-          for (int m = 0; m < mr; m++) ag[m] = _mm256_permutevar8x32_ps(av[m], spread);
+        for (int g = 0; g < 4; g += 2) { /* lane 4i + q of group g: row 8h + 2g + i, column q */
+          __m256 ag[2][2];
+          for (int d = 0; d < 2; d++) {
+            const int gg = g + d;
+            const __m256i spread = _mm256_setr_epi32(2 * gg, 2 * gg, 2 * gg, 2 * gg, 2 * gg + 1,
+                                                     2 * gg + 1, 2 * gg + 1, 2 * gg + 1);
+            for (int m = 0; m < mr; m++) ag[m][d] = _mm256_permutevar8x32_ps(av[m], spread);
+          }
           for (int i = 0; i < slots; i++) {
-            const __m128i bytes =
-                _mm_loadl_epi64((const __m128i *)(p + i * KT_Z_UNIT + 32 * h + 8 * g));
-            const __m256 wg = t == KT_WTYPE_FP8 /* / 256: nn_gemm_few folded it into A */
-                                  ? e4m3x8_to_f32(bytes, 0)
-                                  : _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-            for (int m = 0; m < mr; m++)
-              acc[m * slots + i] = _mm256_fmadd_ps(ag[m], wg, acc[m * slots + i]);
+            const char *q = p + i * KT_Z_UNIT + 32 * h + 8 * g; /* groups g and g + 1 */
+            __m256 wg[2];
+            if (t == KT_WTYPE_FP8) { /* / 256: nn_gemm_few folded the 256 into A */
+              e4m3x16_to_f32(_mm_loadu_si128((const __m128i *)q), 0, wg);
+            } else {
+              const __m128i bytes = _mm_loadu_si128((const __m128i *)q);
+              wg[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+              wg[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+            }
+            for (int d = 0; d < 2; d++)
+              for (int m = 0; m < mr; m++)
+                acc[m * slots + i] = _mm256_fmadd_ps(ag[m][d], wg[d], acc[m * slots + i]);
           }
         }
       } else {
