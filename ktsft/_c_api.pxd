@@ -179,6 +179,12 @@ cdef extern from "ktsft.h" nogil:
         KT_GEMM_NT_Q8
         KT_GEMM_NN
 
+    ctypedef enum kt_phase:
+        KT_PHASE_COUNT
+    const char *kt_phase_name(kt_phase phase)
+    void kt_moe_set_profiling(kt_moe *moe, int on)
+    void kt_moe_phase_times(kt_moe *moe, double *seconds, int64_t *runs)
+
     kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale,
                            int64_t m, const void *w, const float *w_scale, int64_t rows,
                            int64_t cols, kt_dtype w_dtype, int64_t n0, int64_t n, float *c,

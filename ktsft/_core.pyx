@@ -11,17 +11,18 @@ from ktsft._c_api cimport (
     KT_DTYPE_F32, KT_DTYPE_FP8_E4M3, KT_DTYPE_INT8, KT_ERR_CACHE_EMPTY, KT_ERR_CACHE_FULL,
     KT_ERR_EXPERT_ID, KT_ERR_INVALID_ARGUMENT, KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY,
     KT_ERR_WEIGHTS_NOT_LOADED, KT_GEMM_NN, KT_GEMM_NT, KT_GEMM_NT_Q8, KT_ISA_COUNT, KT_OK,
-    KT_QUANT_BF16, KT_QUANT_FP8, KT_QUANT_INT8, kt_amx_emu_clear_faults, kt_amx_emu_dp,
-    kt_amx_emu_first_fault, kt_amx_emu_last_fault, kt_amx_emu_ldtilecfg, kt_amx_emu_sttilecfg,
-    kt_amx_emu_tileloadd, kt_amx_emu_tilerelease, kt_amx_emu_tilestored, kt_amx_emu_tilezero,
-    kt_amx_op, kt_backward_args, kt_cpu_amx_status, kt_cpu_feature_name, kt_cpu_features, kt_dtype,
-    kt_error, kt_expert_buffers, kt_expert_weights, kt_forward_args, kt_fp8_decode, kt_fp8_quantize,
-    kt_gemm_op, kt_gemm_test, kt_isa, kt_isa_available, kt_isa_best, kt_isa_compiled, kt_isa_name,
-    kt_isa_resolve, kt_isa_variant, kt_kernels_testing_set, kt_lora, kt_moe, kt_moe_backward,
-    kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens, kt_moe_config, kt_moe_create,
-    kt_moe_destroy, kt_moe_experts_loaded, kt_moe_forward, kt_moe_isa, kt_moe_kernel_variant,
-    kt_moe_load_experts, kt_moe_load_weights, kt_moe_packed_bytes, kt_moe_read_experts,
-    kt_moe_weights_loaded, kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_quant,
+    KT_PHASE_COUNT, KT_QUANT_BF16, KT_QUANT_FP8, KT_QUANT_INT8, kt_amx_emu_clear_faults,
+    kt_amx_emu_dp, kt_amx_emu_first_fault, kt_amx_emu_last_fault, kt_amx_emu_ldtilecfg,
+    kt_amx_emu_sttilecfg, kt_amx_emu_tileloadd, kt_amx_emu_tilerelease, kt_amx_emu_tilestored,
+    kt_amx_emu_tilezero, kt_amx_op, kt_backward_args, kt_cpu_amx_status, kt_cpu_feature_name,
+    kt_cpu_features, kt_dtype, kt_error, kt_expert_buffers, kt_expert_weights, kt_forward_args,
+    kt_fp8_decode, kt_fp8_quantize, kt_gemm_op, kt_gemm_test, kt_isa, kt_isa_available, kt_isa_best,
+    kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_isa_variant, kt_kernels_testing_set, kt_lora,
+    kt_moe, kt_moe_backward, kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens,
+    kt_moe_config, kt_moe_create, kt_moe_destroy, kt_moe_experts_loaded, kt_moe_forward, kt_moe_isa,
+    kt_moe_kernel_variant, kt_moe_load_experts, kt_moe_load_weights, kt_moe_packed_bytes,
+    kt_moe_phase_times, kt_moe_read_experts, kt_moe_set_profiling, kt_moe_weights_loaded, kt_phase,
+    kt_phase_name, kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_quant,
     kt_saved, kt_saved_num_tokens, kt_saved_release, kt_status, kt_status_string, kt_vec_sigmoid,
     kt_vec_silu,
 )
@@ -342,6 +343,23 @@ cdef class Engine:
             st = kt_moe_load_experts(self.ptr, first, count, &w, &err)
         if st != KT_OK:
             _raise(st, &err)
+
+    def set_profiling(self, bint on):
+        """Switches the engine's phase timers on (zeroing them) or off."""
+        with nogil:
+            kt_moe_set_profiling(self.ptr, on)
+
+    def phase_times(self):
+        """{phase name: (seconds, runs)} since profiling was switched on."""
+        cdef double seconds[KT_PHASE_COUNT]
+        cdef int64_t runs[KT_PHASE_COUNT]
+        cdef int i
+        with nogil:
+            kt_moe_phase_times(self.ptr, seconds, runs)
+        times = {}
+        for i in range(KT_PHASE_COUNT):
+            times[kt_phase_name(<kt_phase>i).decode()] = (seconds[i], runs[i])
+        return times
 
     def read_experts(self, int32_t first, int32_t count, uintptr_t gate, uintptr_t up,
                      uintptr_t down, uintptr_t gate_scale=0, uintptr_t up_scale=0,

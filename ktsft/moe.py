@@ -292,6 +292,25 @@ class MoESFT:
             out[m] = w
         return out
 
+    def set_profiling(self, on: bool = True) -> None:
+        """Switches the engine's phase timers on (zeroing them) or off; see :meth:`phase_times`.
+
+        Off by default: a switched-off timer costs one branch per phase."""
+        self._engine.set_profiling(bool(on))
+
+    def phase_times(self) -> dict:
+        """Time spent in each parallel phase since :meth:`set_profiling` switched the timers on.
+
+        Returns
+        -------
+        dict
+            ``{name: (seconds, runs)}`` for the phases of the forward (``"FQ"``, ``"F0"`` ..
+            ``"F4"``) and of the backward (``"BZ"``, ``"B0"`` .. ``"B5"``), documented in
+            docs/design.rst, and for the whole calls (``"forward"``, ``"backward"``: setup such
+            as routing and allocation is the difference from their phases' sum).
+        """
+        return self._engine.phase_times()
+
     @property
     def experts_loaded(self) -> int:
         """How many experts have base weights (forward needs all E)."""

@@ -1,5 +1,6 @@
 /* moe.c - engine lifetime, base-weight packing and the saved-state stack. */
 #include <stdlib.h>
+#include <time.h>
 
 #include "moe_internal.h"
 
@@ -316,5 +317,45 @@ static void drop_saved(kt_moe *m) {
 void kt_moe_cache_clear(kt_moe *m) {
   pthread_mutex_lock(&m->lock);
   drop_saved(m);
+  pthread_mutex_unlock(&m->lock);
+}
+
+double kt_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void kt_moe_run_phase(kt_moe *m, kt_phase phase, int64_t n_items, kt_work_fn fn, void *ctx) {
+  const double start = m->profiling ? kt_now() : 0.0;
+  kt_pool_parallel(m->pool, n_items, fn, ctx);
+  kt_moe_add_phase(m, phase, start);
+}
+
+void kt_moe_add_phase(kt_moe *m, kt_phase phase, double start) {
+  if (!m->profiling) return;
+  m->phase_seconds[phase] += kt_now() - start;
+  m->phase_runs[phase]++;
+}
+
+const char *kt_phase_name(kt_phase phase) {
+  static const char *const names[KT_PHASE_COUNT] = {"forward", "FQ", "F0",       "F1", "F2",
+                                                    "F3",      "F4", "backward", "BZ", "B0",
+                                                    "B1",      "B2", "B3",       "B4", "B5"};
+  return (int)phase >= 0 && phase < KT_PHASE_COUNT ? names[phase] : "unknown";
+}
+
+void kt_moe_set_profiling(kt_moe *m, int on) {
+  pthread_mutex_lock(&m->lock);
+  m->profiling = on != 0;
+  memset(m->phase_seconds, 0, sizeof m->phase_seconds);
+  memset(m->phase_runs, 0, sizeof m->phase_runs);
+  pthread_mutex_unlock(&m->lock);
+}
+
+void kt_moe_phase_times(kt_moe *m, double seconds[KT_PHASE_COUNT], int64_t runs[KT_PHASE_COUNT]) {
+  pthread_mutex_lock(&m->lock);
+  memcpy(seconds, m->phase_seconds, sizeof m->phase_seconds);
+  memcpy(runs, m->phase_runs, sizeof m->phase_runs);
   pthread_mutex_unlock(&m->lock);
 }

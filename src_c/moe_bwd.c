@@ -280,6 +280,7 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
                    "saved: the saved state comes from the forward of another engine");
   pthread_mutex_lock(&m->lock);
+  const double call_start = m->profiling ? kt_now() : 0.0;
   if (!kt_moe_weights_loaded(m) || (!args->saved && m->depth == 0)) {
     pthread_mutex_unlock(&m->lock);
     if (!kt_moe_weights_loaded(m))
@@ -352,26 +353,27 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
 
   if (!args->accumulate) {
     if (args->grads_zeroed)
-      kt_pool_parallel(m->pool, rt->n_active, prefault_routed, &c);
+      kt_moe_run_phase(m, KT_PHASE_BZ, rt->n_active, prefault_routed, &c);
     else
-      kt_pool_parallel(m->pool, cfg->expert_num, zero_unrouted, &c);
+      kt_moe_run_phase(m, KT_PHASE_BZ, cfg->expert_num, zero_unrouted, &c);
     if (args->grad_weights) /* padded routes keep 0; routed ones are written in B3 */
       memset(args->grad_weights, 0, (size_t)(T * cfg->num_experts_per_tok) * sizeof(float));
   }
   const int64_t n_active = rt->n_active;
-  if (go_f32) kt_pool_parallel(m->pool, c.n_tblk, b0_convert_go, &c);
-  kt_pool_parallel(m->pool, n_active, b1_q, &c);
-  kt_pool_parallel(m->pool, n_active * c.n_iblk, b2_down_act, &c);
-  kt_pool_parallel(m->pool, n_active, b3_lora_b_and_weights, &c);
+  if (go_f32) kt_moe_run_phase(m, KT_PHASE_B0, c.n_tblk, b0_convert_go, &c);
+  kt_moe_run_phase(m, KT_PHASE_B1, n_active, b1_q, &c);
+  kt_moe_run_phase(m, KT_PHASE_B2, n_active * c.n_iblk, b2_down_act, &c);
+  kt_moe_run_phase(m, KT_PHASE_B3, n_active, b3_lora_b_and_weights, &c);
   if (split_routes) {
-    kt_pool_parallel(m->pool, n_active * c.n_hblk, b4_input_routes, &c);
-    kt_pool_parallel(m->pool, T, b5_sum_routes, &c);
+    kt_moe_run_phase(m, KT_PHASE_B4, n_active * c.n_hblk, b4_input_routes, &c);
+    kt_moe_run_phase(m, KT_PHASE_B5, T, b5_sum_routes, &c);
   } else {
-    kt_pool_parallel(m->pool, c.n_hblk, b4_input, &c);
+    kt_moe_run_phase(m, KT_PHASE_B4, c.n_hblk, b4_input, &c);
   }
 
   kt_free(wa.base);
   if (!args->saved) kt_saved_release(m->stack[--m->depth]);
+  kt_moe_add_phase(m, KT_PHASE_BACKWARD, call_start);
   pthread_mutex_unlock(&m->lock);
   return KT_OK;
 }

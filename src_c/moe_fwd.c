@@ -220,6 +220,7 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   if (s != KT_OK) return s;
 
   pthread_mutex_lock(&m->lock);
+  const double call_start = m->profiling ? kt_now() : 0.0;
   const int save = args->save_for_backward != 0;
   const int to_stack = save && !args->saved_out;
   if (to_stack && m->depth >= cfg->max_cache_depth) {
@@ -307,15 +308,15 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   if (save) memcpy((void *)st->x, args->input, (size_t)(T * H) * 2);
 
   const int64_t n_active = rt->n_active;
-  if (q8) kt_pool_parallel(m->pool, c.n_tblk, fq_quantize_x, &c);
-  kt_pool_parallel(m->pool, n_active, f0_lora_a, &c);
-  kt_pool_parallel(m->pool, n_active * c.n_iblk, f1_gate_up, &c);
-  kt_pool_parallel(m->pool, n_active, f2_lora_down_a, &c);
+  if (q8) kt_moe_run_phase(m, KT_PHASE_FQ, c.n_tblk, fq_quantize_x, &c);
+  kt_moe_run_phase(m, KT_PHASE_F0, n_active, f0_lora_a, &c);
+  kt_moe_run_phase(m, KT_PHASE_F1, n_active * c.n_iblk, f1_gate_up, &c);
+  kt_moe_run_phase(m, KT_PHASE_F2, n_active, f2_lora_down_a, &c);
   if (split_routes) {
-    kt_pool_parallel(m->pool, n_active * c.n_hblk, f3_down_routes, &c);
-    kt_pool_parallel(m->pool, T, f4_sum_routes, &c);
+    kt_moe_run_phase(m, KT_PHASE_F3, n_active * c.n_hblk, f3_down_routes, &c);
+    kt_moe_run_phase(m, KT_PHASE_F4, T, f4_sum_routes, &c);
   } else {
-    kt_pool_parallel(m->pool, c.n_hblk, f3_down, &c);
+    kt_moe_run_phase(m, KT_PHASE_F3, c.n_hblk, f3_down, &c);
   }
 
   kt_free(ta.base);
@@ -325,6 +326,7 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
     *args->saved_out = st;
   else
     kt_saved_release(st);
+  kt_moe_add_phase(m, KT_PHASE_FORWARD, call_start);
   pthread_mutex_unlock(&m->lock);
   return KT_OK;
 }

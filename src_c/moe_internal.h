@@ -51,6 +51,9 @@ struct kt_moe {
   int32_t n_loaded;
   kt_saved **stack; /* [max_cache_depth] */
   int32_t depth;
+  int profiling; /* phase timers on */
+  double phase_seconds[KT_PHASE_COUNT];
+  int64_t phase_runs[KT_PHASE_COUNT];
   pthread_mutex_t lock; /* one call at a time on an engine */
 };
 
@@ -77,6 +80,13 @@ static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
 }
 
 kt_status kt_lora_check(const kt_lora *l, kt_error *err);
+
+/* Seconds of a monotonic clock. */
+double kt_now(void);
+/* kt_pool_parallel on the engine's pool, timed as `phase` when profiling is on. */
+void kt_moe_run_phase(kt_moe *m, kt_phase phase, int64_t n_items, kt_work_fn fn, void *ctx);
+/* Adds the time since `start` (kt_now()) to `phase` when profiling is on. */
+void kt_moe_add_phase(kt_moe *m, kt_phase phase, double start);
 
 /* Whether the per-H-block phases (F3, B4) give way to per-route buffers (F3 + F4, B4 + B5):
  * with fewer than 2 blocks of KT_BLOCK_N hidden columns per thread, too few items to go round. */

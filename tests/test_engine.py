@@ -878,3 +878,25 @@ def test_seed_api_matches_python_api(rng):
 def test_layer_shapes_match_config():
     cfg = ktsft.MoESFTConfig(3, 2, 10, 7, lora_rank=4)
     assert cfg.shapes() == layer_shapes(3, 10, 7, 4)
+
+
+def test_phase_timers(rng, pool):
+    """Off by default; switched on, every phase that ran counts its runs, the whole calls take
+    at least their phases' time, and results do not change."""
+    p, x, ids, w, go = problem(rng, 5, 2, 70, 40, 3, 9)
+    moe = make_moe(p, 2, lora_alpha=8.0, pool=pool)
+    before = run_engine(moe, x, ids, w, go)
+    assert all(s == 0 and n == 0 for s, n in moe.phase_times().values())
+    moe.set_profiling(True)
+    after = [run_engine(moe, x, ids, w, go) for _ in range(2)][-1]
+    times = moe.phase_times()
+    for name in ("forward", "F0", "F1", "F2", "F3", "backward", "BZ", "B1", "B2", "B3", "B4"):
+        assert times[name][1] == 2 and times[name][0] > 0, (name, times[name])
+    assert times["FQ"] == (0.0, 0) and times["B0"] == (0.0, 0)  # bf16 mode, bf16 grad_output
+    fwd = sum(times[n][0] for n in ("F0", "F1", "F2", "F3", "F4"))
+    bwd = sum(times[n][0] for n in ("BZ", "B0", "B1", "B2", "B3", "B4", "B5"))
+    assert times["forward"][0] >= fwd and times["backward"][0] >= bwd
+    assert bits(after[0]).tobytes() == bits(before[0]).tobytes()
+    moe.set_profiling(False)
+    run_engine(moe, x, ids, w, go)
+    assert all(s == 0 and n == 0 for s, n in moe.phase_times().values())

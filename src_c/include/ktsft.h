@@ -237,6 +237,35 @@ kt_status kt_moe_forward(kt_moe *moe, const kt_forward_args *args, kt_error *err
 /* Uses args->saved, or pops the newest saved forward of the stack. */
 kt_status kt_moe_backward(kt_moe *moe, const kt_backward_args *args, kt_error *err);
 
+/* ---- the engine's phase timers (off by default; a branch per phase when off) -------------- */
+
+/* The parallel phases of forward and backward (moe_fwd.c, moe_bwd.c), and the two whole calls. */
+typedef enum kt_phase {
+  KT_PHASE_FORWARD = 0, /* whole forward calls, setup (routing, allocation) included */
+  KT_PHASE_FQ,          /* int8: x quantized per token */
+  KT_PHASE_F0,          /* x A_g^T, x A_u^T */
+  KT_PHASE_F1,          /* gate and up projections, SwiGLU */
+  KT_PHASE_F2,          /* h A_d^T (int8: h quantized per route) */
+  KT_PHASE_F3,          /* down projection, routes summed per token */
+  KT_PHASE_F4,          /* route split only: each token's routes summed */
+  KT_PHASE_BACKWARD,    /* whole backward calls */
+  KT_PHASE_BZ,          /* gradient buffers: experts without routes zeroed, or pages mapped */
+  KT_PHASE_B0,          /* float32 grad_output to bf16 */
+  KT_PHASE_B1,          /* dy B_d */
+  KT_PHASE_B2,          /* dy W_d, activation backward, dA_d, dB_g, dB_u */
+  KT_PHASE_B3,          /* dg B_g, du B_u, grad_weights */
+  KT_PHASE_B4,          /* dg W_g + du W_u (+ LoRA), dA_g, dA_u, dB_d */
+  KT_PHASE_B5,          /* route split only: each token's routes summed */
+  KT_PHASE_COUNT
+} kt_phase;
+
+/* "F1", "forward", ... */
+const char *kt_phase_name(kt_phase phase);
+/* Switches the timers on (and zeroes them) or off. */
+void kt_moe_set_profiling(kt_moe *moe, int on);
+/* Seconds spent in, and runs of, each phase since profiling was switched on. */
+void kt_moe_phase_times(kt_moe *moe, double seconds[KT_PHASE_COUNT], int64_t runs[KT_PHASE_COUNT]);
+
 /* Saved forward states now on the stack, and the token count of the newest (0 when empty). */
 int32_t kt_moe_cache_depth(const kt_moe *moe);
 int64_t kt_moe_cache_top_tokens(const kt_moe *moe);
