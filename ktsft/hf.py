@@ -62,6 +62,7 @@ __all__ = [
     "experts_modules",
     "from_pretrained",
     "load_adapter",
+    "lora_parameters",
     "patch",
     "register",
     "save_adapter",
@@ -165,6 +166,21 @@ def experts_modules(model: nn.Module) -> Iterator:
             p = m._parameters.get("down_proj")
             if p is None or p.dim() == 3:
                 yield name, m
+
+
+def lora_parameters(model: nn.Module) -> Iterator:
+    """``(name, parameter)`` of the six LoRA tensors of every experts module on ktsft.
+
+    ``peft.get_peft_model`` freezes every parameter outside its own adapters, these included;
+    turn them back on after it::
+
+        for _, p in ktsft.hf.lora_parameters(model):
+            p.requires_grad_(True)
+    """
+    for name, m in experts_modules(model):
+        if _LAYER in m.__dict__:
+            for n in LORA_NAMES:
+                yield f"{name}.{n}", m._parameters[n]
 
 
 def _check_experts_class(name: str, m: nn.Module) -> None:
@@ -497,9 +513,7 @@ def _peft_lora(model: nn.Module) -> tuple:
     kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))
     if kind != "LORA":
         raise ValueError(f"the model's PEFT adapter is {kind}, not LORA")
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    # PEFT keeps every parameter named "*lora_*": the experts' own six are written per expert.
-    return cfg, {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in LORA_NAMES}
+    return cfg, get_peft_model_state_dict(model, adapter_name=adapter_name)
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> None:
