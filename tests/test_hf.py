@@ -569,7 +569,7 @@ def test_docs_example_runs(checkpoints, tmp_path):
     script = ROOT / "docs" / "examples" / "hf_finetune.py"
     res = subprocess.run(
         [sys.executable, str(script), checkpoints("qwen3_moe"), str(tmp_path / "adapter"),
-         "--steps", "5"],
+         "--steps", "5", "--check"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
