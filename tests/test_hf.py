@@ -115,12 +115,15 @@ def logits(model, tokens=TOKENS):
 # ---- forward: logits equal eager transformers -------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_logits_equal_eager_with_lora_b_zero(checkpoints, family):
+def test_logits_equal_eager_with_lora_b_zero(checkpoints, family, dtype):
+    """bf16: both models round everything to bf16 (eager bf16 itself is ~0.9 % off float64
+    here); float32: the non-expert part in fp32 on both sides, so this measures the experts."""
     path = checkpoints(family)
-    ours = kh.from_pretrained(path, lora_rank=R, lora_alpha=ALPHA)
+    ours = kh.from_pretrained(path, lora_rank=R, lora_alpha=ALPHA, dtype=dtype)
     assert ours.config._experts_implementation == "ktsft"
-    ref = logits(eager(path))
+    ref = logits(eager(path, dtype=dtype))
     assert_close(logits(ours), ref, FWD_TOL, f"{family} logits")
     # The metric sees the experts: nonzero LoRA moves the logits well past the tolerance.
     for _, m in kh.experts_modules(ours):
@@ -323,7 +326,17 @@ def test_gradient_checkpointing_and_no_grad_generation(checkpoints):
 # ---- adapters -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+_PEFT_QWEN2 = pytest.mark.xfail(
+    strict=True,
+    reason="PEFT 0.21.2 converts per-expert adapters only for model types that transformers maps "
+    "onto the qwen2_moe or mixtral conversion (qwen3_moe, deepseek_v3, glm4_moe, ..., mixtral); "
+    "qwen2_moe itself is not in that map, so its expert LoRA is not loaded",
+)
+
+
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=_PEFT_QWEN2) if f == "qwen2_moe" else f for f in FAMILIES]
+)
 def test_adapter_loads_into_eager_transformers_with_peft(checkpoints, family, tmp_path):
     """save_adapter -> peft.PeftModel.from_pretrained on the eager model (PEFT converts the
     per-expert keys to transformers 5's fused experts) -> the same logits."""
