@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/bench_hf.py [--layers 4] [--experts 64] [--hidden 1024]
                                      [--moe-intermediate 384] [--top-k 8] [--tokens 128]
-                                     [--rank 16] [--steps 3] [--threads N]
+                                     [--rank 16] [--steps 3] [--threads N] [--torch-threads N]
                                      [--impls ktsft,eager,grouped_mm,batched_mm]
 
 One randomly initialised bf16 Qwen3-MoE checkpoint is written to a temporary directory; then,
@@ -18,8 +18,9 @@ training steps (forward, ``loss.backward()``, AdamW step) and reports the median
 Only the experts' LoRA trains in every case; attention and router are frozen but passed through
 by the backward. ``batched_mm`` gathers one [2I, H] and one [H, I] weight per route, T k of
 each per layer, kept for the backward: it is skipped when that would exceed ``--max-gib``.
-Threads: torch's intra-op threads and ktsft's pool both get ``--threads`` (default: the CPUs
-this process may use); they take turns, since each experts call is synchronous.
+Threads: ktsft's pool gets ``--threads`` (default: the CPUs this process may use), torch's
+intra-op threads ``--torch-threads`` (default: the same); they take turns, since each experts
+call is synchronous.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--impls", default="ktsft,eager,grouped_mm,batched_mm")
     p.add_argument("--max-gib", type=float, default=6.0)
     args = p.parse_args()
@@ -54,7 +56,7 @@ def main() -> None:
     import ktsft
     import ktsft.hf
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads or args.threads)
     pool = ktsft.ThreadPool(args.threads)
     H, I, E, k = args.hidden, args.moe_intermediate, args.experts, args.top_k
     cfg = transformers.Qwen3MoeConfig(
@@ -78,7 +80,8 @@ def main() -> None:
     tokens = torch.randint(1, cfg.vocab_size, (1, args.tokens), generator=torch.Generator())
     print(
         f"Qwen3-MoE: {args.layers} layers, E={E}, k={k}, H={H}, I={I}, r={args.rank}, "
-        f"T={args.tokens} tokens/step, {args.threads} threads, "
+        f"T={args.tokens} tokens/step, {args.threads} ktsft / {torch.get_num_threads()} torch "
+        "threads, "
         f"ktsft isa={ktsft.runtime_info()['isa']}"
     )
 

@@ -153,7 +153,6 @@ def _is_experts_module(m: nn.Module) -> bool:
     return (
         "down_proj" in m._parameters
         and ("gate_up_proj" in m._parameters or "up_proj" in m._parameters)
-        and not isinstance(m, nn.Linear)
     ) or _LAYER in m.__dict__
 
 

@@ -143,6 +143,24 @@ def test_experts_modules_hold_only_lora(checkpoints):
     assert "model.layers.0.mlp.experts.gate_up_proj" not in model.state_dict()
 
 
+def test_replaced_lora_parameters_are_used(checkpoints):
+    """A LoRA parameter replaced by a new object (load_state_dict(assign=True), a user's
+    assignment) is what the next forward reads, as an in-place update is."""
+    path = checkpoints("qwen3_moe")
+    a = kh.from_pretrained(path, lora_rank=R, lora_alpha=ALPHA)
+    b = kh.from_pretrained(path, lora_rank=R, lora_alpha=ALPHA)
+    before = logits(b)
+    state = {k: v for k, v in a.state_dict().items() if k.rsplit(".", 1)[-1] in LORA_NAMES}
+    torch.manual_seed(5)
+    new = {k: torch.rand_like(v) for k, v in state.items()}
+    with torch.no_grad():
+        for k, v in new.items():
+            a.get_parameter(k).copy_(v)
+    b.load_state_dict(new, strict=False, assign=True)
+    assert b.get_parameter(next(iter(new))).data_ptr() == new[next(iter(new))].data_ptr()
+    assert torch.equal(logits(a), logits(b)) and not torch.equal(logits(b), before)
+
+
 # ---- backward: a float64 reference with the LoRA math of spec section 3 ------------------------
 
 
