@@ -341,6 +341,69 @@ def test_gradient_checkpointing_and_no_grad_generation(checkpoints):
     )
 
 
+_DDP_WORKER = """
+import sys, torch, torch.distributed as dist
+import ktsft.hf
+rank, path, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+torch.manual_seed(7)
+model = ktsft.hf.from_pretrained(path, lora_rank=4, lora_alpha=8.0, init_lora_weights=False,
+                                 num_threads=1)
+for n, p in model.named_parameters():
+    p.requires_grad_(n.rsplit(".", 1)[-1] in ktsft.gradients.LORA_NAMES)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+tokens = torch.load(sys.argv[5])[rank : rank + 1]
+ddp(tokens, labels=tokens).loss.backward()
+if rank == 0:
+    torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_distributed_data_parallel_gloo(checkpoints, tmp_path):
+    """Two gloo processes each take one sequence; DDP's averaged LoRA gradients equal one
+    process's on both sequences (bf16 gradients are rounded before the all-reduce)."""
+    import socket
+
+    path = checkpoints("qwen3_moe")
+    batch = torch.cat([TOKENS, TOKENS.flip(1)])
+    torch.save(batch, tmp_path / "tokens.pt")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        init = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    out = tmp_path / "grads.pt"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _DDP_WORKER,
+                str(r),
+                path,
+                init,
+                str(out),
+                str(tmp_path / "tokens.pt"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    for proc in procs:
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log[-3000:]
+    got = torch.load(out)
+    torch.manual_seed(7)
+    model = kh.from_pretrained(path, lora_rank=R, lora_alpha=ALPHA, init_lora_weights=False)
+    model(batch, labels=batch).loss.backward()
+    want = {n: p.grad for n, p in kh.lora_parameters(model)}
+    assert got.keys() == want.keys()
+    for n in want:
+        assert_close(got[n], want[n], BWD_TOL, f"DDP grad {n}")
+
+
 # ---- adapters -----------------------------------------------------------------------------------
 
 
