@@ -22,8 +22,13 @@ The router, shared experts, attention and everything else stay transformers'.
 
 Threads: the engine runs on its own native pool (:func:`~ktsft.torch.default_pool`, one thread
 per CPU this process may use, unless ``num_threads`` is given); torch's intra-op threads run
-the rest of the model. Each experts call is synchronous, so the two pools take turns and are
-never busy at once; neither is resized here.
+the rest of the model. Each experts call is synchronous, so the two take turns, and neither is
+resized here. But torch's OpenMP workers busy-wait for a while after each parallel region
+(libgomp's default), right when the engine's threads start: on 2 cores that made a training
+step 2 to 10 times slower, at random. So importing this module before torch sets
+``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it), which OpenMP reads when torch
+loads it; :func:`patch` and :func:`from_pretrained` warn when torch was imported first without
+it and runs more than one thread.
 
 Needs ``transformers>=5`` (and ``peft`` for attention LoRA; ``pip install ktsft[hf]``).
 """
@@ -32,21 +37,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-from torch import nn
+# isort: off
+if "torch" not in sys.modules:  # OpenMP reads this once, when torch loads it (see above)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+# isort: on
 
-from .checkpoint import (
+from .checkpoint import (  # noqa: E402
     MIXTRAL_PROJ_NAMES,
     SafetensorsIndex,
     find_module_experts,
 )
-from .config import MoESFTConfig
-from .gradients import LORA_NAMES
-from .pool import ThreadPool
-from .torch import MoELoRA, default_pool
+from .config import MoESFTConfig  # noqa: E402
+from .gradients import LORA_NAMES  # noqa: E402
+from .pool import ThreadPool  # noqa: E402
+from .torch import MoELoRA, default_pool  # noqa: E402
 
 try:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
@@ -228,6 +239,19 @@ def _check_options(lora_rank: Any, lora_alpha: Any, quant: Any, max_len: Any) ->
     )
 
 
+def _warn_openmp_spin() -> None:
+    """Warns when torch's OpenMP workers may busy-wait while the engine runs (module docs)."""
+    if torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        warnings.warn(
+            f"torch runs {torch.get_num_threads()} intra-op threads whose OpenMP workers "
+            "busy-wait after each operation, competing with ktsft's engine threads (training "
+            "steps 2-10x slower measured); set OMP_WAIT_POLICY=PASSIVE before starting Python "
+            "(or import ktsft.hf before torch), or torch.set_num_threads(1)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _pool(num_threads: int | None, pool: ThreadPool | None) -> ThreadPool:
     if pool is not None:
         if num_threads is not None:
@@ -330,6 +354,7 @@ def patch(
                     f"{name}.{p} is on the meta device (no data); load the model with "
                     "ktsft.hf.from_pretrained, which streams the experts from the checkpoint"
                 )
+    _warn_openmp_spin()
     pool = _pool(num_threads, pool)
     for name, m in modules:
         gate_up, down = m.gate_up_proj.detach(), m.down_proj.detach()
@@ -435,6 +460,7 @@ def from_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_options(lora_rank, lora_alpha, quant, max_len)
+    _warn_openmp_spin()
     model_dir = os.fspath(model_dir)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
 
 import ktsft.hf as kh  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings(  # torch is imported first here (tested below)
+    "ignore:torch runs .* intra-op threads:RuntimeWarning"
+)
 ROOT = Path(__file__).resolve().parents[1]
 INT8_FWD_TOL = 0.04  # spec section 4, int8 forward
 
@@ -652,6 +656,30 @@ def test_errors(checkpoints, tmp_path):
         kh.patch(AutoModelForCausalLM.from_config(llama4))
 
 
+# ---- threads ----------------------------------------------------------------------------------
+
+
+def test_openmp_wait_policy_default_and_warning(checkpoints, monkeypatch):
+    """Imported before torch, ktsft.hf makes torch's OpenMP workers sleep instead of spinning;
+    imported after it (as here) with more than one torch thread, loading warns."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, ktsft.hf, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.stdout.split() == ["PASSIVE"], res.stderr
+    code = "import os, torch, ktsft.hf; print(os.environ.get('OMP_WAIT_POLICY'))"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.stdout.split() == ["None"], res.stderr  # too late: left alone
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with pytest.warns(RuntimeWarning, match="set OMP_WAIT_POLICY=PASSIVE before starting Python"):
+        kh.from_pretrained(checkpoints("qwen3_moe"), lora_rank=R)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        kh.from_pretrained(checkpoints("qwen3_moe"), lora_rank=R)
+
+
 # ---- the docs example -------------------------------------------------------------------------
 
 
@@ -660,6 +688,7 @@ def test_docs_example_runs(checkpoints, tmp_path):
     saves the adapter and checks that PEFT on eager transformers computes the same logits."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KTSFT_")}
     env["KTSFT_NUM_THREADS"] = "2"
+    env["OMP_WAIT_POLICY"] = "PASSIVE"  # as the usage line says
     script = ROOT / "docs" / "examples" / "hf_finetune.py"
     res = subprocess.run(
         [sys.executable, str(script), checkpoints("qwen3_moe"), str(tmp_path / "adapter"),

@@ -1,6 +1,10 @@
 """Fine-tune a Hugging Face MoE model with ktsft running its routed experts (ktsft.hf).
 
-Usage: python hf_finetune.py MODEL_DIR ADAPTER_DIR [--steps N] [--quant bf16|int8] [--check]
+Usage: OMP_WAIT_POLICY=PASSIVE python hf_finetune.py MODEL_DIR ADAPTER_DIR [--steps N]
+       [--quant bf16|int8] [--check]
+
+(OMP_WAIT_POLICY=PASSIVE: torch is imported before ktsft.hf here, so the environment must keep
+torch's OpenMP workers from busy-waiting while ktsft's threads run; see docs/hf.rst, Threads.)
 
 MODEL_DIR is a local transformers checkpoint (e.g. a downloaded Qwen3-30B-A3B). The experts
 stream from its safetensors shards into ktsft's engine; attention gets a PEFT LoRA; a plain
