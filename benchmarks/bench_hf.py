@@ -20,7 +20,8 @@ by the backward. ``batched_mm`` gathers one [2I, H] and one [H, I] weight per ro
 each per layer, kept for the backward: it is skipped when that would exceed ``--max-gib``.
 Threads: ktsft's pool gets ``--threads`` (default: the CPUs this process may use), torch's
 intra-op threads ``--torch-threads`` (default: the same); they take turns, since each experts
-call is synchronous.
+call is synchronous. ``OMP_WAIT_POLICY`` is PASSIVE unless the environment sets it, as
+``ktsft.hf`` makes it (docs/hf.rst, Threads); it applies to every implementation here.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import statistics
 import tempfile
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+import torch  # noqa: E402
 
 
 def main() -> None:
@@ -81,7 +83,7 @@ def main() -> None:
     print(
         f"Qwen3-MoE: {args.layers} layers, E={E}, k={k}, H={H}, I={I}, r={args.rank}, "
         f"T={args.tokens} tokens/step, {args.threads} ktsft / {torch.get_num_threads()} torch "
-        "threads, "
+        f"threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
         f"ktsft isa={ktsft.runtime_info()['isa']}"
     )
 
