@@ -135,6 +135,20 @@ def test_logits_equal_eager_with_lora_b_zero(checkpoints, family, dtype):
     assert rel_err(logits(ours), ref) > 5 * FWD_TOL
 
 
+def test_dense_layers_before_the_moe_layers(tmp_path):
+    """DeepSeek-V3's first_k_dense_replace: dense MLP layers stay transformers', the MoE layers
+    after them run on ktsft."""
+    path = save_model(
+        make_config("deepseek_v3", first_k_dense_replace=1, num_hidden_layers=3), tmp_path
+    )
+    ours = kh.from_pretrained(path, lora_rank=R, lora_alpha=ALPHA, dtype=torch.float32)
+    assert [n for n, _ in kh.experts_modules(ours)] == [
+        "model.layers.1.mlp.experts",
+        "model.layers.2.mlp.experts",
+    ]
+    assert_close(logits(ours), logits(eager(path, dtype=torch.float32)), FWD_TOL, "logits")
+
+
 def test_experts_modules_hold_only_lora(checkpoints):
     model = kh.from_pretrained(checkpoints("qwen3_moe"), lora_rank=R, lora_alpha=ALPHA)
     names = [n for n, _ in model.named_parameters() if ".experts." in n]
