@@ -48,6 +48,8 @@ __all__ = [
     "SCALE_INV_SUFFIX",
     "dequantize_fp8_expert",
     "find_experts",
+    "find_module_experts",
+    "hub_prefixes",
     "iter_experts",
     "read_expert",
     "to_bf16_expert",
@@ -336,6 +338,50 @@ def _check_scale_inv(index: SafetensorsIndex, key: str, shape: tuple) -> None:
             f"per 128 x 128 block of {key} {list(shape)}), got {index.dtype(sk)} "
             f"{list(index.shape(sk))}"
         )
+
+
+def hub_prefixes(module_prefix: str) -> list:
+    """Where a checkpoint may hold the experts of the transformers module ``module_prefix``:
+    ``(prefix, proj_names)`` pairs, most likely first.
+
+    transformers 5 names every experts module ``...mlp.experts``; checkpoints on the Hub use
+    that prefix with ``gate_proj``/``up_proj``/``down_proj`` (or fused keys), and Mixtral's use
+    ``...block_sparse_moe.experts`` with ``w1``/``w3``/``w2`` (:data:`MIXTRAL_PROJ_NAMES`).
+    """
+    out = [(module_prefix, None)]
+    if ".mlp." in module_prefix:
+        out.append((module_prefix.replace(".mlp.", ".block_sparse_moe."), MIXTRAL_PROJ_NAMES))
+    out.append((module_prefix, MIXTRAL_PROJ_NAMES))
+    return out
+
+
+def find_module_experts(
+    index: SafetensorsIndex, module_prefix: str, expert_num: int
+) -> ExpertLayout:
+    """The layout of the experts of the transformers module ``module_prefix`` (e.g.
+    ``model.layers.3.mlp.experts``) in a checkpoint: the first of :func:`hub_prefixes` whose
+    expert 0 (or fused keys) the checkpoint holds, checked by :func:`find_experts`.
+
+    Raises
+    ------
+    KeyError
+        None of the layouts is there (the message lists the keys looked for), or one is there
+        only in part.
+    """
+    tried = []
+    for prefix, names in hub_prefixes(module_prefix):
+        layout = ExpertLayout("per_expert", prefix, 1, 0, 0, DEFAULT_KEY_FORMAT, names)
+        keys = [layout.key(0, n) for n in BASE_NAMES]
+        if any(k in index for k in keys) or all(k in index for k in layout.fused_keys()):
+            return find_experts(index, prefix, expert_num, proj_names=names)
+        tried.append(keys[0])
+    tried.append(FUSED_GATE_UP_KEY.format(prefix=module_prefix))
+    layer = module_prefix.rsplit(".", 2)[0]
+    near = sorted(k for k in index.keys() if k.startswith(layer + "."))[:4]
+    raise KeyError(
+        f"the experts of {module_prefix!r} ({expert_num} experts) are not in {index.files}: "
+        f"none of {tried} is there; keys of {layer!r} there: {near}"
+    )
 
 
 def _check_fused(index: SafetensorsIndex, prefix: str, E: int) -> ExpertLayout:
