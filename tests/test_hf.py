@@ -541,6 +541,55 @@ def test_int8_quantizes_while_streaming(checkpoints):
         assert_close(out, want, INT8_FWD_TOL, f"int8 {name}")
 
 
+def _fp8_checkpoint(src, dst, dequantized):
+    """``src`` with its routed experts in DeepSeek-V3's fp8 layout (``...{proj}.weight`` e4m3 +
+    ``...{proj}.weight_scale_inv``) in ``dst``, and the same model with those experts
+    dequantized to float32 in ``dequantized``."""
+    import numpy as np
+
+    from ktsft import reference
+
+    state = load_file(os.path.join(src, "model.safetensors"))
+    fp8, deq = {}, {}
+    for k, v in state.items():
+        if ".mlp.experts." in k and k.endswith("_proj.weight"):
+            q, scale = reference.quantize_fp8(v.float().numpy())
+            fp8[k] = torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn)
+            fp8[k + "_scale_inv"] = torch.from_numpy(scale)
+            deq[k] = torch.from_numpy(reference.dequantize_fp8(q, scale)).float()
+        else:
+            fp8[k], deq[k] = v, v.float()
+    config = transformers.AutoConfig.from_pretrained(src)
+    for path, tensors in ((dst, fp8), (dequantized, deq)):
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(path)
+    return fp8
+
+
+def test_fp8_checkpoint_loads_as_it_ships(checkpoints, tmp_path):
+    """A DeepSeek-V3 checkpoint with fp8 experts: quant="fp8" packs the file's e4m3 bytes and
+    block scales as they are, and each experts call matches float64 eager experts of the
+    dequantized weights to the bf16 goal (fp8 storage adds no kernel error)."""
+    path = checkpoints("deepseek_v3")
+    fp8 = _fp8_checkpoint(path, tmp_path / "fp8", tmp_path / "deq")
+    ours = kh.from_pretrained(tmp_path / "fp8", lora_rank=R, lora_alpha=ALPHA, quant="fp8")
+    layer = ours.model.layers[1].mlp.experts.__dict__["_ktsft_layer"]
+    packed = layer.moe.base_weights(3, 1)
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    assert packed["up_proj"][0].tobytes() == fp8[key].view(torch.uint8).numpy().tobytes()
+    assert packed["up_scale_inv"][0].tobytes() == fp8[key + "_scale_inv"].numpy().tobytes()
+    calls = []
+    for name, m in kh.experts_modules(ours):
+        m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, args, out)))
+    logits(ours)
+    ref = dict(eager(tmp_path / "deq", dtype=torch.float64).named_modules())
+    assert len(calls) == 2
+    for name, (x, ids, w), out in calls:
+        want = ref[name](x.double(), ids, w.double())
+        assert_close(out, want, FWD_TOL, f"fp8 {name}")
+
+
 def test_patch_a_model_in_memory(checkpoints):
     path = checkpoints("glm4_moe")
     model = eager(path)
