@@ -23,6 +23,7 @@ _SCALE_NAMES = {
     "int8": ("gate_scale", "up_scale", "down_scale"),
     "fp8": ("gate_scale_inv", "up_scale_inv", "down_scale_inv"),
 }
+_ALL_SCALE_NAMES = _SCALE_NAMES["int8"] + _SCALE_NAMES["fp8"]
 _SCALE_DOC = {"int8": "float32, one scale per row", "fp8": "float32, one scale per 128 x 128 block"}
 
 
@@ -119,14 +120,12 @@ class MoESFT:
             down_lora_b=down_lora_b,
         )
         base = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
-        scales = {
-            "gate_scale": gate_scale,
-            "up_scale": up_scale,
-            "down_scale": down_scale,
-            "gate_scale_inv": gate_scale_inv,
-            "up_scale_inv": up_scale_inv,
-            "down_scale_inv": down_scale_inv,
-        }
+        scales = dict(
+            zip(
+                _ALL_SCALE_NAMES,
+                (gate_scale, up_scale, down_scale, gate_scale_inv, up_scale_inv, down_scale_inv),
+            )
+        )
         given = [n for n in BASE_NAMES if base[n] is not None]
         if given and len(given) != 3:
             missing = [n for n in BASE_NAMES if base[n] is None]
@@ -197,14 +196,12 @@ class MoESFT:
         E, H, I = c.expert_num, c.hidden_size, c.intermediate_size  # noqa: E741
         first = _index(first, "first")
         base = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
-        scales = {
-            "gate_scale": gate_scale,
-            "up_scale": up_scale,
-            "down_scale": down_scale,
-            "gate_scale_inv": gate_scale_inv,
-            "up_scale_inv": up_scale_inv,
-            "down_scale_inv": down_scale_inv,
-        }
+        scales = dict(
+            zip(
+                _ALL_SCALE_NAMES,
+                (gate_scale, up_scale, down_scale, gate_scale_inv, up_scale_inv, down_scale_inv),
+            )
+        )
         gv = _arrays.view(gate_proj, "gate_proj")
         single = len(gv.shape) == 2
         n = 1 if single else (gv.shape[0] if gv.shape else 0)

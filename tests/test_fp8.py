@@ -24,13 +24,13 @@ from conftest import (
     bits,
     make_layer,
     make_moe,
-    make_routing,
-    make_tokens,
     rel_err,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_amx_emu import _assert_fp32_sum as assert_fp32_sum
 from test_engine import check_backward, check_forward
+from test_int8 import problem, refs
 
 import ktsft
 from ktsft import _core, reference
@@ -38,7 +38,6 @@ from ktsft import _core, reference
 ISAS = list(_core.isa_lists()[1])
 FAST_ISAS = [i for i in ISAS if i != "amx-emu"]
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
-U = 2.0**-24  # fp32 unit roundoff
 
 # Spec section 5.1: a bf16 model converted to fp8, against the unquantized model.
 CONVERTED_FWD_TOL = 0.06
@@ -46,19 +45,6 @@ CONVERTED_BWD_TOL = 0.075
 
 BASE = ("gate_proj", "up_proj", "down_proj")
 SCALES = ("gate_scale_inv", "up_scale_inv", "down_scale_inv")
-
-
-def problem(rng, E, k, H, I, r, T, pad=0.1):  # noqa: E741
-    p = make_layer(rng, E, H, I, r)
-    ids, w = make_routing(rng, T, k, E, pad=pad)
-    return p, make_tokens(rng, T, H), ids, w, make_tokens(rng, T, H)
-
-
-def refs(p, x, ids, w, go, alpha, quant):
-    return (
-        reference.forward(x, ids, w, lora_alpha=alpha, quant=quant, **p),
-        reference.backward(go, x, ids, w, lora_alpha=alpha, quant=quant, **p),
-    )
 
 
 def run_poisoned(moe, p, x, ids, w, go):
@@ -216,13 +202,6 @@ def bf16_rows(rng, shape):
     return rng.standard_normal(shape).astype(BF16)
 
 
-def assert_fp32_sums(c, terms, nterms, what):
-    """|c - exact| within the fp32 summation bound nterms * u * sum|terms| (products exact)."""
-    exact, size = terms.sum(axis=-1), np.abs(terms).sum(axis=-1)
-    err = np.abs(c.astype(np.float64) - exact)
-    assert np.all(err <= 1.01 * nterms * U * size), f"{what}: max err/bound {np.max(err / size)}"
-
-
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m, rows, cols, n0, n", FP8_GEMM_CASES)
 def test_kernel_gemm_nt_fp8(isa, m, rows, cols, n0, n):
@@ -232,7 +211,7 @@ def test_kernel_gemm_nt_fp8(isa, m, rows, cols, n0, n):
     c = fp8_gemm(isa, "nt", a, q, scale, n0, n)
     wd = reference.dequantize_fp8(q, scale)[n0 : n0 + n]
     terms = a.astype(np.float64)[:, None, :] * wd[None, :, :]
-    assert_fp32_sums(c, terms, cols + blocks(rows, cols)[1] + 2, f"nt {isa}")
+    assert_fp32_sum(c, terms, cols + blocks(rows, cols)[1] + 2, f"nt {isa}")
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -247,7 +226,7 @@ def test_kernel_gemm_nn_fp8(isa, m, rows, cols, n0, n):
     af = (a.astype(np.float32) * row_scale[None, :]).astype(np.float64)  # the fp32 operand
     wv = reference.dequantize_fp8(q, np.ones_like(scale))[:, n0 : n0 + n]  # e4m3 values
     terms = af[:, None, :] * wv.T[None, :, :]
-    assert_fp32_sums(c, terms, 3 * rows + blocks(rows, cols)[0] + 1, f"nn {isa}")
+    assert_fp32_sum(c, terms, 3 * rows + blocks(rows, cols)[0] + 1, f"nn {isa}")
 
 
 @pytest.mark.parametrize("isa", ISAS)
