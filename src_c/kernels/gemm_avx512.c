@@ -397,10 +397,11 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
           for (int j = 0; j < 4; j++) _mm512_storeu_ps(d + 16 * j, v[j]);
           continue;
         }
+        const __m128i q[4] = {
+            _mm512_extracti32x4_epi32(r[i], 0), _mm512_extracti32x4_epi32(r[i], 1),
+            _mm512_extracti32x4_epi32(r[i], 2), _mm512_extracti32x4_epi32(r[i], 3)};
         for (int j = 0; j < 4; j++)
-          _mm512_storeu_ps(
-              d + 16 * j,
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(r[i], j))));
+          _mm512_storeu_ps(d + 16 * j, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q[j])));
       }
       continue;
     }
