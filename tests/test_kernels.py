@@ -35,6 +35,7 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 from test_amx_emu import _assert_fp32_sum, _bf16, _f64, gemm
+from test_engine import emulate
 
 from ktsft import _core
 
@@ -113,17 +114,32 @@ def run(p, k, x, ids, w, go, alpha, pool, isa, quant):
     return out, g, eng.kernel_variant
 
 
-def compare(fast, gen, ref, tol, what):
+def compare(fast, gen, ref, tol, what, emus=None):
+    """fast within TWIN_TOL of generic, and of the reference within tol where generic is
+    comfortably inside it. With ``emus`` (this output under the roundings spec section 4
+    allows, test_engine.emulate) the problem is too small for the twin check: one bf16 rounding
+    of dg or du falling the other way under another fp32 summation order moves an output by
+    more than TWIN_TOL there, so fast is held to the spec goal against the nearer emulation,
+    as test_engine does for ill-conditioned outputs."""
     f, g = to_f64(fast), to_f64(gen)
     assert not np.isnan(f).any(), f"{what}: NaN in result"
     if not np.any(g):
         assert not np.any(f), f"{what}: generic is all zero, max |fast| {np.abs(f).max()}"
+        return
+    if emus is not None:
+        err = min(rel_err(f, em) for em in emus)
+        assert err < tol, f"{what}: rel_err vs allowed-rounding emulation {err:.3g} >= {tol}"
         return
     err = rel_err(f, g)
     assert err < TWIN_TOL, f"{what}: rel_err vs generic {err:.3g} >= {TWIN_TOL}"
     if ref is not None and rel_err(g, ref) < tol / 2:
         err = rel_err(f, ref)
         assert err < tol, f"{what}: rel_err vs reference {err:.3g} >= {tol}"
+
+
+# Fewer rounded backward intermediates (routes x I values of dg and du) than this: too few for
+# the twin check (see compare); measured: R I = 18 moved grad_input by 0.0027 between families.
+MIN_ROUNDED = 128
 
 
 def check(name, pool, p, k, x, ids, w, go, alpha, quant):
@@ -134,8 +150,11 @@ def check(name, pool, p, k, x, ids, w, go, alpha, quant):
     fwd_tol, bwd_tol = SPEC_TOL[quant]
     compare(out, out0, ref_forward(p, x, ids, w, alpha), fwd_tol, f"{name}/{quant} forward")
     ref = ref_backward(p, go, x, ids, w, alpha)
+    small = quant == "bf16" and int((ids >= 0).sum()) * p["gate_proj"].shape[1] < MIN_ROUNDED
+    emus = [emulate(p, x, ids, w, go, alpha, rd)[1] for rd in (False, True)] if small else None
     for n in GRAD_NAMES:
-        compare(g[n], g0[n], getattr(ref, n), bwd_tol, f"{name}/{quant} {n}")
+        em = None if emus is None else [getattr(e, n) for e in emus]
+        compare(g[n], g0[n], getattr(ref, n), bwd_tol, f"{name}/{quant} {n}", em)
         if n in LORA_NAMES:  # experts without routes: exactly zero
             for e in np.nonzero(~np.isin(np.arange(p[n].shape[0]), ids))[0]:
                 assert not np.any(to_f64(g[n][e])), f"{name} {n}[{e}] not zero"
