@@ -634,6 +634,8 @@ static void z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
       .decode_fp8 = z_decode_fp8,            \
       .gemm_nt_q8 = NT_Q8,                   \
       .gemm_nn = gemm_nn,                    \
+      .gemm_nt_q4 = kt_z4_gemm_nt_q4,        \
+      .gemm_nn_q4 = kt_z4_gemm_nn_q4,        \
       .sigmoid = kt_act_avx512_sigmoid,      \
       .silu = kt_act_avx512_silu,            \
       .lora_nt = z_lora_nt,                  \
