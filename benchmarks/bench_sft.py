@@ -1,8 +1,8 @@
 """ktsft's LoRA-MoE SFT step against the roofline floor and PyTorch eager, in one process.
 
 Usage: python benchmarks/bench_sft.py [--threads N] [--shapes qwen3-30b-a3b,dsv2-lite]
-                                      [--tokens 4,128,1024] [--quant bf16,int8,fp8] [--repeats R]
-                                      [--no-torch] [--grads new|reused]
+                                      [--tokens 4,128,1024] [--quant bf16,int8,fp8,int4]
+                                      [--repeats R] [--no-torch] [--grads new|reused]
 
 For each layer shape, T and base-weight mode it times ktsft's forward, backward and the step
 (forward + backward; the median of R steps after a warm-up), and PyTorch eager doing the same
@@ -226,7 +226,9 @@ def main() -> int:
             torch_ms = None if baseline is None else bench_torch(baseline, shape, T, a.repeats)
             for quant in a.quant.split(","):
                 r = bench_ktsft(shape, T, quant, a.rank, pool, a.repeats, a.grads == "reused")
-                wbytes = r["active"] * 3 * H * I * (2 if quant == "bf16" else 1) * 2
+                # bytes per weight: bf16 2, int8/fp8 1, int4 half a byte + a float32 per 32
+                per = {"bf16": 2.0, "int4": 0.5 + 4 / 32}.get(quant, 1.0)
+                wbytes = r["active"] * 3 * H * I * per * 2
                 flops = T * k * (12.0 * H * I + 18.0 * a.rank * (H + I))
                 floor = max(wbytes / bandwidth, flops / gemm)
                 floor32 = max(wbytes / bandwidth, flops / max(gemm, gemm32))

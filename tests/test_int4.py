@@ -466,3 +466,29 @@ def test_bf16_weights_load_into_an_int4_layer_with_any_group(rng, pool):
         moe = make_moe(p, 1, lora_alpha=8.0, pool=pool, quant="int4", group_size=g)
         assert moe.base_weights()["down_scale"].shape == (2, 70, groups(40, g))
         assert moe.config.group_size == g
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+def _demo_losses(quant, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "ktsft", "demo", "--steps", "30", "--tokens", "64"]
+    res = subprocess.run(
+        cmd + ["--quant", quant], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"quant={quant}" in res.stdout, res.stdout
+    return tuple(map(float, re.search(r"loss (\S+) -> (\S+) \(", res.stdout).groups()))
+
+
+def test_demo_int4_trains_like_bf16(tmp_path):
+    """The demo's training loop on int4 base weights: the loss falls as in bf16, and the final
+    loss is within 1.2x of bf16's after the same steps (measured: 0.1308 vs 0.1285)."""
+    first4, last4 = _demo_losses("int4", tmp_path)
+    _, last16 = _demo_losses("bf16", tmp_path)
+    assert last4 < first4 / 1.2
+    assert last4 < 1.2 * last16, (last4, last16)
