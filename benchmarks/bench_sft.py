@@ -1,7 +1,7 @@
 """ktsft's LoRA-MoE SFT step against the roofline floor and PyTorch eager, in one process.
 
 Usage: python benchmarks/bench_sft.py [--threads N] [--shapes qwen3-30b-a3b,dsv2-lite]
-                                      [--tokens 4,128,1024,4096] [--quant bf16,int8,fp8]
+                                      [--tokens 4,128,1024,4096] [--quant bf16,int8,fp8,int4]
                                       [--repeats R] [--no-torch] [--torch-dtype bfloat16,float32]
                                       [--torch-max-tokens 1024] [--grads new|reused]
                                       [--phases] [--plot FILE.png]
@@ -155,7 +155,7 @@ def step_inputs(cfg, T: int, rng):
     return x, ids, w, go
 
 
-BYTES_PER_WEIGHT = {"bf16": 2, "int8": 1, "fp8": 1}
+BYTES_PER_WEIGHT = {"bf16": 2, "int8": 1, "fp8": 1, "int4": 0.5 + 4 / 32}  # int4: + a scale / 32
 
 # The phases whose base-weight GEMMs the roofline counts: (multiple of R H I FLOPs, of the
 # active experts' H I weights read).

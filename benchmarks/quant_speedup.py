@@ -6,7 +6,7 @@ Usage: python benchmarks/quant_speedup.py [--modes bf16,int8] [--shapes qwen3-30
                                           [--grads new|reused]
 
 Two layers of the same shape (benchmarks/bench_sft.py's shapes and random weights), one in each
-of the two modes (bf16, int8 or fp8; the speedup is the first one's step time over the
+of the two modes (bf16, int8, fp8 or int4; the speedup is the first one's step time over the
 second's), live side by side; every round runs one step (forward + backward) of each on the same
 inputs, alternating which goes first. On a shared machine the speed drifts by tens of percent
 within a minute, so timing the two modes one after the other (as bench_sft.py's table does)
@@ -34,7 +34,7 @@ def step_time(moe, x, ids, w, go, buffers) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--modes", default="bf16,int8", help="baseline,mode (bf16, int8, fp8)")
+    p.add_argument("--modes", default="bf16,int8", help="baseline,mode (bf16, int8, fp8, int4)")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--tokens", default="4")
     p.add_argument("--rounds", type=int, default=40)

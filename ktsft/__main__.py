@@ -18,7 +18,7 @@ def main(argv: list | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--quant",
-        choices=("bf16", "int8", "fp8"),
+        choices=("bf16", "int8", "fp8", "int4"),
         default="bf16",
         help="how base weights are stored",
     )

@@ -49,6 +49,7 @@ cdef extern from "ktsft.h" nogil:
         KT_QUANT_BF16
         KT_QUANT_INT8
         KT_QUANT_FP8
+        KT_QUANT_INT4
 
     ctypedef struct kt_moe_config:
         int32_t expert_num
@@ -61,6 +62,7 @@ cdef extern from "ktsft.h" nogil:
         int32_t max_cache_depth
         kt_isa isa
         kt_quant quant
+        int32_t group_size
 
     ctypedef struct kt_lora:
         const uint16_t *gate_a
@@ -83,6 +85,7 @@ cdef extern from "ktsft.h" nogil:
         KT_DTYPE_BF16
         KT_DTYPE_INT8
         KT_DTYPE_FP8_E4M3
+        KT_DTYPE_INT4
 
     ctypedef struct kt_saved:
         pass
@@ -189,6 +192,13 @@ cdef extern from "ktsft.h" nogil:
                            int64_t m, const void *w, const float *w_scale, int64_t rows,
                            int64_t cols, kt_dtype w_dtype, int64_t n0, int64_t n, float *c,
                            kt_error *err)
+
+    kt_status kt_gemm_test_int4(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale,
+                                int64_t m, const uint8_t *w, const float *w_scale, int64_t rows,
+                                int64_t cols, int64_t group, int64_t n0, int64_t n, float *c,
+                                kt_error *err)
+    void kt_int4_quantize(const uint16_t *w, int64_t rows, int64_t cols, int64_t group,
+                          uint8_t *q, float *scale)
 
     void kt_fp8_decode(const uint8_t *q, float *out, int64_t n)
     void kt_fp8_quantize(const uint16_t *w, int64_t rows, int64_t cols, uint8_t *q, float *scale)

@@ -8,23 +8,23 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_
 
 from ktsft._c_api cimport (
     KT_AMX_TDPBF16PS, KT_AMX_TDPBSSD, KT_AMX_TDPBSUD, KT_AMX_TDPBUSD, KT_AMX_TDPBUUD, KT_DTYPE_BF16,
-    KT_DTYPE_F32, KT_DTYPE_FP8_E4M3, KT_DTYPE_INT8, KT_ERR_CACHE_EMPTY, KT_ERR_CACHE_FULL,
-    KT_ERR_EXPERT_ID, KT_ERR_INVALID_ARGUMENT, KT_ERR_ISA_UNAVAILABLE, KT_ERR_OUT_OF_MEMORY,
-    KT_ERR_WEIGHTS_NOT_LOADED, KT_GEMM_NN, KT_GEMM_NT, KT_GEMM_NT_Q8, KT_ISA_COUNT, KT_OK,
-    KT_PHASE_COUNT, KT_QUANT_BF16, KT_QUANT_FP8, KT_QUANT_INT8, kt_amx_emu_clear_faults,
-    kt_amx_emu_dp, kt_amx_emu_first_fault, kt_amx_emu_last_fault, kt_amx_emu_ldtilecfg,
-    kt_amx_emu_sttilecfg, kt_amx_emu_tileloadd, kt_amx_emu_tilerelease, kt_amx_emu_tilestored,
-    kt_amx_emu_tilezero, kt_amx_op, kt_backward_args, kt_cpu_amx_status, kt_cpu_feature_name,
-    kt_cpu_features, kt_dtype, kt_error, kt_expert_buffers, kt_expert_weights, kt_forward_args,
-    kt_fp8_decode, kt_fp8_quantize, kt_gemm_op, kt_gemm_test, kt_isa, kt_isa_available, kt_isa_best,
-    kt_isa_compiled, kt_isa_name, kt_isa_resolve, kt_isa_variant, kt_kernels_testing_set, kt_lora,
-    kt_moe, kt_moe_backward, kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens,
-    kt_moe_config, kt_moe_create, kt_moe_destroy, kt_moe_experts_loaded, kt_moe_forward, kt_moe_isa,
-    kt_moe_kernel_variant, kt_moe_load_experts, kt_moe_load_weights, kt_moe_packed_bytes,
-    kt_moe_phase_times, kt_moe_read_experts, kt_moe_set_profiling, kt_moe_weights_loaded, kt_phase,
-    kt_phase_name, kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_quant,
-    kt_saved, kt_saved_num_tokens, kt_saved_release, kt_status, kt_status_string, kt_vec_sigmoid,
-    kt_vec_silu,
+    KT_DTYPE_F32, KT_DTYPE_FP8_E4M3, KT_DTYPE_INT4, KT_DTYPE_INT8, KT_ERR_CACHE_EMPTY,
+    KT_ERR_CACHE_FULL, KT_ERR_EXPERT_ID, KT_ERR_INVALID_ARGUMENT, KT_ERR_ISA_UNAVAILABLE,
+    KT_ERR_OUT_OF_MEMORY, KT_ERR_WEIGHTS_NOT_LOADED, KT_GEMM_NN, KT_GEMM_NT, KT_GEMM_NT_Q8,
+    KT_ISA_COUNT, KT_OK, KT_PHASE_COUNT, KT_QUANT_BF16, KT_QUANT_FP8, KT_QUANT_INT4, KT_QUANT_INT8,
+    kt_amx_emu_clear_faults, kt_amx_emu_dp, kt_amx_emu_first_fault, kt_amx_emu_last_fault,
+    kt_amx_emu_ldtilecfg, kt_amx_emu_sttilecfg, kt_amx_emu_tileloadd, kt_amx_emu_tilerelease,
+    kt_amx_emu_tilestored, kt_amx_emu_tilezero, kt_amx_op, kt_backward_args, kt_cpu_amx_status,
+    kt_cpu_feature_name, kt_cpu_features, kt_dtype, kt_error, kt_expert_buffers, kt_expert_weights,
+    kt_forward_args, kt_fp8_decode, kt_fp8_quantize, kt_gemm_op, kt_gemm_test, kt_gemm_test_int4,
+    kt_int4_quantize, kt_isa, kt_isa_available, kt_isa_best, kt_isa_compiled, kt_isa_name,
+    kt_isa_resolve, kt_isa_variant, kt_kernels_testing_set, kt_lora, kt_moe, kt_moe_backward,
+    kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens, kt_moe_config, kt_moe_create,
+    kt_moe_destroy, kt_moe_experts_loaded, kt_moe_forward, kt_moe_isa, kt_moe_kernel_variant,
+    kt_moe_load_experts, kt_moe_load_weights, kt_moe_packed_bytes, kt_moe_phase_times,
+    kt_moe_read_experts, kt_moe_set_profiling, kt_moe_weights_loaded, kt_phase, kt_phase_name,
+    kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_quant, kt_saved,
+    kt_saved_num_tokens, kt_saved_release, kt_status, kt_status_string, kt_vec_sigmoid, kt_vec_silu,
 )
 
 
@@ -114,7 +114,9 @@ def vec_act(str kind, str isa, uintptr_t x, uintptr_t y, int64_t n):
 
 
 _GEMM_OPS = {"nt": KT_GEMM_NT, "nt_q8": KT_GEMM_NT_Q8, "nn": KT_GEMM_NN}
-_WEIGHT_DTYPES = {"bf16": KT_DTYPE_BF16, "int8": KT_DTYPE_INT8, "fp8": KT_DTYPE_FP8_E4M3}
+_WEIGHT_DTYPES = {
+    "bf16": KT_DTYPE_BF16, "int8": KT_DTYPE_INT8, "fp8": KT_DTYPE_FP8_E4M3, "int4": KT_DTYPE_INT4,
+}
 
 
 cdef kt_dtype _weight_dtype(str name) except *:
@@ -125,9 +127,9 @@ cdef kt_dtype _weight_dtype(str name) except *:
 
 def gemm_test(str isa, str op, uintptr_t a, uintptr_t a_scale, int64_t m, uintptr_t w,
               uintptr_t w_scale, int64_t rows, int64_t cols, str w_dtype, int64_t n0, int64_t n,
-              uintptr_t c):
-    """One kernel GEMM of a family ("nt", "nt_q8" or "nn"; W "bf16", "int8" or "fp8"; see
-    kt_gemm_test), for tests."""
+              uintptr_t c, int64_t group=0):
+    """One kernel GEMM of a family ("nt", "nt_q8" or "nn"; W "bf16", "int8", "fp8" or "int4"
+    with its group size; see kt_gemm_test and kt_gemm_test_int4), for tests."""
     if op not in _GEMM_OPS:
         raise ValueError(f"op must be one of {sorted(_GEMM_OPS)}, got {op!r}")
     cdef kt_isa family = _resolve(isa)
@@ -136,9 +138,14 @@ def gemm_test(str isa, str op, uintptr_t a, uintptr_t a_scale, int64_t m, uintpt
     cdef kt_error err
     cdef kt_status st
     with nogil:
-        st = kt_gemm_test(family, g, <const void *>a, <const float *>a_scale, m,
-                          <const void *>w, <const float *>w_scale, rows, cols, wt, n0, n,
-                          <float *>c, &err)
+        if wt == KT_DTYPE_INT4:
+            st = kt_gemm_test_int4(family, g, <const void *>a, <const float *>a_scale, m,
+                                   <const uint8_t *>w, <const float *>w_scale, rows, cols, group,
+                                   n0, n, <float *>c, &err)
+        else:
+            st = kt_gemm_test(family, g, <const void *>a, <const float *>a_scale, m,
+                              <const void *>w, <const float *>w_scale, rows, cols, wt, n0, n,
+                              <float *>c, &err)
     if st != KT_OK:
         _raise(st, &err)
 
@@ -154,6 +161,14 @@ def fp8_quantize(uintptr_t w, int64_t rows, int64_t cols, uintptr_t q, uintptr_t
     block scales [ceil(rows/128), ceil(cols/128)] float32 (for tests)."""
     with nogil:
         kt_fp8_quantize(<const uint16_t *>w, rows, cols, <uint8_t *>q, <float *>scale)
+
+
+def int4_quantize(uintptr_t w, int64_t rows, int64_t cols, int64_t group, uintptr_t q,
+                  uintptr_t scale):
+    """The engine's int4 quantizer on a bf16 [rows, cols] matrix: q [rows, ceil(cols/2)] uint8
+    (two nibbles a byte, low first) and scales [rows, ceil(cols/group)] float32 (for tests)."""
+    with nogil:
+        kt_int4_quantize(<const uint16_t *>w, rows, cols, group, <uint8_t *>q, <float *>scale)
 
 
 def amx_status():
@@ -289,7 +304,7 @@ cdef class Engine:
     def __cinit__(self, Pool pool, int32_t expert_num, int32_t num_experts_per_tok,
                   int32_t hidden_size, int32_t intermediate_size, int32_t lora_rank,
                   float lora_alpha, int32_t max_len, int32_t max_cache_depth, str isa,
-                  str quant="bf16"):
+                  str quant="bf16", int32_t group_size=32):
         cdef kt_moe_config c
         cdef kt_error err
         c.expert_num = expert_num
@@ -301,10 +316,14 @@ cdef class Engine:
         c.max_len = max_len
         c.max_cache_depth = max_cache_depth
         c.isa = _resolve(isa)
-        quants = {"bf16": KT_QUANT_BF16, "int8": KT_QUANT_INT8, "fp8": KT_QUANT_FP8}
+        quants = {
+            "bf16": KT_QUANT_BF16, "int8": KT_QUANT_INT8, "fp8": KT_QUANT_FP8,
+            "int4": KT_QUANT_INT4,
+        }
         if quant not in quants:
             raise ValueError(f"quant must be one of {sorted(quants)}, got {quant!r}")
         c.quant = <kt_quant>quants[quant]
+        c.group_size = group_size
         self.pool = pool
         cdef kt_status st = kt_moe_create(&c, pool.ptr, &self.ptr, &err)
         if st != KT_OK:
@@ -327,8 +346,9 @@ cdef class Engine:
     def load_experts(self, int32_t first, int32_t count, str dtype, uintptr_t gate,
                      uintptr_t up, uintptr_t down, uintptr_t gate_scale=0, uintptr_t up_scale=0,
                      uintptr_t down_scale=0):
-        """Packs experts [first, first + count) from bf16, int8 (+ per-row scales) or fp8
-        (+ block scales) arrays; dtype is "bf16", "int8" or "fp8"."""
+        """Packs experts [first, first + count) from bf16, int8 (+ per-row scales), fp8
+        (+ block scales) or int4 (+ group scales) arrays; dtype is "bf16", "int8", "fp8" or
+        "int4"."""
         cdef kt_expert_weights w
         cdef kt_error err
         cdef kt_status st

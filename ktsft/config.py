@@ -5,7 +5,9 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-QUANT_MODES = ("bf16", "int8", "fp8")
+QUANT_MODES = ("bf16", "int8", "fp8", "int4")
+GROUP_SIZES = (32, 64, 128)
+"""The int4 group sizes (columns per scale) the engine takes."""
 SIZE_FIELDS = (
     "expert_num",
     "num_experts_per_tok",
@@ -40,9 +42,12 @@ class MoESFTConfig:
         The most tokens one forward may take.
     max_cache_depth : int, default 1
         How many forwards saved for backward may be pending at once.
-    quant : {"bf16", "int8", "fp8"}, default "bf16"
+    quant : {"bf16", "int8", "fp8", "int4"}, default "bf16"
         Storage of the frozen base weights: as given, int8 with one scale per row (spec
-        section 5), or e4m3 with one scale per 128 x 128 block (spec section 5.1).
+        section 5), e4m3 with one scale per 128 x 128 block (spec section 5.1), or signed
+        4-bit with one scale per row and group of ``group_size`` columns (spec section 5.2).
+    group_size : {32, 64, 128}, default 32
+        Columns per scale of int4 base weights (used with ``quant="int4"`` only).
     """
 
     expert_num: int
@@ -54,6 +59,7 @@ class MoESFTConfig:
     max_len: int = 4096
     max_cache_depth: int = 1
     quant: str = "bf16"
+    group_size: int = 32
 
     def __post_init__(self):
         for name in SIZE_FIELDS:
@@ -72,6 +78,10 @@ class MoESFTConfig:
         object.__setattr__(self, "lora_alpha", float(alpha))
         if self.quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {self.quant!r}")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, numbers.Integral) or int(g) not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {g!r}")
+        object.__setattr__(self, "group_size", int(g))
 
     @property
     def scale(self) -> float:

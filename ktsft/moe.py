@@ -9,34 +9,55 @@ from typing import Any
 
 import numpy as np
 
-from . import _arrays, _core
+from . import _arrays, _core, reference
 from ._core import SavedState
 from .config import MoESFTConfig
 from .gradients import BASE_NAMES, LORA_NAMES, Gradients
 from .pool import ThreadPool
 
 _BF16 = ("bfloat16",)
-# Accepted dtypes of base weights stored as bf16, int8 and fp8 (e4m3 or its raw bytes).
-_DTYPES = {"bf16": _BF16, "int8": ("int8",), "fp8": ("float8_e4m3fn", "uint8")}
+# Accepted dtypes of base weights stored as bf16, int8, fp8 (e4m3 or its raw bytes) and int4 (two
+# nibbles a byte).
+_DTYPES = {
+    "bf16": _BF16,
+    "int8": ("int8",),
+    "fp8": ("float8_e4m3fn", "uint8"),
+    "int4": ("uint8",),
+}
 # The scale arrays that go with quantized gate, up and down weights.
 _SCALE_NAMES = {
     "int8": ("gate_scale", "up_scale", "down_scale"),
     "fp8": ("gate_scale_inv", "up_scale_inv", "down_scale_inv"),
+    "int4": ("gate_scale", "up_scale", "down_scale"),
+}
+_SCALE_DOC = {
+    "int8": "float32, one scale per row",
+    "fp8": "float32, one scale per 128 x 128 block",
+    "int4": "float32, one scale per row and group of group_size columns",
 }
 _ALL_SCALE_NAMES = _SCALE_NAMES["int8"] + _SCALE_NAMES["fp8"]
-_SCALE_DOC = {"int8": "float32, one scale per row", "fp8": "float32, one scale per 128 x 128 block"}
 
 
-def _stored_kind(v: _arrays.View) -> str:
-    """How base weights of this dtype are stored: "int8", "fp8" or (anything else) "bf16"."""
-    return next((k for k, d in _DTYPES.items() if v.dtype in d and k != "bf16"), "bf16")
+def _stored_kind(v: _arrays.View, quant: str) -> str:
+    """How base weights of this dtype are stored in a layer of this quant mode: "int8", "fp8",
+    "int4" (uint8 bytes in an int4 layer) or (anything else) "bf16"."""
+    kinds = [k for k, d in _DTYPES.items() if v.dtype in d and k != "bf16"]
+    return quant if quant in kinds else kinds[0] if kinds else "bf16"
 
 
-def _scale_shape(quant: str, rows: int, cols: int) -> tuple:
-    """Scales of one [rows, cols] matrix: one per row (int8), one per 128 x 128 block (fp8)."""
+def _scale_shape(quant: str, rows: int, cols: int, group: int = 32) -> tuple:
+    """Scales of one [rows, cols] matrix: one per row (int8), one per 128 x 128 block (fp8), one
+    per row and group of ``group`` columns (int4)."""
     if quant == "int8":
         return (rows,)
+    if quant == "int4":
+        return (rows, -(-cols // group))
     return (-(-rows // 128), -(-cols // 128))
+
+
+def _weight_shape(stored: str, rows: int, cols: int) -> tuple:
+    """One [rows, cols] matrix as given and read back: int4 holds two columns a byte."""
+    return (rows, -(-cols // 2)) if stored == "int4" else (rows, cols)
 
 
 class MoESFT:
@@ -148,11 +169,13 @@ class MoESFT:
             c.max_cache_depth,
             isa,
             c.quant,
+            c.group_size,
         )
         if given:
-            stored = _stored_kind(_arrays.view(gate_proj, "gate_proj"))
+            stored = _stored_kind(_arrays.view(gate_proj, "gate_proj"), c.quant)
             for n in BASE_NAMES:  # the full [E, ...] shapes, before load_experts' checks
-                _arrays.checked(base[n], n, self._shapes[n], _DTYPES[stored])
+                shape = self._shapes[n][:1] + _weight_shape(stored, *self._shapes[n][1:])
+                _arrays.checked(base[n], n, shape, _DTYPES[stored])
             self.load_experts(0, **base, **scales)
 
     # ---- base weights -----------------------------------------------------------------------
@@ -212,14 +235,17 @@ class MoESFT:
             )
         lead = () if single else (n,)
         rows = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-        stored = _stored_kind(gv)
+        stored = _stored_kind(gv, c.quant)
         if stored != "bf16" and stored != c.quant:
             raise TypeError(
                 f"gate_proj has dtype {gv.dtype} ({stored} weights) but this layer stores "
                 f"{c.quant} base weights; use MoESFTConfig(quant={stored!r}) or give bf16 weights"
             )
         dtypes = _DTYPES[stored]
-        ptrs = [_arrays.checked(base[m], m, lead + rows[m], dtypes).ptr for m in BASE_NAMES]
+        ptrs = [
+            _arrays.checked(base[m], m, lead + _weight_shape(stored, *rows[m]), dtypes).ptr
+            for m in BASE_NAMES
+        ]
         scale_ptrs = [0, 0, 0]
         wanted = _SCALE_NAMES.get(stored, ())
         extra = [s for s, v in scales.items() if v is not None and s not in wanted]
@@ -232,7 +258,7 @@ class MoESFT:
         for i, (m, s) in enumerate(zip(BASE_NAMES, wanted)):
             if scales[s] is None:
                 raise TypeError(f"{stored} {m} needs {s} ({_SCALE_DOC[stored]})")
-            shape = lead + _scale_shape(stored, *rows[m])
+            shape = lead + _scale_shape(stored, *rows[m], c.group_size)
             scale_ptrs[i] = _arrays.checked(scales[s], s, shape, ("float32",)).ptr
         self.pool.run(lambda: self._engine.load_experts(first, n, stored, *ptrs, *scale_ptrs))
 
@@ -257,11 +283,14 @@ class MoESFT:
         count = E - first if count is None else _index(count, "count")
         if first < 0 or count < 1 or first + count > E:
             raise ValueError(f"experts {first} .. {first + count - 1} must lie in [0, {E})")
-        dtype = {"bf16": _arrays.BF16, "int8": np.int8, "fp8": _arrays.FP8}[c.quant]
+        dtype = {"bf16": _arrays.BF16, "int8": np.int8, "fp8": _arrays.FP8, "int4": np.uint8}
         rows = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-        out = {m: np.empty((count,) + rows[m], dtype) for m in BASE_NAMES}
+        out = {
+            m: np.empty((count,) + _weight_shape(c.quant, *rows[m]), dtype[c.quant])
+            for m in BASE_NAMES
+        }
         for m, s in zip(BASE_NAMES, _SCALE_NAMES.get(c.quant, ())):
-            out[s] = np.empty((count,) + _scale_shape(c.quant, *rows[m]), np.float32)
+            out[s] = np.empty((count,) + _scale_shape(c.quant, *rows[m], c.group_size), np.float32)
         ptrs = [a.ctypes.data for a in out.values()]
         self.pool.run(lambda: self._engine.read_experts(first, count, *ptrs))
         return out
@@ -286,6 +315,10 @@ class MoESFT:
             elif quant == "fp8":
                 rows, cols = w.shape[-2:]
                 w *= np.repeat(np.repeat(raw[s], 128, axis=-2), 128, axis=-1)[..., :rows, :cols]
+            elif quant == "int4":
+                cols = self._shapes[m][2]
+                w = reference.dequantize_int4(raw[m], raw[s], cols, self.config.group_size)
+                w = w.astype(np.float32)
             out[m] = w
         return out
 

@@ -38,6 +38,14 @@ FP8 (spec section 5.1): :func:`quantize_fp8` is the engine's e4m3 quantizer (one
 by. ``quant="fp8"`` quantizes bf16 base weights that way and runs the exact float64 math on the
 dequantized weights: the activations stay bf16, so nothing else changes (for a checkpoint that
 ships in fp8, pass ``dequantize_fp8(q, scale_inv)`` with ``quant="bf16"``).
+
+INT4 (spec section 5.2): :func:`quantize_int4` is the engine's quantizer (one scale per row and
+group of ``group_size`` columns), bit for bit, and :func:`dequantize_int4` the weights an int4
+engine multiplies by; :func:`pack_int4` / :func:`unpack_int4` convert between signed values and
+the bytes (two nibbles a byte, the low nibble the even column). The engine's forward is W4A8 in
+every kernel family: ``x`` and ``h`` are quantized per row to int8 exactly as in the int8 mode,
+so ``quant="int4"`` models it as ``quant="int8"`` does, with the int4 weights in place of the
+int8 ones (``group_size`` says which groups).
 """
 
 from __future__ import annotations
@@ -50,13 +58,18 @@ from .gradients import BASE_NAMES, LORA_NAMES, Gradients
 __all__ = [
     "backward",
     "dequantize_fp8",
+    "dequantize_int4",
     "dequantize_int8",
     "forward",
+    "pack_int4",
     "quantize_fp8",
+    "quantize_int4",
     "quantize_int8",
+    "unpack_int4",
 ]
 
-QUANT_MODES = ("bf16", "int8", "fp8")
+QUANT_MODES = ("bf16", "int8", "fp8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
 FP8_BLOCK = 128
 FP8_MAX = 448.0
 
@@ -228,6 +241,121 @@ def dequantize_fp8(q, scale_inv):
     return _unblock(values * scale, rows, cols)
 
 
+def pack_int4(q):
+    """Signed 4-bit values as bytes, two a byte: column 2i in the low nibble of byte i, 2i + 1 in
+    its high nibble (0 past an odd row's end).
+
+    Parameters
+    ----------
+    q : array of integers in [-8, 7], shape [..., cols]
+
+    Returns
+    -------
+    numpy.ndarray, uint8, shape [..., ceil(cols / 2)]
+    """
+    q = np.asarray(q)
+    if q.size and (q.min() < -8 or q.max() > 7):
+        raise ValueError(f"q: int4 values must lie in [-8, 7], got {q.min()} .. {q.max()}")
+    cols = q.shape[-1]
+    nib = np.pad(q.astype(np.int16) & 15, [(0, 0)] * (q.ndim - 1) + [(0, cols % 2)])
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed, cols):
+    """The signed values of int4 bytes (the inverse of :func:`pack_int4`).
+
+    Parameters
+    ----------
+    packed : array, uint8, shape [..., ceil(cols / 2)]
+    cols : int
+        Values per row.
+
+    Returns
+    -------
+    numpy.ndarray, int8, shape [..., cols]
+    """
+    b = np.asarray(_to_numpy(packed))
+    if b.dtype != np.uint8 or b.shape[-1:] != (-(-cols // 2),):
+        raise ValueError(
+            f"packed: expected uint8 [..., {-(-cols // 2)}] for {cols} columns, got "
+            f"{b.dtype} {list(b.shape)}"
+        )
+    nib = np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[:-1] + (-1,))[..., :cols]
+    return (nib.astype(np.int8) - ((nib & 8) << 1).astype(np.int8)).astype(np.int8)
+
+
+def _groups(a, group_size, fill):
+    """[..., cols] padded with ``fill`` to whole groups, as [..., groups, group_size]."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    cols = a.shape[-1]
+    ng = -(-cols // group_size)
+    pad = [(0, 0)] * (a.ndim - 1) + [(0, ng * group_size - cols)]
+    return np.pad(a, pad, constant_values=fill).reshape(a.shape[:-1] + (ng, group_size))
+
+
+def quantize_int4(w, group_size=32):
+    """Symmetric int4 quantization with one scale per row and group of ``group_size`` columns
+    (spec section 5.2), as the engine does it at load.
+
+    Per group ``scale = amax / 7`` (float32), ``q = round_half_even(w / scale)`` (float32
+    division) clamped to [-8, 7]. An all-zero group gets scale 0 and q 0; a group holding NaN or
+    Inf gets scale NaN and q 0. The last group of a row may be partial.
+
+    Parameters
+    ----------
+    w : array, shape [..., rows, cols]
+        Values of any supported kind, taken as float32.
+    group_size : {32, 64, 128}, default 32
+
+    Returns
+    -------
+    q : numpy.ndarray, uint8, shape [..., rows, ceil(cols / 2)]
+        The values packed two a byte (:func:`pack_int4`).
+    scale : numpy.ndarray, float32, shape [..., rows, ceil(cols / group_size)]
+    """
+    w32 = _as_f64(w).astype(np.float32)
+    cols = w32.shape[-1]
+    b = _groups(w32, group_size, 0)
+    finite = np.isfinite(b).all(axis=-1)
+    clean = np.where(np.isfinite(b), b, np.float32(0))
+    amax = np.abs(clean).max(axis=-1)
+    scale = (amax / np.float32(7)).astype(np.float32)
+    div = np.where(scale > 0, scale, np.float32(1))[..., None]
+    q = np.clip(np.rint(clean / div), -8, 7)
+    q = np.where((finite & (amax > 0))[..., None], q, 0).astype(np.int8)
+    q = q.reshape(w32.shape[:-1] + (-1,))[..., :cols]
+    return pack_int4(q), np.where(finite, scale, np.float32(np.nan)).astype(np.float32)
+
+
+def dequantize_int4(q, scale, cols, group_size=32):
+    """Dequantized int4 weights, in float64 (exact): ``q[n, c] * scale[n, c // group_size]``.
+
+    Parameters
+    ----------
+    q : array, uint8, shape [..., rows, ceil(cols / 2)]
+        Packed values (:func:`pack_int4`).
+    scale : array, float32, shape [..., rows, ceil(cols / group_size)]
+    cols : int
+        Columns of the matrix.
+    group_size : {32, 64, 128}, default 32
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape [..., rows, cols]
+    """
+    values = unpack_int4(q, cols).astype(np.float64)
+    sc = np.asarray(_to_numpy(scale), np.float64)
+    ng = -(-cols // group_size)
+    if sc.shape != values.shape[:-1] + (ng,):
+        raise ValueError(
+            f"scale: expected shape {list(values.shape[:-1] + (ng,))} for {cols} columns in "
+            f"groups of {group_size}, got {list(sc.shape)}"
+        )
+    g = _groups(values, group_size, 0.0) * sc[..., None]
+    return g.reshape(values.shape[:-1] + (-1,))[..., :cols]
+
+
 def _fake_quant_rows(a):
     """Rows of ``a`` quantized per row as the int8 forward quantizes x and h, back in float64."""
     return dequantize_int8(*quantize_int8(a.astype(np.float32)))
@@ -246,11 +374,15 @@ def _sigmoid(z):
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _prepare(x, expert_ids, weights, params, lora_alpha, quant):
+def _prepare(x, expert_ids, weights, params, lora_alpha, quant, group_size=32):
     """Convert and shape-check all inputs; returns (x, ids, w, params as float64, s)."""
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     p = {name: _as_f64(v) for name, v in params.items()}
+    if quant == "int4":
+        for name in BASE_NAMES:
+            q, sc = quantize_int4(p[name], group_size)
+            p[name] = dequantize_int4(q, sc, p[name].shape[-1], group_size)
     if quant in ("int8", "fp8"):
         quantize, dequantize = {
             "int8": (quantize_int8, dequantize_int8),
@@ -306,7 +438,7 @@ def _routes_by_expert(ids):
 
 def _expert_forward(xe, e, p, s, quant):
     """Forward intermediates for the routed rows ``xe`` [n, H] of expert ``e``."""
-    int8 = quant == "int8"
+    int8 = quant in ("int8", "int4")  # int8 activations for the base weights (int4: W4A8)
     xb = _fake_quant_rows(xe) if int8 else xe  # the base-weight operand
     a_g = xe @ p["gate_lora_a"][e].T
     g = xb @ p["gate_proj"][e].T + s * (a_g @ p["gate_lora_b"][e].T)
@@ -340,6 +472,7 @@ def forward(
     down_lora_b,
     lora_alpha,
     quant="bf16",
+    group_size=32,
 ):
     """Forward of the routed SwiGLU experts with LoRA on gate, up and down (spec section 3).
 
@@ -361,10 +494,11 @@ def forward(
         LoRA adapters; the rank ``r`` is read from ``gate_lora_a``.
     lora_alpha : float
         LoRA scaling numerator; the scale is ``s = lora_alpha / r``.
-    quant : {"bf16", "int8", "fp8"}, default "bf16"
-        "int8" and "fp8" model the engine's int8 and fp8 modes (see the module docstring);
-        "bf16" is the exact
-        math on the given values.
+    quant : {"bf16", "int8", "fp8", "int4"}, default "bf16"
+        "int8", "fp8" and "int4" model the engine's quantized modes (see the module
+        docstring); "bf16" is the exact math on the given values.
+    group_size : {32, 64, 128}, default 32
+        Columns per scale of ``quant="int4"``.
 
     Returns
     -------
@@ -379,7 +513,7 @@ def forward(
     tensors = (gate_proj, up_proj, down_proj)
     tensors += (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
     params = dict(zip(BASE_NAMES + LORA_NAMES, tensors))
-    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha, quant)
+    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha, quant, group_size)
     T, k = ids.shape
     ys = np.zeros((T, k, x.shape[1]))  # y of every route, zero for padding
     for e, tok, slot in _routes_by_expert(ids):
@@ -404,6 +538,7 @@ def backward(
     down_lora_b,
     lora_alpha,
     quant="bf16",
+    group_size=32,
 ):
     """Backward of :func:`forward`: gradients of input, LoRA tensors and routing weights.
 
@@ -413,7 +548,7 @@ def backward(
     ----------
     grad_output : array, shape [T, H]
         dL/d out.
-    x, expert_ids, weights, lora_alpha, quant
+    x, expert_ids, weights, lora_alpha, quant, group_size
         As in :func:`forward`.
     gate_proj, up_proj, down_proj
         As in :func:`forward`.
@@ -435,7 +570,7 @@ def backward(
     tensors = (gate_proj, up_proj, down_proj)
     tensors += (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
     params = dict(zip(BASE_NAMES + LORA_NAMES, tensors))
-    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha, quant)
+    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha, quant, group_size)
     go = _as_f64(grad_output)
     if go.shape != x.shape:
         raise ValueError(f"grad_output: expected shape {x.shape}, got {go.shape}")
@@ -454,7 +589,7 @@ def backward(
         grads["down_lora_a"][e] = s * (b_d.T @ h)
         dg = dh * u * sg * (1.0 + g * (1.0 - sg))
         du = dh * g * sg
-        if quant == "int8":
+        if quant in ("int8", "int4"):
             dg, du = _round_bf16(dg), _round_bf16(du)
         b_g = dg @ p["gate_lora_b"][e]
         b_u = du @ p["up_lora_b"][e]

@@ -111,7 +111,7 @@ void kt_fp8_gemm_nt(const kt_kernels *kern, const kt_rows *a, const kt_packed *w
   for (int64_t cb = 0; cb < nbc; cb++) {
     const int64_t c0 = cb * KT_FP8_BLOCK, kc = K - c0 < KT_FP8_BLOCK ? K - c0 : KT_FP8_BLOCK;
     kern->decode_fp8(w, n0, n, c0, kc, KT_SWEEP_COLS, panel);
-    const kt_packed pw = {panel, n, kc, KT_WTYPE_BF16, NULL};
+    const kt_packed pw = {panel, n, kc, KT_WTYPE_BF16, NULL, 0};
     for (int64_t m0 = 0; m0 < a->count; m0 += FP8_M_BLOCK) {
       const int64_t mb = a->count - m0 < FP8_M_BLOCK ? a->count - m0 : FP8_M_BLOCK;
       const kt_rows ab = rows_from(a, m0, mb, c0);
@@ -127,6 +127,6 @@ void kt_fp8_gemm_nn(const kt_kernels *kern, const kt_rows *a, const kt_packed *w
   const float *block_scale = w->scale + n0 / KT_FP8_BLOCK; /* column block n0 / 128 */
   float *fold = scratch;
   for (int64_t r = 0; r < K; r++) fold[r] = block_scale[(r / KT_FP8_BLOCK) * nbc];
-  const kt_packed rows = {w->data, w->rows, w->cols, KT_WTYPE_FP8, fold};
+  const kt_packed rows = {w->data, w->rows, w->cols, KT_WTYPE_FP8, fold, 0};
   kern->gemm_nn(a, &rows, n0, n, c, ldc, (char *)scratch + kt_align_up((size_t)K * sizeof(float)));
 }

@@ -5,9 +5,10 @@
 
 #include "internal.h"
 
-kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
-                       const void *w, const float *w_scale, int64_t rows, int64_t cols,
-                       kt_dtype w_dtype, int64_t n0, int64_t n, float *c, kt_error *err) {
+static kt_status run(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
+                     const void *w, const float *w_scale, int64_t rows, int64_t cols,
+                     kt_dtype w_dtype, int64_t group, int64_t n0, int64_t n, float *c,
+                     kt_error *err) {
   const kt_kernels *kern = kt_kernels_for(isa);
   if (!kern)
     return kt_fail(err, KT_ERR_ISA_UNAVAILABLE, "kernel family '%s' is not available here",
@@ -20,10 +21,12 @@ kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_
                    m, rows, cols, n0, n0 + n);
   const kt_wtype wt = w_dtype == KT_DTYPE_INT8       ? KT_WTYPE_INT8
                       : w_dtype == KT_DTYPE_FP8_E4M3 ? KT_WTYPE_FP8
+                      : w_dtype == KT_DTYPE_INT4     ? KT_WTYPE_INT4
                                                      : KT_WTYPE_BF16;
+  const int q8 = wt == KT_WTYPE_INT8 || wt == KT_WTYPE_INT4;
   if ((w_dtype != KT_DTYPE_BF16 && wt == KT_WTYPE_BF16) ||
-      (op == KT_GEMM_NT_Q8 && (wt != KT_WTYPE_INT8 || !a_scale)) ||
-      (op == KT_GEMM_NT && wt == KT_WTYPE_INT8) || (wt != KT_WTYPE_BF16 && !w_scale))
+      (op == KT_GEMM_NT_Q8 && (!q8 || !a_scale)) || (op == KT_GEMM_NT && q8) ||
+      (wt != KT_WTYPE_BF16 && !w_scale) || (wt == KT_WTYPE_INT4 && !kt_int4_group_valid(group)))
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "operation and weight type do not match");
   const int64_t k = op == KT_GEMM_NN ? rows : cols;
   void *packed = kt_alloc(kern->packed_bytes(rows, cols, wt));
@@ -35,10 +38,10 @@ kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_
     return kt_fail(err, KT_ERR_OUT_OF_MEMORY, "out of memory");
   }
   kern->pack(packed, w, rows, cols, wt);
-  const kt_packed pw = {packed, rows, cols, wt, wt == KT_WTYPE_BF16 ? NULL : w_scale};
+  const kt_packed pw = {packed, rows, cols, wt, wt == KT_WTYPE_BF16 ? NULL : w_scale, group};
   if (op == KT_GEMM_NT_Q8) {
     const kt_rows_q8 aq = {a, k, NULL, m, a_scale};
-    kern->gemm_nt_q8(&aq, &pw, n0, n, c, n, scratch);
+    kt_base_gemm_nt_q8(kern, &aq, &pw, n0, n, c, n, scratch);
   } else {
     const kt_rows ar = {a, k, NULL, m};
     (op == KT_GEMM_NN ? kt_base_gemm_nn : kt_base_gemm_nt)(kern, &ar, &pw, n0, n, c, n, scratch);
@@ -46,4 +49,19 @@ kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_
   kt_free(packed);
   kt_free(scratch);
   return KT_OK;
+}
+
+kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
+                       const void *w, const float *w_scale, int64_t rows, int64_t cols,
+                       kt_dtype w_dtype, int64_t n0, int64_t n, float *c, kt_error *err) {
+  if (w_dtype == KT_DTYPE_INT4)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "int4 weights go to kt_gemm_test_int4");
+  return run(isa, op, a, a_scale, m, w, w_scale, rows, cols, w_dtype, 0, n0, n, c, err);
+}
+
+kt_status kt_gemm_test_int4(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale,
+                            int64_t m, const uint8_t *w, const float *w_scale, int64_t rows,
+                            int64_t cols, int64_t group, int64_t n0, int64_t n, float *c,
+                            kt_error *err) {
+  return run(isa, op, a, a_scale, m, w, w_scale, rows, cols, KT_DTYPE_INT4, group, n0, n, c, err);
 }

@@ -107,10 +107,34 @@ typedef struct kt_rows_q8 {
   const float *scale;
 } kt_rows_q8;
 
-typedef enum kt_wtype { KT_WTYPE_BF16 = 0, KT_WTYPE_INT8 = 1, KT_WTYPE_FP8 = 2 } kt_wtype;
+typedef enum kt_wtype {
+  KT_WTYPE_BF16 = 0,
+  KT_WTYPE_INT8 = 1,
+  KT_WTYPE_FP8 = 2,
+  KT_WTYPE_INT4 = 3
+} kt_wtype;
 
-/* Bytes of one packed element: 2 for bf16, 1 for int8 and fp8 (e4m3). */
+/* Bytes of one packed element: 2 for bf16, 1 for int8 and fp8 (e4m3); int4 has two per byte
+ * (see kt_wtype_matrix_bytes). */
 static inline int64_t kt_wtype_size(kt_wtype t) { return t == KT_WTYPE_BF16 ? 2 : 1; }
+
+/* Bytes of a row-major [rows, cols] matrix of this type as the API holds it; int4 rows are
+ * ceil(cols / 2) bytes, two signed nibbles per byte, the low nibble the even column. */
+static inline size_t kt_wtype_matrix_bytes(kt_wtype t, int64_t rows, int64_t cols) {
+  const int64_t row = t == KT_WTYPE_INT4 ? (cols + 1) / 2 : cols * kt_wtype_size(t);
+  return (size_t)rows * (size_t)row;
+}
+
+/* Group sizes of int4 weights (spec section 5.2). */
+static inline int kt_int4_group_valid(int64_t g) { return g == 32 || g == 64 || g == 128; }
+static inline int64_t kt_int4_groups(int64_t cols, int64_t group) {
+  return (cols + group - 1) / group;
+}
+/* The signed value of the nibble of column c in a row of the API int4 layout. */
+static inline int32_t kt_int4_at(const uint8_t *row, int64_t c) {
+  const int32_t v = (row[c / 2] >> (4 * (c & 1))) & 15;
+  return v - ((v & 8) << 1);
+}
 
 /* Rows and columns of one fp8 scale block (spec section 5.1). */
 #define KT_FP8_BLOCK 128
@@ -124,18 +148,23 @@ static inline int64_t kt_wtype_size(kt_wtype t) { return t == KT_WTYPE_BF16 ? 2 
  *         ceil(cols/128)]: W[n, c] = e4m3(q[n, c]) * scale[(n / 128) * ceil(cols/128) + c / 128].
  *         The fp8 drivers (fp8.c) hand the kernels, for x W, the per-row factors of the column
  *         block instead (scale[n]: folded into A as for int8), and for x W^T either the block
- *         scales (gemm_nt_fp8_few) or bf16 panels of it (decode_fp8). */
+ *         scales (gemm_nt_fp8_few) or bf16 panels of it (decode_fp8).
+ *   INT4  signed 4-bit q in [-8, 7] with one fp32 scale per row and group of `group` columns:
+ *         W[n, c] = q[n, c] * scale[n * ceil(cols/group) + c / group] (spec section 5.2).
+ *         pack takes, and unpack gives, the API layout of kt_wtype_matrix_bytes; only the
+ *         gemm_*_q4 kernels read it. `group` is 0 for the other types. */
 typedef struct kt_packed {
   const void *data;
   int64_t rows, cols;
   kt_wtype wtype;
   const float *scale;
+  int64_t group;
 } kt_packed;
 
 /* A row-major bf16 matrix in the caller's memory (LoRA tensors), as a GEMM operand of the generic
  * family. */
 static inline kt_packed kt_bf16_matrix(const uint16_t *data, int64_t rows, int64_t cols) {
-  const kt_packed w = {data, rows, cols, KT_WTYPE_BF16, NULL};
+  const kt_packed w = {data, rows, cols, KT_WTYPE_BF16, NULL, 0};
   return w;
 }
 
@@ -177,6 +206,14 @@ typedef struct kt_kernels {
    * sum_c (A[m, c] sw[c]) W[c, n0 + j]. */
   void (*gemm_nn)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                   int64_t ldc, void *scratch);
+  /* "x W^T", A int8 with per-row scales, W int4 (W4A8): C[m, j] = sa[m] sum_g sw[n0 + j, g]
+   * sum_{c in g} qa[m, c] qw[n0 + j, c], each group's sum in int32, the groups in fp32. */
+  void (*gemm_nt_q4)(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                     int64_t ldc, void *scratch);
+  /* "x W", A bf16, W int4: C[m, j] = sum_c (A[m, c] sw[c, g]) qw[c, n0 + j] with g the group of
+   * column n0 + j: the group scale folds into A in fp32, the nibbles are read as they are. */
+  void (*gemm_nn_q4)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                     int64_t ldc, void *scratch);
   void (*sigmoid)(const float *x, float *y, int64_t n);
   void (*silu)(const float *x, float *y, int64_t n);
   /* The LoRA products: B is a row-major bf16 tensor in the caller's memory, one of the two
@@ -261,6 +298,15 @@ static inline float kt_dequantize_value(float v, float scale) {
   return scale == 0.0f ? 0.0f : kt_quantize_value(v, scale) * scale;
 }
 
+/* ---- int4 (spec section 5.2) ---------------------------------------------------------------- */
+
+/* Quantizes a bf16 [rows, cols] matrix to int4 with one scale per row and group of `group`
+ * columns: scale = amax / 7, q = rne(w / scale) clamped to [-8, 7], in fp32; an all-zero group
+ * gets scale 0, a group with a non-finite value scale NaN (its nibbles 0). q: the API layout
+ * [rows, ceil(cols/2)] bytes; scale [rows, ceil(cols/group)]. */
+void kt_quantize_int4_bf16(const uint16_t *w, int64_t rows, int64_t cols, int64_t group, uint8_t *q,
+                           float *scale);
+
 /* ---- fp8 e4m3 (spec section 5.1) ----------------------------------------------------------- */
 
 /* The bf16 bits of an e4m3 (float8_e4m3fn) byte: exact; 0x7f and 0xff are NaN. */
@@ -304,14 +350,24 @@ static inline void kt_base_gemm_nt(const kt_kernels *kern, const kt_rows *a, con
 }
 static inline void kt_base_gemm_nn(const kt_kernels *kern, const kt_rows *a, const kt_packed *w,
                                    int64_t n0, int64_t n, float *c, int64_t ldc, void *scratch) {
-  if (w->wtype == KT_WTYPE_FP8)
+  if (w->wtype == KT_WTYPE_INT4)
+    kern->gemm_nn_q4(a, w, n0, n, c, ldc, scratch);
+  else if (w->wtype == KT_WTYPE_FP8)
     kt_fp8_gemm_nn(kern, a, w, n0, n, c, ldc, scratch);
   else
     kern->gemm_nn(a, w, n0, n, c, ldc, scratch);
 }
-/* Scratch of either of them for outputs of at most n columns and reductions of length k. */
+/* The base-weight GEMM x W^T with int8 activations (int8 weights, or int4: W4A8). */
+static inline void kt_base_gemm_nt_q8(const kt_kernels *kern, const kt_rows_q8 *a,
+                                      const kt_packed *w, int64_t n0, int64_t n, float *c,
+                                      int64_t ldc, void *scratch) {
+  (w->wtype == KT_WTYPE_INT4 ? kern->gemm_nt_q4 : kern->gemm_nt_q8)(a, w, n0, n, c, ldc, scratch);
+}
+/* Scratch of any of them for outputs of at most n columns and reductions of length k. */
 static inline size_t kt_base_gemm_scratch_bytes(const kt_kernels *kern, kt_wtype t, int64_t n,
                                                 int64_t k) {
+  if (t == KT_WTYPE_INT4) /* the portable int4 kernels take the generic family's scratch */
+    return kt_max_size(kern->gemm_scratch_bytes(n, k), kt_generic_gemm_scratch_bytes(n, k));
   return t == KT_WTYPE_FP8 ? kt_fp8_scratch_bytes(kern, n, k) : kern->gemm_scratch_bytes(n, k);
 }
 

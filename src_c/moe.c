@@ -23,9 +23,14 @@ kt_status kt_moe_create(const kt_moe_config *c, kt_pool *pool, kt_moe **out, kt_
     if (sizes[i].value <= 0)
       return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "%s must be > 0, got %d", sizes[i].name,
                      (int)sizes[i].value);
-  if (c->quant != KT_QUANT_BF16 && c->quant != KT_QUANT_INT8 && c->quant != KT_QUANT_FP8)
-    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "quant must be bf16, int8 or fp8, got code %d",
-                   (int)c->quant);
+  if (c->quant != KT_QUANT_BF16 && c->quant != KT_QUANT_INT8 && c->quant != KT_QUANT_FP8 &&
+      c->quant != KT_QUANT_INT4)
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                   "quant must be bf16, int8, fp8 or int4, got code %d", (int)c->quant);
+  const int64_t group = c->quant != KT_QUANT_INT4 ? 0 : c->group_size ? c->group_size : 32;
+  if (c->quant == KT_QUANT_INT4 && !kt_int4_group_valid(group))
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "group_size must be 32, 64 or 128, got %d",
+                   (int)c->group_size);
   if (!(c->lora_alpha == c->lora_alpha))
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "lora_alpha must be a number, got NaN");
   /* Route and token indices are int32 in the engine. */
@@ -48,9 +53,12 @@ kt_status kt_moe_create(const kt_moe_config *c, kt_pool *pool, kt_moe **out, kt_
   m->scale = c->lora_alpha / (float)c->lora_rank;
   m->pool = pool;
   m->kern = kern;
-  m->wtype = c->quant == KT_QUANT_INT8  ? KT_WTYPE_INT8
-             : c->quant == KT_QUANT_FP8 ? KT_WTYPE_FP8
-                                        : KT_WTYPE_BF16;
+  m->wtype = c->quant == KT_QUANT_INT8   ? KT_WTYPE_INT8
+             : c->quant == KT_QUANT_FP8  ? KT_WTYPE_FP8
+             : c->quant == KT_QUANT_INT4 ? KT_WTYPE_INT4
+                                         : KT_WTYPE_BF16;
+  m->group = group;
+  m->cfg.group_size = (int32_t)group;
   m->stack = stack;
   pthread_mutex_init(&m->lock, NULL);
   *out = m;
@@ -77,10 +85,11 @@ static int64_t proj_cols(const kt_moe *m, int p) {
   return p == KT_DOWN ? m->cfg.intermediate_size : m->cfg.hidden_size;
 }
 static const char *const proj_name[3] = {"gate_proj", "up_proj", "down_proj"};
+static const char *const scale_name[3] = {"gate_scale", "up_scale", "down_scale"};
 static const char *const scale_inv_name[3] = {"gate_scale_inv", "up_scale_inv", "down_scale_inv"};
 /* Scales of one expert's matrix of projection p (0 in bf16 mode). */
 static size_t proj_scales(const kt_moe *m, int p) {
-  return (size_t)kt_scale_count(m->wtype, proj_rows(m, p), proj_cols(m, p));
+  return (size_t)kt_scale_count(m->wtype, proj_rows(m, p), proj_cols(m, p), m->group);
 }
 
 /* The packed storage of all E experts, made at the first load. */
@@ -146,16 +155,19 @@ static void pack_one(void *vctx, int64_t item, int32_t worker) {
   }
   const size_t ns = proj_scales(m, p);
   float *scale = m->scales[p] + (size_t)e * ns;
-  if (ctx->w->dtype != KT_DTYPE_BF16) { /* int8 or e4m3 bytes with their scales, as given */
+  if (ctx->w->dtype != KT_DTYPE_BF16) { /* int8, e4m3 or int4 bytes with their scales */
     const float *s[3] = {ctx->w->gate_scale, ctx->w->up_scale, ctx->w->down_scale};
     memcpy(scale, s[p] + (size_t)i * ns, ns * sizeof(float));
-    m->kern->pack(dst, (const int8_t *)src[p] + (size_t)i * n, rows, cols, m->wtype);
+    const size_t bytes = kt_wtype_matrix_bytes(m->wtype, rows, cols);
+    m->kern->pack(dst, (const char *)src[p] + (size_t)i * bytes, rows, cols, m->wtype);
     return;
   }
   char *q = (char *)ctx->q8 + (size_t)worker * ctx->q8_each;
   const uint16_t *w = (const uint16_t *)src[p] + (size_t)i * n;
   if (m->wtype == KT_WTYPE_FP8)
     kt_quantize_fp8_bf16(w, rows, cols, (uint8_t *)q, scale);
+  else if (m->wtype == KT_WTYPE_INT4)
+    kt_quantize_int4_bf16(w, rows, cols, m->group, (uint8_t *)q, scale);
   else
     for (int64_t r = 0; r < rows; r++)
       scale[r] = kt_quantize_row_bf16(w + r * cols, cols, (int8_t *)q + r * cols);
@@ -173,33 +185,36 @@ kt_status kt_moe_load_experts(kt_moe *m, int32_t first, int32_t count, const kt_
       return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
                      "gate_proj, up_proj and down_proj must all be set (got a null pointer for %s)",
                      proj_name[p]);
-  if (w->dtype == KT_DTYPE_INT8 || w->dtype == KT_DTYPE_FP8_E4M3) {
-    const int fp8 = w->dtype == KT_DTYPE_FP8_E4M3;
-    const char *what = fp8 ? "e4m3" : "int8";
-    if (m->wtype != (fp8 ? KT_WTYPE_FP8 : KT_WTYPE_INT8))
+  if (w->dtype == KT_DTYPE_INT8 || w->dtype == KT_DTYPE_FP8_E4M3 || w->dtype == KT_DTYPE_INT4) {
+    const int fp8 = w->dtype == KT_DTYPE_FP8_E4M3, int4 = w->dtype == KT_DTYPE_INT4;
+    const char *what = fp8 ? "e4m3" : int4 ? "int4" : "int8";
+    const kt_wtype needs = fp8 ? KT_WTYPE_FP8 : int4 ? KT_WTYPE_INT4 : KT_WTYPE_INT8;
+    static const char *const stores[4] = {"bf16", "int8", "fp8", "int4"};
+    if (m->wtype != needs)
       return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
                      "%s base weights need quant = %s; this engine stores %s", what,
-                     fp8 ? "fp8" : "int8",
-                     m->wtype == KT_WTYPE_BF16   ? "bf16"
-                     : m->wtype == KT_WTYPE_INT8 ? "int8"
-                                                 : "fp8");
+                     fp8 ? "fp8" : what, stores[m->wtype]);
     const float *sc[3] = {w->gate_scale, w->up_scale, w->down_scale};
     for (int p = 0; p < 3; p++) {
       if (!sc[p])
         return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
                        "%s %s needs its %s scales (got a null pointer)", what, proj_name[p],
-                       fp8 ? "block" : "per-row");
+                       fp8    ? "block"
+                       : int4 ? "group"
+                              : "per-row");
       const size_t ns = proj_scales(m, p) * (size_t)count;
-      for (size_t j = 0; fp8 && j < ns; j++)
+      for (size_t j = 0; (fp8 || int4) && j < ns; j++)
         if (!isfinite(sc[p][j]))
           return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
-                         "%s of expert %d, block %zu is %g: the block scales of fp8 "
-                         "weights must be finite",
-                         scale_inv_name[p], (int)(first + (int32_t)(j / proj_scales(m, p))),
-                         j % proj_scales(m, p), (double)sc[p][j]);
+                         "%s of expert %d, %s %zu is %g: the %s scales of %s weights must be "
+                         "finite",
+                         fp8 ? scale_inv_name[p] : scale_name[p],
+                         (int)(first + (int32_t)(j / proj_scales(m, p))), fp8 ? "block" : "scale",
+                         j % proj_scales(m, p), (double)sc[p][j], fp8 ? "block" : "group", what);
     }
   } else if (w->dtype != KT_DTYPE_BF16) {
-    return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "base weights must be bfloat16, int8 or e4m3");
+    return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
+                   "base weights must be bfloat16, int8, e4m3 or int4");
   }
   pack_ctx ctx = {.m = m, .first = first, .w = w};
   if (m->wtype != KT_WTYPE_BF16 && w->dtype == KT_DTYPE_BF16) {
@@ -248,12 +263,12 @@ kt_status kt_moe_read_experts(kt_moe *m, int32_t first, int32_t count, const kt_
     return kt_fail(err, KT_ERR_WEIGHTS_NOT_LOADED, "Weights not loaded: expert %d has no weights",
                    (int)e);
   }
-  const size_t elt = (size_t)kt_wtype_size(m->wtype);
   for (int p = 0; p < 3; p++) {
     const int64_t rows = proj_rows(m, p), cols = proj_cols(m, p);
+    const size_t bytes = kt_wtype_matrix_bytes(m->wtype, rows, cols);
     for (int32_t i = 0; i < count; i++) {
       const size_t e = (size_t)(first + i);
-      m->kern->unpack((char *)dst[p] + (size_t)i * (size_t)(rows * cols) * elt,
+      m->kern->unpack((char *)dst[p] + (size_t)i * bytes,
                       (const char *)m->packed[p] + e * m->packed_stride[p], rows, cols, m->wtype);
       const size_t ns = proj_scales(m, p);
       if (ns) memcpy(sc[p] + (size_t)i * ns, m->scales[p] + e * ns, ns * sizeof(float));

@@ -75,8 +75,8 @@ static void f1_gate_up(void *vc, int64_t item, int32_t worker) {
   const kt_packed wg = kt_moe_weight(m, KT_GATE, e), wu = kt_moe_weight(m, KT_UP, e);
   if (c->xq) {
     const kt_rows_q8 xq = {c->xq, H, rt->token + off, M, c->xs};
-    m->kern->gemm_nt_q8(&xq, &wg, i0, nb, gt, nb, gemm_scratch);
-    m->kern->gemm_nt_q8(&xq, &wu, i0, nb, ut, nb, gemm_scratch);
+    kt_base_gemm_nt_q8(m->kern, &xq, &wg, i0, nb, gt, nb, gemm_scratch);
+    kt_base_gemm_nt_q8(m->kern, &xq, &wu, i0, nb, ut, nb, gemm_scratch);
   } else {
     kt_base_gemm_nt(m->kern, &x, &wg, i0, nb, gt, nb, gemm_scratch);
     kt_base_gemm_nt(m->kern, &x, &wu, i0, nb, ut, nb, gemm_scratch);
@@ -128,7 +128,7 @@ static void f3_expert_block(const fwd_ctx *c, int32_t e, int64_t h0, int64_t nb,
   const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
   if (c->hq) {
     const kt_rows_q8 hq = {c->hq + off * I, I, NULL, M, st->h_scale + off};
-    m->kern->gemm_nt_q8(&hq, &wd, h0, nb, y, ldy, gemm_scratch);
+    kt_base_gemm_nt_q8(m->kern, &hq, &wd, h0, nb, y, ldy, gemm_scratch);
   } else {
     const kt_rows h = {c->h + off * I, I, NULL, M};
     kt_base_gemm_nt(m->kern, &h, &wd, h0, nb, y, ldy, gemm_scratch);
@@ -255,7 +255,7 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
                .n_iblk = (I + KT_BLOCK_N - 1) / KT_BLOCK_N,
                .n_hblk = (H + KT_BLOCK_N - 1) / KT_BLOCK_N,
                .n_tblk = (T + KT_BLOCK_N - 1) / KT_BLOCK_N};
-  const int q8 = m->wtype == KT_WTYPE_INT8;
+  const int q8 = m->wtype == KT_WTYPE_INT8 || m->wtype == KT_WTYPE_INT4; /* int8 x (W4A8) */
   for (int32_t a = 0; a < rt->n_active; a++) {
     const int32_t e = rt->active[a];
     const int64_t n = rt->offset[e + 1] - rt->offset[e];

@@ -44,9 +44,11 @@ struct kt_moe {
   kt_pool *pool;
   const kt_kernels *kern;
   kt_wtype wtype;          /* KT_WTYPE_INT8 in KT_QUANT_INT8 mode, KT_WTYPE_FP8 in KT_QUANT_FP8 */
+  int64_t group;           /* KT_WTYPE_INT4: columns per scale; 0 otherwise */
   void *packed[3];         /* gate, up, down: E packed matrices each, allocated at first load */
   size_t packed_stride[3]; /* bytes between two experts' matrices */
-  float *scales[3];        /* int8: [E, rows] per-row scales; fp8: [E, blocks] block scales */
+  float *scales[3];        /* int8: [E, rows] per-row scales; fp8: [E, blocks] block scales;
+                            * int4: [E, rows, groups] group scales */
   uint8_t *expert_loaded;  /* [E] */
   int32_t n_loaded;
   kt_saved **stack; /* [max_cache_depth] */
@@ -57,25 +59,27 @@ struct kt_moe {
   pthread_mutex_t lock; /* one call at a time on an engine */
 };
 
-/* Scales of one [rows, cols] matrix: one per row (int8), one per 128 x 128 block (fp8). */
-static inline int64_t kt_scale_count(kt_wtype t, int64_t rows, int64_t cols) {
+/* Scales of one [rows, cols] matrix: one per row (int8), one per 128 x 128 block (fp8), one per
+ * row and group of `group` columns (int4). */
+static inline int64_t kt_scale_count(kt_wtype t, int64_t rows, int64_t cols, int64_t group) {
   const int64_t b = KT_FP8_BLOCK;
-  return t == KT_WTYPE_INT8  ? rows
-         : t == KT_WTYPE_FP8 ? ((rows + b - 1) / b) * ((cols + b - 1) / b)
-                             : 0;
+  return t == KT_WTYPE_INT8   ? rows
+         : t == KT_WTYPE_FP8  ? ((rows + b - 1) / b) * ((cols + b - 1) / b)
+         : t == KT_WTYPE_INT4 ? rows * kt_int4_groups(cols, group)
+                              : 0;
 }
 
 /* Expert e's matrix of projection p (KT_GATE, KT_UP: [I, H]; KT_DOWN: [H, I]). */
 static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
   const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
-  kt_packed w = {(const char *)m->packed[p] + (size_t)e * m->packed_stride[p], I, H, m->wtype,
-                 NULL};
+  kt_packed w = {
+      (const char *)m->packed[p] + (size_t)e * m->packed_stride[p], I, H, m->wtype, NULL, m->group};
   if (p == KT_DOWN) {
     w.rows = H;
     w.cols = I;
   }
   if (m->scales[p])
-    w.scale = m->scales[p] + (size_t)e * (size_t)kt_scale_count(m->wtype, w.rows, w.cols);
+    w.scale = m->scales[p] + (size_t)e * (size_t)kt_scale_count(m->wtype, w.rows, w.cols, m->group);
   return w;
 }
 

@@ -433,7 +433,7 @@ def test_bad_scales_are_clear_errors_and_load_nothing(fp8_layer, pool):
     bad[1, 0] = np.nan
     with pytest.raises(ValueError, match=r"up_scale_inv of expert 2, block 2 is nan"):
         fresh.load_experts(2, **{**one, "up_scale_inv": bad})
-    with pytest.raises(TypeError, match="gate_scale go with int8 base weights only; .* holds fp8"):
+    with pytest.raises(TypeError, match="gate_scale go with int8 or int4 .* only; .* holds fp8"):
         fresh.load_experts(0, **one, gate_scale=np.ones(130, np.float32))
     assert fresh.experts_loaded == 0
     bf16 = ktsft.MoESFT(ktsft.MoESFTConfig(3, 2, 200, 130, lora_rank=2), **lora)

@@ -69,7 +69,12 @@ for _isa, _mask, _emu in CANDIDATES:
 # Fast vs generic: the same computation up to fp32 summation order (a bf16 rounding of g, u, h,
 # dg or du may flip for a few elements). Not a spec budget: a much tighter check for bugs.
 TWIN_TOL = 2e-3
-SPEC_TOL = {"bf16": (FWD_TOL, BWD_TOL), "int8": (0.04, 0.06), "fp8": (0.06, 0.075)}
+SPEC_TOL = {
+    "bf16": (FWD_TOL, BWD_TOL),
+    "int8": (0.04, 0.06),
+    "fp8": (0.06, 0.075),
+    "int4": (0.21, 0.25),
+}
 
 
 @contextlib.contextmanager
@@ -167,7 +172,7 @@ def problem(rng, E, k, H, I, r, T, pad):  # noqa: E741
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("quant", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "fp8", "int4"])
 @given(
     E=st.integers(1, 6),
     k=st.integers(1, 4),
@@ -194,7 +199,7 @@ CASES = {  # E, k, H, I, r, T: tile multiples, many rows per expert, chunked sum
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("quant", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "fp8", "int4"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_variant_matches_generic_named(variant, pool, rng, quant, case):
     E, k, H, I, r, T = CASES[case]  # noqa: E741

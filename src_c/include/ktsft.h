@@ -109,7 +109,8 @@ int32_t kt_pool_num_threads(const kt_pool *pool);
 typedef enum kt_quant {
   KT_QUANT_BF16 = 0, /* as given */
   KT_QUANT_INT8 = 1, /* int8, one fp32 scale per output row, quantized at load */
-  KT_QUANT_FP8 = 2   /* e4m3, one fp32 scale per 128 x 128 block (spec section 5.1) */
+  KT_QUANT_FP8 = 2,  /* e4m3, one fp32 scale per 128 x 128 block (spec section 5.1) */
+  KT_QUANT_INT4 = 3  /* signed 4-bit, one fp32 scale per row and group_size columns (5.2) */
 } kt_quant;
 
 typedef struct kt_moe_config {
@@ -123,6 +124,7 @@ typedef struct kt_moe_config {
   int32_t max_cache_depth;     /* saved forward states that may be pending at once */
   kt_isa isa;                  /* kernel family; must be available */
   kt_quant quant;              /* base-weight storage */
+  int32_t group_size;          /* KT_QUANT_INT4: columns per scale, 32, 64 or 128 (0: 32) */
 } kt_moe_config;
 
 /* The six LoRA tensors, in the caller's memory (contiguous, bf16, spec section 2 shapes). */
@@ -139,7 +141,8 @@ typedef enum kt_dtype {
   KT_DTYPE_F32 = 0,
   KT_DTYPE_BF16 = 1,
   KT_DTYPE_INT8 = 2,
-  KT_DTYPE_FP8_E4M3 = 3 /* float8_e4m3fn bytes */
+  KT_DTYPE_FP8_E4M3 = 3, /* float8_e4m3fn bytes */
+  KT_DTYPE_INT4 = 4      /* two signed 4-bit values per byte, the low nibble first */
 } kt_dtype;
 
 /* Saved forward state owned by the caller (see kt_forward_args.saved_out). */
@@ -187,16 +190,21 @@ typedef struct kt_backward_args {
  *         down_scale [count, H] (float32): weight = int8 value * scale of its row.
  *   FP8_E4M3: the same shapes in e4m3 bytes plus their block scales (DeepSeek's weight_scale_inv)
  *         gate_scale, up_scale [count, ceil(I/128), ceil(H/128)] and down_scale [count,
- *         ceil(H/128), ceil(I/128)]: W[n, c] = e4m3(q[n, c]) * scale[n / 128, c / 128]. */
+ *         ceil(H/128), ceil(I/128)]: W[n, c] = e4m3(q[n, c]) * scale[n / 128, c / 128].
+ *   INT4: gate_proj, up_proj [count, I, ceil(H/2)], down_proj [count, H, ceil(I/2)] bytes, two
+ *         signed nibbles (-8 .. 7) per byte, the low nibble the even column (a row's last high
+ *         nibble is 0 when the row is odd), plus the group scales gate_scale, up_scale [count, I,
+ *         ceil(H/G)] and down_scale [count, H, ceil(I/G)], G = group_size:
+ *         W[n, c] = q[n, c] * scale[n, c / G]. */
 typedef struct kt_expert_weights {
-  kt_dtype dtype; /* KT_DTYPE_BF16, KT_DTYPE_INT8 or KT_DTYPE_FP8_E4M3 */
+  kt_dtype dtype; /* KT_DTYPE_BF16, KT_DTYPE_INT8, KT_DTYPE_FP8_E4M3 or KT_DTYPE_INT4 */
   const void *gate_proj, *up_proj, *down_proj;
   const float *gate_scale, *up_scale, *down_scale;
 } kt_expert_weights;
 
 /* Caller buffers the packed base weights are read back into, shapes as in kt_expert_weights:
  * bf16 in KT_QUANT_BF16 mode, int8 plus row scales in KT_QUANT_INT8 mode, e4m3 bytes plus block
- * scales in KT_QUANT_FP8 mode. */
+ * scales in KT_QUANT_FP8 mode, int4 bytes plus group scales in KT_QUANT_INT4 mode. */
 typedef struct kt_expert_buffers {
   void *gate_proj, *up_proj, *down_proj;
   float *gate_scale, *up_scale, *down_scale;
@@ -212,9 +220,10 @@ void kt_moe_destroy(kt_moe *moe);
  * KT_QUANT_INT8 mode); the caller may free them after. */
 kt_status kt_moe_load_weights(kt_moe *moe, const uint16_t *gate_proj, const uint16_t *up_proj,
                               const uint16_t *down_proj, kt_error *err);
-/* Packs experts [first, first + count): bf16 weights in any mode (quantized in INT8 and FP8
- * mode), or int8 weights and scales in INT8 mode, or e4m3 weights and block scales in FP8 mode,
- * used as they are (scales must be finite: a NaN or Inf scale is an error and loads nothing).
+/* Packs experts [first, first + count): bf16 weights in any mode (quantized in INT8, FP8 and
+ * INT4 mode), or int8 weights and scales in INT8 mode, or e4m3 weights and block scales in FP8
+ * mode, or int4 weights and group scales in INT4 mode, used as they are (fp8 and int4 scales
+ * must be finite: a NaN or Inf scale is an error and loads nothing).
  * Loading expert by expert keeps the caller's peak memory at one expert beyond the packed copy.
  * Reloading an expert replaces it. */
 kt_status kt_moe_load_experts(kt_moe *moe, int32_t first, int32_t count,
@@ -292,6 +301,19 @@ typedef enum kt_gemm_op {
 kt_status kt_gemm_test(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale, int64_t m,
                        const void *w, const float *w_scale, int64_t rows, int64_t cols,
                        kt_dtype w_dtype, int64_t n0, int64_t n, float *c, kt_error *err);
+
+/* kt_gemm_test on int4 weights (KT_DTYPE_INT4 bytes, the layout of kt_expert_weights) with the
+ * group scales w_scale [rows, ceil(cols/group)]: op KT_GEMM_NT_Q8 (int8 A with a_scale, W4A8)
+ * or KT_GEMM_NN (bf16 A). */
+kt_status kt_gemm_test_int4(kt_isa isa, kt_gemm_op op, const void *a, const float *a_scale,
+                            int64_t m, const uint8_t *w, const float *w_scale, int64_t rows,
+                            int64_t cols, int64_t group, int64_t n0, int64_t n, float *c,
+                            kt_error *err);
+
+/* The quantizer of spec section 5.2 on a bf16 [rows, cols] matrix: q [rows, ceil(cols/2)] int4
+ * bytes (as kt_expert_weights holds them) and scale [rows, ceil(cols/group)]. */
+void kt_int4_quantize(const uint16_t *w, int64_t rows, int64_t cols, int64_t group, uint8_t *q,
+                      float *scale);
 
 /* ---- fp8 e4m3 conversions, exposed for tests ---------------------------------------------- */
 

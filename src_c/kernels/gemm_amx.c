@@ -423,6 +423,8 @@ const kt_kernels kt_kernels_amx_emu = {
     .decode_fp8 = kt_z_decode_fp8,
     .gemm_nt_q8 = amx_gemm_nt_q8,
     .gemm_nn = amx_gemm_nn,
+    .gemm_nt_q4 = kt_z4_gemm_nt_q4,
+    .gemm_nn_q4 = kt_z4_gemm_nn_q4,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
     /* The rank-r LoRA products are too narrow for 16-row tiles: the generic ones. */

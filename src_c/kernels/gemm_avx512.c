@@ -18,6 +18,9 @@ void kt_avx512_nt_bf16_dp_model(const kt_rows *a, const kt_packed *w, int64_t n0
                                 float *c, int64_t ldc, void *scratch);
 void kt_avx512_nt_q8_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                           int64_t ldc, void *scratch);
+void kt_avx512_nt_q4_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch);
+size_t kt_avx512_nt_q4_vnni_scratch(int64_t k);
 void kt_act_avx512_sigmoid(const float *x, float *y, int64_t n);
 void kt_act_avx512_silu(const float *x, float *y, int64_t n);
 
@@ -42,7 +45,7 @@ static size_t z_scratch_bytes(int64_t n, int64_t k) {
   /* x W of a few rows: the rows (k padded to 16) and 16 lanes per output */
   const size_t few =
       (size_t)NN_FEW_M * (size_t)(((k + 15) & ~(int64_t)15) + ((n + 15) & ~(int64_t)15) * 16) * 4;
-  return kt_max_size(nt + nn, few) + KT_CACHE_LINE;
+  return kt_max_size(kt_max_size(nt + nn, few) + KT_CACHE_LINE, kt_avx512_nt_q4_vnni_scratch(k));
 }
 
 /* ---- x W^T, bf16, fp32 FMA ------------------------------------------------------------------ */
@@ -514,6 +517,145 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
 
 #include "nn_drive.h"
 
+/* ---- int4 x W ------------------------------------------------------------------------------
+ * The group scale of each output column's group folds into A in fp32. The columns n0 .. n0 + n
+ * (n <= 64, n0 a multiple of 64) are one or two runs of 32 columns, each inside one group, so
+ * each run has one fold per row of W. A 16-byte quarter of a unit (4 rows x 8 columns), widened
+ * to 16 int32 lanes (lane 4i + t: row i, byte t), holds column t in the low nibble and column
+ * 4 + t in the high one; vpermps with the table -8 .. 7 gives a nibble's value (it reads only the
+ * low 4 bits of each lane). */
+
+static inline __m512 q4_values(__m512i lanes) {
+  const __m512 table = _mm512_setr_ps(-8.0f, -7.0f, -6.0f, -5.0f, -4.0f, -3.0f, -2.0f, -1.0f, 0.0f,
+                                      1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f);
+  return _mm512_permutexvar_ps(lanes, table);
+}
+
+/* The quarter q of the unit at p: columns 0 .. 3 (lo) and 4 .. 7 (hi) of its 4 rows. */
+static inline void q4_quarter(const char *p, int q, __m512 *lo, __m512 *hi) {
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * q)));
+  *lo = q4_values(x);
+  *hi = q4_values(_mm512_srli_epi32(x, 4));
+}
+
+/* dst[0 .. len) = A row * the scales of group g of the rows (zero past k). */
+static void q4_fold(const uint16_t *arow, const kt_packed *w, int64_t r0, int64_t k, int64_t g,
+                    float *dst, int64_t len) {
+  const int64_t ng = kt_int4_groups(w->cols, w->group);
+  for (int64_t r = 0; r < len; r++)
+    dst[r] = r < k ? kt_bf16_to_f32(arow[r]) * w->scale[(r0 + r) * ng + g] : 0.0f;
+}
+
+/* At most NN_FEW_M rows of A, one at a time: 16 accumulators (the low and high halves of 8
+ * units) over all blocks of W, summed across lanes at the end. */
+static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                        int64_t ldc, void *scratch) {
+  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), u0 = n0 / 8, ns = (n + 31) / 32;
+  float *af = scratch; /* [2, len]: the row folded with each run's group */
+  for (int64_t m = 0; m < a->count; m++) {
+    for (int64_t s = 0; s < ns; s++)
+      q4_fold(kt_row(a, m), w, 0, k, (n0 + 32 * s) / w->group, af + s * len, len);
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nblocks; b++) {
+      const char *p = kt_z_unit_ptr(w->data, units, b, u0);
+      if (b + FEW_PREFETCH_BLOCKS < nblocks)
+        for (int64_t l = 0; l < 4 * ns; l++)
+          _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+      __m512 aq[2][4];
+      for (int s = 0; s < 2; s++) { /* a second run's factors only where there is one */
+        const __m512 av = _mm512_loadu_ps(af + (s < ns ? s : 0) * len + 16 * b);
+        for (int q = 0; q < 4; q++) /* lane 4i + t: row 4q + i */
+          aq[s][q] = _mm512_permutexvar_ps(
+              _mm512_set_epi32(4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 2, 4 * q + 2,
+                               4 * q + 2, 4 * q + 2, 4 * q + 1, 4 * q + 1, 4 * q + 1, 4 * q + 1,
+                               4 * q, 4 * q, 4 * q, 4 * q),
+              av);
+      }
+#pragma GCC unroll 8
+      for (int u = 0; u < 8; u++) {
+        if (u >= 4 * ns) break;
+        for (int q = 0; q < 4; q++) {
+          __m512 lo, hi;
+          q4_quarter(p + u * KT_Z_UNIT, q, &lo, &hi);
+          acc[2 * u] = _mm512_fmadd_ps(aq[u / 4][q], lo, acc[2 * u]);
+          acc[2 * u + 1] = _mm512_fmadd_ps(aq[u / 4][q], hi, acc[2 * u + 1]);
+        }
+      }
+    }
+    for (int64_t u = 0; 8 * u < n; u++)
+      for (int h = 0; h < 2; h++) { /* lanes t, 4 + t, 8 + t, 12 + t: column 8u + 4h + t */
+        const __m512 v = acc[2 * u + h];
+        const __m256 s8 =
+            _mm256_add_ps(_mm512_castps512_ps256(v),
+                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        float four[4];
+        _mm_storeu_ps(four, s4);
+        for (int64_t t = 0; t < 4 && 8 * u + 4 * h + t < n; t++)
+          c[m * ldc + 8 * u + 4 * h + t] = four[t];
+      }
+  }
+}
+
+/* wt[cc, 0 .. 32 ns) = W[c0 + cc, n0 .. n0 + 32 ns) as fp32 (the blocks from c0, c0 a multiple
+ * of 16). */
+static void q4_transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t n0, int64_t ns,
+                               float *wt) {
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), u0 = n0 / 8;
+  const int64_t nblocks = kt_z_rows_padded(w->rows) / 16;
+  const __m512i rows01 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i rows23 =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t b = c0 / 16; b * 16 < c0 + cnt; b++) {
+    if (b + Z_PREFETCH_BLOCKS < nblocks)
+      for (int64_t l = 0; l < 4 * ns; l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Z_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
+    const char *p = kt_z_unit_ptr(w->data, units, b, u0);
+    float *dst = wt + (b * 16 - c0) * WT_LD;
+    for (int64_t u = 0; u < 4 * ns; u++)
+      for (int q = 0; q < 4; q++) {
+        __m512 lo, hi;
+        q4_quarter(p + u * KT_Z_UNIT, q, &lo, &hi);
+        const __m512 r01 = _mm512_permutex2var_ps(lo, rows01, hi);
+        const __m512 r23 = _mm512_permutex2var_ps(lo, rows23, hi);
+        float *d = dst + 4 * q * WT_LD + 8 * u;
+        _mm256_storeu_ps(d, _mm512_castps512_ps256(r01));
+        _mm256_storeu_ps(d + WT_LD,
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r01), 1)));
+        _mm256_storeu_ps(d + 2 * WT_LD, _mm512_castps512_ps256(r23));
+        _mm256_storeu_ps(d + 3 * WT_LD,
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r23), 1)));
+      }
+  }
+}
+
+/* The table's gemm_nn_q4: a few rows on z_nn_q4_few; more through the transposed fp32 block and
+ * the register tile, each run of 32 columns with its rows of A folded by its group. */
+static void z_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                         int64_t ldc, void *scratch) {
+  if (a->count <= NN_FEW_M) {
+    z_nn_q4_few(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+  const int64_t k = w->rows, ns = (n + 31) / 32;
+  float *wt = scratch, *af = wt + NN_CH * WT_LD;
+  for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
+    const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH, len = (cnt + 15) & ~(int64_t)15;
+    q4_transpose_block(w, c0, cnt, n0, ns, wt);
+    for (int64_t s = 0; s < ns; s++) {
+      const int64_t g = (n0 + 32 * s) / w->group, ncols = n - 32 * s < 32 ? n - 32 * s : 32;
+      for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
+        const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
+        for (int64_t i = 0; i < mr; i++)
+          q4_fold(kt_row(a, m0 + i) + c0, w, c0, cnt, g, af + i * NN_CH, len);
+        nn_rows(mr, af, NN_CH, wt + 32 * s, cnt, c + m0 * ldc + 32 * s, ldc, ncols, c0 > 0, 1.0f);
+      }
+    }
+  }
+}
+
 /* ---- the LoRA products of a few rows --------------------------------------------------------- */
 
 /* 16 bf16 at src (the first n of them; zeros after) as fp32. */
@@ -637,35 +779,43 @@ static void z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
 
 /* ---- the variants ---------------------------------------------------------------------------- */
 
-#define Z_TABLE(NAME, VARIANT, NT, NT_Q8)    \
-  static const kt_kernels NAME = {           \
-      .isa = KT_ISA_AVX512,                  \
-      .variant = VARIANT,                    \
-      .packed_bytes = kt_z_packed_bytes,     \
-      .pack = kt_z_pack,                     \
-      .unpack = kt_z_unpack,                 \
-      .gemm_scratch_bytes = z_scratch_bytes, \
-      .gemm_nt = NT,                         \
-      .gemm_nt_fp8_few = z_gemm_nt_fp8_few,  \
-      .decode_fp8 = z_decode_fp8,            \
-      .gemm_nt_q8 = NT_Q8,                   \
-      .gemm_nn = gemm_nn,                    \
-      .sigmoid = kt_act_avx512_sigmoid,      \
-      .silu = kt_act_avx512_silu,            \
-      .lora_nt = z_lora_nt,                  \
-      .lora_nn = lora_nn,                    \
-      .lora_add_nt = z_lora_add_nt,          \
-      .lora_add_nn = lora_add_nn,            \
-      .outer_rn = outer_rn,                  \
-      .outer_nr = outer_nr,                  \
+#define Z_TABLE(NAME, VARIANT, NT, NT_Q8, NT_Q4) \
+  static const kt_kernels NAME = {               \
+      .isa = KT_ISA_AVX512,                      \
+      .variant = VARIANT,                        \
+      .packed_bytes = kt_z_packed_bytes,         \
+      .pack = kt_z_pack,                         \
+      .unpack = kt_z_unpack,                     \
+      .gemm_scratch_bytes = z_scratch_bytes,     \
+      .gemm_nt = NT,                             \
+      .gemm_nt_fp8_few = z_gemm_nt_fp8_few,      \
+      .decode_fp8 = z_decode_fp8,                \
+      .gemm_nt_q8 = NT_Q8,                       \
+      .gemm_nn = gemm_nn,                        \
+      .gemm_nt_q4 = NT_Q4,                       \
+      .gemm_nn_q4 = z_gemm_nn_q4,                \
+      .sigmoid = kt_act_avx512_sigmoid,          \
+      .silu = kt_act_avx512_silu,                \
+      .lora_nt = z_lora_nt,                      \
+      .lora_nn = lora_nn,                        \
+      .lora_add_nt = z_lora_add_nt,              \
+      .lora_add_nn = lora_add_nn,                \
+      .outer_rn = outer_rn,                      \
+      .outer_nr = outer_nr,                      \
   };
 
-Z_TABLE(fma_madd, "avx512-fma+vpmaddwd", z_gemm_nt_fma, z_gemm_nt_q8_madd)
-Z_TABLE(fma_vnni, "avx512-fma+vnni", z_gemm_nt_fma, kt_avx512_nt_q8_vnni)
-Z_TABLE(bf16_madd, "avx512-bf16+vpmaddwd", kt_avx512_nt_bf16_dp, z_gemm_nt_q8_madd)
-Z_TABLE(bf16_vnni, "avx512-bf16+vnni", kt_avx512_nt_bf16_dp, kt_avx512_nt_q8_vnni)
-Z_TABLE(emu_madd, "avx512-bf16emu+vpmaddwd", kt_avx512_nt_bf16_dp_model, z_gemm_nt_q8_madd)
-Z_TABLE(emu_vnni, "avx512-bf16emu+vnni", kt_avx512_nt_bf16_dp_model, kt_avx512_nt_q8_vnni)
+/* int4 x W^T: vpdpbusd where the CPU has it; elsewhere (vpmaddwd variants) the portable
+ * kernel of the layout. */
+Z_TABLE(fma_madd, "avx512-fma+vpmaddwd", z_gemm_nt_fma, z_gemm_nt_q8_madd, kt_z4_gemm_nt_q4)
+Z_TABLE(fma_vnni, "avx512-fma+vnni", z_gemm_nt_fma, kt_avx512_nt_q8_vnni, kt_avx512_nt_q4_vnni)
+Z_TABLE(bf16_madd, "avx512-bf16+vpmaddwd", kt_avx512_nt_bf16_dp, z_gemm_nt_q8_madd,
+        kt_z4_gemm_nt_q4)
+Z_TABLE(bf16_vnni, "avx512-bf16+vnni", kt_avx512_nt_bf16_dp, kt_avx512_nt_q8_vnni,
+        kt_avx512_nt_q4_vnni)
+Z_TABLE(emu_madd, "avx512-bf16emu+vpmaddwd", kt_avx512_nt_bf16_dp_model, z_gemm_nt_q8_madd,
+        kt_z4_gemm_nt_q4)
+Z_TABLE(emu_vnni, "avx512-bf16emu+vnni", kt_avx512_nt_bf16_dp_model, kt_avx512_nt_q8_vnni,
+        kt_avx512_nt_q4_vnni)
 
 const kt_kernels *kt_kernels_avx512(uint32_t f) {
   const int vnni = (f & KT_CPU_AVX512_VNNI) != 0;

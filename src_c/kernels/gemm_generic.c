@@ -24,7 +24,7 @@ static float dot_f32(const float *x, const float *y, int64_t n) {
 }
 
 static size_t generic_packed_bytes(int64_t rows, int64_t cols, kt_wtype wtype) {
-  return (size_t)rows * (size_t)cols * (size_t)kt_wtype_size(wtype);
+  return kt_wtype_matrix_bytes(wtype, rows, cols);
 }
 
 static void generic_pack(void *dst, const void *src, int64_t rows, int64_t cols, kt_wtype wtype) {
@@ -113,6 +113,57 @@ static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, in
   }
 }
 
+/* int4 in the API layout: each row of W and group of columns summed in int32, the groups in
+ * fp32 times their scales. */
+static void generic_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n,
+                               float *c, int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, G = w->group, ng = kt_int4_groups(k, G), row = (k + 1) / 2;
+  int8_t *wq = scratch; /* the rows n0 .. n0 + n as int8 [n, k] */
+  for (int64_t j = 0; j < n; j++)
+    for (int64_t q = 0; q < k; q++)
+      wq[j * k + q] = (int8_t)kt_int4_at((const uint8_t *)w->data + (n0 + j) * row, q);
+  for (int64_t m = 0; m < a->count; m++) {
+    const int64_t i = a->index ? (int64_t)a->index[m] : m;
+    const int8_t *arow = a->base + i * a->ld;
+    for (int64_t j = 0; j < n; j++) {
+      const float *sw = w->scale + (n0 + j) * ng;
+      float total = 0.0f;
+      for (int64_t g = 0; g < ng; g++) {
+        const int64_t len = k - g * G < G ? k - g * G : G;
+        total += sw[g] * (float)dot_i8(arow + g * G, wq + j * k + g * G, len);
+      }
+      c[m * ldc + j] = a->scale[i] * total;
+    }
+  }
+}
+
+/* x W on int4: W[:, n0:n0+n] as fp32 [k, n], then per row of A and of W the group scale of
+ * each group the columns touch folded into the A value. */
+static void generic_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                               float *c, int64_t ldc, void *scratch) {
+  const int64_t k = w->rows, G = w->group, ng = kt_int4_groups(w->cols, G);
+  const int64_t row = (w->cols + 1) / 2;
+  float *wf = scratch;
+  float *af = wf + n * k; /* one row of A */
+  for (int64_t r = 0; r < k; r++)
+    for (int64_t j = 0; j < n; j++)
+      wf[r * n + j] = (float)kt_int4_at((const uint8_t *)w->data + r * row, n0 + j);
+  for (int64_t m = 0; m < a->count; m++) {
+    to_f32(kt_row(a, m), af, k);
+    float *crow = c + m * ldc;
+    for (int64_t j = 0; j < n; j++) crow[j] = 0.0f;
+    for (int64_t r = 0; r < k; r++) {
+      const float *wrow = wf + r * n;
+      for (int64_t j0 = 0; j0 < n;) {
+        const int64_t g = (n0 + j0) / G, j1 = (g + 1) * G - n0 < n ? (g + 1) * G - n0 : n;
+        const float f = af[r] * w->scale[r * ng + g];
+        for (int64_t j = j0; j < j1; j++) crow[j] += f * wrow[j];
+        j0 = j1;
+      }
+    }
+  }
+}
+
 /* The packed layout is row-major: the panel is row-major bf16 [nr, nc]. */
 static void generic_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                kt_sweep sweep, void *dst) {
@@ -148,6 +199,8 @@ const kt_kernels kt_kernels_generic = {
     .decode_fp8 = generic_decode_fp8,
     .gemm_nt_q8 = generic_gemm_nt_q8,
     .gemm_nn = generic_gemm_nn,
+    .gemm_nt_q4 = generic_gemm_nt_q4,
+    .gemm_nn_q4 = generic_gemm_nn_q4,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
     .lora_nt = kt_lora_generic_nt,
