@@ -23,6 +23,17 @@ layout): each ``...{proj}.weight`` is ``float8_e4m3fn`` and is followed by
 scale_inv[n // 128, c // 128]``. :func:`find_experts` recognises the layout by itself
 (``ExpertLayout.fp8``); :func:`read_expert` then returns the scales too, and
 :func:`dequantize_fp8_expert` turns one expert into bf16 for layers that do not store fp8.
+
+INT4 checkpoints in the compressed-tensors ``pack-quantized`` symmetric layout, as
+Kimi-K2-Thinking ships its experts (per-expert layout): each ``...{proj}.weight`` is replaced by
+``...{proj}.weight_packed`` (int32 [rows, ceil(cols/8)]), ``...{proj}.weight_scale`` (bf16,
+fp16 or fp32 [rows, ceil(cols/G)]) and ``...{proj}.weight_shape`` ([rows, cols]).
+:func:`find_experts` recognises it too (``ExpertLayout.int4_group_size`` = G, which must be 32,
+64 or 128); :func:`read_expert` then returns each expert already in ktsft's int4 layout (uint8
+bytes and float32 ``*_scale``, converted exactly by
+:func:`ktsft.int4_formats.compressed_tensors_to_int4`), and
+:func:`ktsft.int4_formats.dequantize_int4_expert` turns one into bf16 for other layers.
+Asymmetric checkpoints (``weight_zero_point``) are refused.
 """
 
 from __future__ import annotations
@@ -37,12 +48,14 @@ import numpy as np
 import torch
 
 from .gradients import BASE_NAMES
+from .int4_formats import INT4_SCALE_NAMES, compatible_group_sizes, compressed_tensors_to_int4
 
 __all__ = [
     "DEFAULT_KEY_FORMAT",
     "FUSED_DOWN_KEY",
     "FUSED_GATE_UP_KEY",
     "MIXTRAL_PROJ_NAMES",
+    "PACKED_SUFFIX",
     "ExpertLayout",
     "SafetensorsIndex",
     "SCALE_INV_SUFFIX",
@@ -80,6 +93,10 @@ SCALE_NAMES = {
 """The names :func:`read_expert` gives the block scales of an fp8 expert's projections."""
 
 FP8_BLOCK = 128
+
+PACKED_SUFFIX = "_packed"
+"""A compressed-tensors int4 weight is stored under its key with this suffix (``weight_packed``),
+its group scales with ``_scale`` and its shape with ``_shape``."""
 
 
 def to_bf16_expert(w: Any, name: str) -> Any:
@@ -200,6 +217,10 @@ class ExpertLayout:
         Per-expert layout: the ``{proj}`` value of ``gate_proj``, ``up_proj``, ``down_proj``.
     fp8 : bool
         Per-expert layout: the weights are e4m3 with ``weight_scale_inv`` block scales.
+    int4_group_size : int
+        Per-expert layout: the weights are compressed-tensors ``pack-quantized`` symmetric int4
+        (``weight_packed``, ``weight_scale``, ``weight_shape``) with this many columns per
+        scale; 0 otherwise.
     """
 
     kind: str
@@ -210,6 +231,7 @@ class ExpertLayout:
     key_format: str = DEFAULT_KEY_FORMAT
     proj_names: Mapping[str, str] | None = None
     fp8: bool = False
+    int4_group_size: int = 0
 
     def key(self, expert: int, proj: str) -> str:
         """Per-expert layout: the key of ``proj`` (one of ``BASE_NAMES``) of ``expert``."""
@@ -287,6 +309,8 @@ def find_experts(
         names.update(proj_names)
     per = ExpertLayout("per_expert", prefix, E, 0, 0, key_format, names)
     gu, dn = per.fused_keys()
+    if per.key(0, "gate_proj") not in index and per.key(0, "gate_proj") + PACKED_SUFFIX in index:
+        return _check_compressed_int4(index, per)
     if all(per.key(0, n) not in index for n in BASE_NAMES) and gu in index and dn in index:
         return _check_fused(index, prefix, E)
     missing = [per.key(e, n) for e in range(E) for n in BASE_NAMES if per.key(e, n) not in index]
@@ -340,6 +364,75 @@ def _check_scale_inv(index: SafetensorsIndex, key: str, shape: tuple) -> None:
         )
 
 
+def _check_compressed_int4(index: SafetensorsIndex, per: ExpertLayout) -> ExpertLayout:
+    """A compressed-tensors int4 layer: every key present, dtypes and shapes consistent, one
+    engine group size for all three projections (only the two ``weight_shape`` tensors of
+    expert 0 are read)."""
+    E = per.expert_num
+    parts = (PACKED_SUFFIX, "_scale", "_shape")
+    missing = [
+        per.key(e, n) + p
+        for e in range(E)
+        for n in BASE_NAMES
+        for p in parts
+        if per.key(e, n) + p not in index
+    ]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} compressed-tensors int4 tensor(s) not found in {index.files}, first "
+            f"{missing[0]!r} (each projection needs weight_packed, weight_scale and weight_shape)"
+        )
+    k0, d0 = per.key(0, "gate_proj"), per.key(0, "down_proj")
+    gshape = index.get(k0 + "_shape").reshape(-1).tolist()
+    if len(gshape) != 2:
+        raise ValueError(f"{k0}_shape must hold 2 integers [I, H], got {gshape}")
+    I, H = (int(v) for v in gshape)
+    dshape = index.get(d0 + "_shape").reshape(-1).tolist()
+    if dshape != [H, I]:
+        raise ValueError(
+            f"{d0}_shape must be {[H, I]} (from {k0}_shape [I, H] = {[I, H]}), got {dshape}"
+        )
+    expected = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    groups = {n: index.shape(per.key(0, n) + "_scale")[-1:] for n in BASE_NAMES}
+    for e in range(E):
+        for n in BASE_NAMES:
+            k = per.key(e, n)
+            zp = k + "_zero_point"
+            if zp in index:
+                raise ValueError(
+                    f"{zp} is in {index.file_of(zp)}: asymmetric int4 (with zero points) does "
+                    "not fit ktsft's symmetric int4 (q * scale); only symmetric pack-quantized "
+                    "checkpoints load"
+                )
+            rows, cols = expected[n]
+            pk, sk = k + PACKED_SUFFIX, k + "_scale"
+            if index.dtype(pk) != "I32" or index.shape(pk) != (rows, -(-cols // 8)):
+                raise ValueError(
+                    f"{pk} in {index.file_of(pk)} must be int32 with shape "
+                    f"{[rows, -(-cols // 8)]} (8 values an int32 of {k} {[rows, cols]}), got "
+                    f"{index.dtype(pk)} {list(index.shape(pk))}"
+                )
+            sshape = (rows,) + groups[n]
+            if index.dtype(sk) not in ("F32", "BF16", "F16") or index.shape(sk) != sshape:
+                raise ValueError(
+                    f"{sk} in {index.file_of(sk)} must be bf16, fp16 or fp32 with shape "
+                    f"{list(sshape)} (as {per.key(0, n)}_scale), got {index.dtype(sk)} "
+                    f"{list(index.shape(sk))}"
+                )
+    cols = {"gate_proj": H, "up_proj": H, "down_proj": I}
+    fits = {n: compatible_group_sizes(cols[n], groups[n][0] if groups[n] else 0) for n in cols}
+    common = sorted(set.intersection(*(set(f) for f in fits.values())))
+    if not common:
+        said = ", ".join(f"{n}: {groups[n][0]} per {cols[n]} columns" for n in BASE_NAMES)
+        raise ValueError(
+            f"the int4 group scales of {per.prefix!r} ({said}) are no single group size of "
+            "32, 64 or 128, the sizes the int4 engine takes"
+        )
+    return ExpertLayout(
+        "per_expert", per.prefix, E, H, I, per.key_format, per.proj_names, int4_group_size=common[0]
+    )
+
+
 def hub_prefixes(module_prefix: str) -> list:
     """Where a checkpoint may hold the experts of the transformers module ``module_prefix``:
     ``(prefix, proj_names)`` pairs, most likely first.
@@ -372,7 +465,8 @@ def find_module_experts(
     for prefix, names in hub_prefixes(module_prefix):
         layout = ExpertLayout("per_expert", prefix, 1, 0, 0, DEFAULT_KEY_FORMAT, names)
         keys = [layout.key(0, n) for n in BASE_NAMES]
-        if any(k in index for k in keys) or all(k in index for k in layout.fused_keys()):
+        present = any(k in index or k + PACKED_SUFFIX in index for k in keys)
+        if present or all(k in index for k in layout.fused_keys()):
             return find_experts(index, prefix, expert_num, proj_names=names)
         tried.append(keys[0])
     tried.append(FUSED_GATE_UP_KEY.format(prefix=module_prefix))
@@ -409,7 +503,23 @@ def _check_fused(index: SafetensorsIndex, prefix: str, E: int) -> ExpertLayout:
 def read_expert(index: SafetensorsIndex, layout: ExpertLayout, expert: int) -> dict:
     """One expert's three matrices as stored: ``{"gate_proj": [I, H], "up_proj": [I, H],
     "down_proj": [H, I]}`` (torch tensors in the checkpoint's dtype); for an fp8 layout also
-    their block scales ``gate_scale_inv``, ``up_scale_inv``, ``down_scale_inv`` (float32)."""
+    their block scales ``gate_scale_inv``, ``up_scale_inv``, ``down_scale_inv`` (float32).
+
+    A compressed-tensors int4 layout gives ktsft's int4 layout instead (NumPy): the bytes
+    ``gate_proj``, ``up_proj`` uint8 [I, ceil(H/2)], ``down_proj`` [H, ceil(I/2)] and the
+    scales ``gate_scale``, ``up_scale`` float32 [I, ceil(H/G)], ``down_scale`` [H, ceil(I/G)]."""
+    if layout.int4_group_size:
+        out = {}
+        for n in BASE_NAMES:
+            k = layout.key(expert, n)
+            out[n], out[INT4_SCALE_NAMES[n]], _ = compressed_tensors_to_int4(
+                index.get(k + PACKED_SUFFIX),
+                index.get(k + "_scale"),
+                index.get(k + "_shape"),
+                group_size=layout.int4_group_size,
+                name=k,
+            )
+        return out
     if layout.fp8:
         out = {n: index.get(layout.key(expert, n)) for n in BASE_NAMES}
         for n in BASE_NAMES:

@@ -57,7 +57,7 @@ from .checkpoint import (  # noqa: E402
 from .config import MoESFTConfig  # noqa: E402
 from .gradients import LORA_NAMES  # noqa: E402
 from .pool import ThreadPool  # noqa: E402
-from .torch import MoELoRA, default_pool  # noqa: E402
+from .torch import MoELoRA, _layer_group_size, default_pool  # noqa: E402
 
 try:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
@@ -232,10 +232,20 @@ def _experts_k(name: str, m: nn.Module) -> int:
     return k
 
 
-def _check_options(lora_rank: Any, lora_alpha: Any, quant: Any, max_len: Any) -> None:
+def _check_options(
+    lora_rank: Any, lora_alpha: Any, quant: Any, max_len: Any, group_size: Any = 32
+) -> None:
     """Validates the engine options before any loading work (MoESFTConfig's own checks)."""
     MoESFTConfig(
-        1, 1, 1, 1, lora_rank=lora_rank, lora_alpha=lora_alpha, max_len=max_len, quant=quant
+        1,
+        1,
+        1,
+        1,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        max_len=max_len,
+        quant=quant,
+        group_size=32 if group_size is None else group_size,
     )
 
 
@@ -307,6 +317,7 @@ def patch(
     pool: ThreadPool | None = None,
     init_lora_weights: bool | str = True,
     isa: str | None = None,
+    group_size: int = 32,
 ) -> nn.Module:
     """Runs the routed experts of a transformers model already in memory on ktsft.
 
@@ -334,13 +345,15 @@ def patch(
         As in :class:`~ktsft.torch.MoELoRA`.
     isa : str, optional
         Kernel family (default ``KTSFT_ISA`` or "auto").
+    group_size : {32, 64, 128}, default 32
+        Columns per scale with ``quant="int4"``.
 
     Returns
     -------
     nn.Module
         ``model``, changed in place.
     """
-    _check_options(lora_rank, lora_alpha, quant, max_len)
+    _check_options(lora_rank, lora_alpha, quant, max_len, group_size)
     modules = [(n, m) for n, m in experts_modules(model) if _LAYER not in m.__dict__]
     if not modules:
         if any(True for _ in experts_modules(model)):
@@ -371,6 +384,7 @@ def patch(
             num_experts_per_tok=_experts_k(name, m),
             init_lora_weights=init_lora_weights,
             isa=isa,
+            group_size=group_size,
         )
         del gate_up, down
         _attach(m, layer)
@@ -431,6 +445,7 @@ def from_pretrained(
     pool: ThreadPool | None = None,
     init_lora_weights: bool | str = True,
     isa: str | None = None,
+    group_size: int | None = None,
     **hf_kwargs: Any,
 ) -> nn.Module:
     """A transformers causal LM whose routed experts run on ktsft, loaded from a local directory.
@@ -441,7 +456,9 @@ def from_pretrained(
     at a time (packed, or quantized with ``quant="int8"``): peak memory is the non-expert
     weights + the packed experts + a few experts' worth. Checkpoint layouts (per-expert Hub
     keys, Mixtral's ``block_sparse_moe.experts.{e}.w1/w3/w2``, fused transformers 5 keys) and
-    dtypes (bf16, fp16, fp32): :mod:`ktsft.checkpoint`.
+    dtypes (bf16, fp16, fp32, DeepSeek fp8, compressed-tensors int4): :mod:`ktsft.checkpoint`.
+    Compressed-tensors int4 experts load into ``quant="int4"`` layers as they ship, with the
+    checkpoint's group size.
 
     Parameters
     ----------
@@ -449,6 +466,9 @@ def from_pretrained(
         A local model directory (``config.json`` + safetensors shards).
     lora_rank, lora_alpha, quant, num_threads, max_len, pool, init_lora_weights, isa
         As in :func:`patch`.
+    group_size : {32, 64, 128}, optional
+        Columns per scale with ``quant="int4"``: default the checkpoint's for an int4
+        checkpoint (given, it must be that), else 32.
     **hf_kwargs
         Passed to ``transformers.AutoModelForCausalLM``'s model class ``from_pretrained``.
 
@@ -459,7 +479,7 @@ def from_pretrained(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_options(lora_rank, lora_alpha, quant, max_len)
+    _check_options(lora_rank, lora_alpha, quant, max_len, group_size)
     _warn_openmp_spin()
     model_dir = os.fspath(model_dir)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -492,7 +512,10 @@ def from_pretrained(
             )
         layer = MoELoRA.__new__(MoELoRA)
         nn.Module.__init__(layer)
-        layer._setup(E, H, I, lora_rank, lora_alpha, quant, max_len, pool, k, isa)
+        g = _layer_group_size(
+            layout.int4_group_size, quant, group_size, f"the int4 checkpoint at {layout.prefix!r}"
+        )
+        layer._setup(E, H, I, lora_rank, lora_alpha, quant, max_len, pool, k, isa, group_size=g)
         layer.load_experts_from(index, layout)
         layer.reset_lora_parameters(init_lora_weights)
         _attach(m, layer)

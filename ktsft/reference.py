@@ -45,7 +45,10 @@ engine multiplies by; :func:`pack_int4` / :func:`unpack_int4` convert between si
 the bytes (two nibbles a byte, the low nibble the even column). The engine's forward is W4A8 in
 every kernel family: ``x`` and ``h`` are quantized per row to int8 exactly as in the int8 mode,
 so ``quant="int4"`` models it as ``quant="int8"`` does, with the int4 weights in place of the
-int8 ones (``group_size`` says which groups).
+int8 ones (``group_size`` says which groups). For weights that ship quantized (an int4
+checkpoint loaded by :mod:`ktsft.int4_formats`), pass the values the engine multiplies by
+(:func:`dequantize_int4` of its bytes and scales) with ``base_quantized=True``: they are used
+as given and only the activations are modelled.
 """
 
 from __future__ import annotations
@@ -374,16 +377,17 @@ def _sigmoid(z):
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _prepare(x, expert_ids, weights, params, lora_alpha, quant, group_size=32):
-    """Convert and shape-check all inputs; returns (x, ids, w, params as float64, s)."""
+def _prepare(x, expert_ids, weights, params, lora_alpha, quant, group_size=32, quantized=False):
+    """Convert and shape-check all inputs; returns (x, ids, w, params as float64, s). The base
+    weights are quantized as ``quant`` says unless ``quantized`` (they are the engine's values)."""
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     p = {name: _as_f64(v) for name, v in params.items()}
-    if quant == "int4":
+    if quant == "int4" and not quantized:
         for name in BASE_NAMES:
             q, sc = quantize_int4(p[name], group_size)
             p[name] = dequantize_int4(q, sc, p[name].shape[-1], group_size)
-    if quant in ("int8", "fp8"):
+    if quant in ("int8", "fp8") and not quantized:
         quantize, dequantize = {
             "int8": (quantize_int8, dequantize_int8),
             "fp8": (quantize_fp8, dequantize_fp8),
@@ -473,6 +477,7 @@ def forward(
     lora_alpha,
     quant="bf16",
     group_size=32,
+    base_quantized=False,
 ):
     """Forward of the routed SwiGLU experts with LoRA on gate, up and down (spec section 3).
 
@@ -499,6 +504,9 @@ def forward(
         docstring); "bf16" is the exact math on the given values.
     group_size : {32, 64, 128}, default 32
         Columns per scale of ``quant="int4"``.
+    base_quantized : bool, default False
+        The base weights are already the dequantized values of quantized weights (e.g.
+        :func:`dequantize_int4` of a checkpoint's): ``quant`` then models the activations only.
 
     Returns
     -------
@@ -513,7 +521,9 @@ def forward(
     tensors = (gate_proj, up_proj, down_proj)
     tensors += (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
     params = dict(zip(BASE_NAMES + LORA_NAMES, tensors))
-    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha, quant, group_size)
+    x, ids, w, p, s = _prepare(
+        x, expert_ids, weights, params, lora_alpha, quant, group_size, base_quantized
+    )
     T, k = ids.shape
     ys = np.zeros((T, k, x.shape[1]))  # y of every route, zero for padding
     for e, tok, slot in _routes_by_expert(ids):
@@ -539,6 +549,7 @@ def backward(
     lora_alpha,
     quant="bf16",
     group_size=32,
+    base_quantized=False,
 ):
     """Backward of :func:`forward`: gradients of input, LoRA tensors and routing weights.
 
@@ -548,7 +559,7 @@ def backward(
     ----------
     grad_output : array, shape [T, H]
         dL/d out.
-    x, expert_ids, weights, lora_alpha, quant, group_size
+    x, expert_ids, weights, lora_alpha, quant, group_size, base_quantized
         As in :func:`forward`.
     gate_proj, up_proj, down_proj
         As in :func:`forward`.
@@ -570,7 +581,9 @@ def backward(
     tensors = (gate_proj, up_proj, down_proj)
     tensors += (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)
     params = dict(zip(BASE_NAMES + LORA_NAMES, tensors))
-    x, ids, w, p, s = _prepare(x, expert_ids, weights, params, lora_alpha, quant, group_size)
+    x, ids, w, p, s = _prepare(
+        x, expert_ids, weights, params, lora_alpha, quant, group_size, base_quantized
+    )
     go = _as_f64(grad_output)
     if go.shape != x.shape:
         raise ValueError(f"grad_output: expected shape {x.shape}, got {go.shape}")

@@ -18,7 +18,8 @@ Adapters are saved and loaded as safetensors with the parameter names as keys
 (:meth:`MoELoRA.save_adapter`, :meth:`MoELoRA.load_adapter`); :meth:`MoELoRA.merged_weights`
 folds them into bf16 expert weights for serving stacks without LoRA; and
 :meth:`MoELoRA.from_safetensors` loads one layer's experts from a Hugging Face style checkpoint,
-expert by expert (the key layouts are read by :mod:`ktsft.checkpoint`).
+expert by expert (the key layouts are read by :mod:`ktsft.checkpoint`), and
+:meth:`MoELoRA.from_gguf` one llama.cpp layer's ``Q4_0`` experts from a GGUF file.
 
 This module imports torch (an optional dependency of ktsft); ``safetensors`` is needed for the
 checkpoint and adapter functions only.
@@ -48,6 +49,7 @@ from .checkpoint import (
 )
 from .config import MoESFTConfig
 from .gradients import BASE_NAMES, LORA_NAMES
+from .int4_formats import GGUFExperts, dequantize_int4_expert
 from .moe import MoESFT
 from .pool import ThreadPool
 
@@ -219,6 +221,20 @@ def _forward_no_graph(moe: MoESFT, x, expert_ids, weights) -> torch.Tensor:
 # ---- the module -------------------------------------------------------------------------------
 
 
+def _layer_group_size(source_group: int, quant: str, group_size: int | None, source: str) -> int:
+    """The int4 group size of a layer loaded from a source: the source's when it holds int4
+    (``source_group`` > 0) and the layer is int4, which an explicit ``group_size`` must equal;
+    else ``group_size`` (default 32)."""
+    if source_group and quant == "int4":
+        if group_size is not None and group_size != source_group:
+            raise ValueError(
+                f"group_size={group_size!r} was asked for, but {source} has group size "
+                f"{source_group}: an int4 checkpoint loads with its own groups"
+            )
+        return source_group
+    return 32 if group_size is None else group_size
+
+
 def _shape(w: Any) -> tuple:
     return tuple(w.shape)
 
@@ -242,10 +258,12 @@ class MoELoRA(nn.Module):
         r.
     lora_alpha : float, default 32.0
         The LoRA scale is ``lora_alpha / lora_rank``.
-    quant : {"bf16", "int8", "fp8"}, default "bf16"
-        How the engine stores the base weights (spec sections 5 and 5.1). An fp8 checkpoint
+    quant : {"bf16", "int8", "fp8", "int4"}, default "bf16"
+        How the engine stores the base weights (spec sections 5, 5.1 and 5.2). An fp8 checkpoint
         loads into an fp8 layer as it ships (:meth:`from_safetensors`), into a bf16 or int8
-        layer dequantized one expert at a time.
+        layer dequantized one expert at a time; an int4 checkpoint (compressed-tensors, GGUF
+        ``Q4_0``: :meth:`from_safetensors`, :meth:`from_gguf`) likewise into an int4 layer as
+        it ships, into any other dequantized one expert at a time.
     max_len : int, default 4096
         Most tokens per engine call; longer inputs are run in pieces of ``max_len`` tokens.
     pool : ThreadPool, optional
@@ -260,6 +278,8 @@ class MoELoRA(nn.Module):
         global random generator.
     isa : str, optional
         Kernel family; default ``KTSFT_ISA`` or "auto".
+    group_size : {32, 64, 128}, default 32
+        Columns per scale of int4 base weights (``quant="int4"`` only).
 
     Attributes
     ----------
@@ -293,6 +313,7 @@ class MoELoRA(nn.Module):
         num_experts_per_tok: int = 8,
         init_lora_weights: bool | str = True,
         isa: str | None = None,
+        group_size: int = 32,
     ):
         base = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
         for n, w in base.items():
@@ -319,7 +340,19 @@ class MoELoRA(nn.Module):
                     f"got {list(w.shape)}"
                 )
         super().__init__()
-        self._setup(E, H, I, lora_rank, lora_alpha, quant, max_len, pool, num_experts_per_tok, isa)
+        self._setup(
+            E,
+            H,
+            I,
+            lora_rank,
+            lora_alpha,
+            quant,
+            max_len,
+            pool,
+            num_experts_per_tok,
+            isa,
+            group_size=group_size,
+        )
         views = base
         if all(
             isinstance(w, torch.Tensor)
@@ -348,6 +381,8 @@ class MoELoRA(nn.Module):
         pool: ThreadPool | None = None,
         num_experts_per_tok: int = 8,
         isa: str | None = None,
+        *,
+        group_size: int = 32,
     ) -> None:
         """Creates the engine (without base weights) and the six LoRA parameters."""
         k = num_experts_per_tok
@@ -365,6 +400,7 @@ class MoELoRA(nn.Module):
             max_len=max_len,
             max_cache_depth=1,
             quant=quant,
+            group_size=group_size,
         )
         shapes = config.shapes()
         for n in LORA_NAMES:
@@ -396,6 +432,12 @@ class MoELoRA(nn.Module):
         [E, H, I] are used when the per-expert keys of expert 0 are absent (layouts:
         :mod:`ktsft.checkpoint`).
 
+        A compressed-tensors ``pack-quantized`` int4 checkpoint (``weight_packed``,
+        ``weight_scale``, ``weight_shape``) loads into a ``quant="int4"`` layer exactly as it
+        ships, no bf16 copy at any time, with the checkpoint's group size (``group_size`` may
+        be left out; given, it must be the checkpoint's); into a layer of another mode each
+        expert is dequantized (exactly, rounded to bf16 once) and stored as the layer stores it.
+
         Parameters
         ----------
         files : str, os.PathLike or sequence of them
@@ -413,7 +455,8 @@ class MoELoRA(nn.Module):
             ``{"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}`` for Mixtral.
         **options
             Further :class:`MoELoRA` arguments (``lora_rank``, ``lora_alpha``, ``quant``,
-            ``max_len``, ``pool``, ``num_experts_per_tok``, ``init_lora_weights``, ``isa``).
+            ``max_len``, ``pool``, ``num_experts_per_tok``, ``init_lora_weights``, ``isa``,
+            ``group_size``).
 
         Returns
         -------
@@ -421,6 +464,12 @@ class MoELoRA(nn.Module):
         """
         index = SafetensorsIndex(files)
         layout = find_experts(index, prefix, expert_num, key_format, proj_names=proj_names)
+        options["group_size"] = _layer_group_size(
+            layout.int4_group_size,
+            options.get("quant", "bf16"),
+            options.get("group_size"),
+            f"the int4 checkpoint at {layout.prefix!r}",
+        )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         init = options.pop("init_lora_weights", True)
@@ -428,6 +477,59 @@ class MoELoRA(nn.Module):
         layer.load_experts_from(index, layout)
         layer.reset_lora_parameters(init)
         return layer
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, layer: int, **options: Any) -> MoELoRA:
+        """One llama.cpp MoE layer's ``Q4_0`` experts from a GGUF file (needs ``gguf``).
+
+        Reads ``blk.{layer}.ffn_gate_exps.weight``, ``ffn_up_exps`` and ``ffn_down_exps``
+        (:class:`ktsft.int4_formats.GGUFExperts`) expert by expert from the memory-mapped
+        file. With ``quant="int4"`` (group size 32, Q4_0's block) the nibbles and the fp16 block
+        scales load exactly as they are; in any other mode each expert is dequantized
+        (``d * (q - 8)``, exact, rounded to bf16 once) and stored as the layer stores it.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        layer : int
+            The block index N.
+        **options
+            Further :class:`MoELoRA` arguments, as in :meth:`from_safetensors`.
+
+        Returns
+        -------
+        MoELoRA
+        """
+        experts = GGUFExperts(path, layer)
+        options["group_size"] = _layer_group_size(
+            experts.group_size,
+            options.get("quant", "bf16"),
+            options.get("group_size"),
+            f"the Q4_0 experts of blk.{layer} in {experts.path}",
+        )
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        init = options.pop("init_lora_weights", True)
+        module._setup(experts.expert_num, experts.hidden_size, experts.intermediate_size, **options)
+        for e, mats in experts:
+            module._load_int4_expert(e, mats, experts.group_size)
+        module.reset_lora_parameters(init)
+        return module
+
+    def _load_int4_expert(self, e: int, mats: dict, group_size: int) -> None:
+        """Expert ``e`` given in ktsft's int4 layout: as it is into an int4 layer (of the same
+        group size), dequantized to bf16 into any other."""
+        if self.quant == "int4":
+            if group_size != self.moe.config.group_size:
+                raise ValueError(
+                    f"the checkpoint's int4 experts have group size {group_size}, this layer "
+                    f"{self.moe.config.group_size}"
+                )
+            self.moe.load_experts(e, **mats)
+            return
+        bf16 = dequantize_int4_expert(mats, self.hidden_size, self.intermediate_size, group_size)
+        del mats
+        self.moe.load_experts(e, *(bf16[n] for n in BASE_NAMES))
 
     def load_experts_from(self, index: SafetensorsIndex, layout: ExpertLayout) -> None:
         """Packs (or quantizes) the experts described by ``layout`` into the engine, streaming
@@ -446,6 +548,9 @@ class MoELoRA(nn.Module):
                 f"layer has {(self.expert_num, self.hidden_size, self.intermediate_size)}"
             )
         for e, mats in iter_experts(index, layout):
+            if layout.int4_group_size:
+                self._load_int4_expert(e, mats, layout.int4_group_size)
+                continue
             if layout.fp8 and self.quant == "fp8":  # e4m3 bytes and scales as they ship
                 self.moe.load_experts(e, **mats)
                 continue
@@ -718,7 +823,7 @@ class MoELoRA(nn.Module):
 
     @property
     def quant(self) -> str:
-        """ "bf16", "int8" or "fp8": how the base weights are stored."""
+        """ "bf16", "int8", "fp8" or "int4": how the base weights are stored."""
         return self.moe.config.quant
 
     @property

@@ -590,6 +590,60 @@ def test_fp8_checkpoint_loads_as_it_ships(checkpoints, tmp_path):
         assert_close(out, want, FWD_TOL, f"fp8 {name}")
 
 
+def test_compressed_tensors_int4_checkpoint_loads_as_it_ships(checkpoints, tmp_path):
+    """A DeepSeek-V3 checkpoint whose routed experts are compressed-tensors pack-quantized int4
+    (``weight_packed`` / ``weight_scale`` bf16 / ``weight_shape``, Kimi-K2-Thinking's layout):
+    quant="int4" holds the file's values and scales exactly with its group size, and each
+    experts call matches the float64 model of those weights (W4A8, as the engine computes) to
+    the bf16 goal."""
+    import numpy as np
+
+    from ktsft import reference
+
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    src = checkpoints("deepseek_v3")
+    state = load_file(os.path.join(src, "model.safetensors"))
+    out = {}
+    for k, v in state.items():
+        if ".mlp.experts." in k and k.endswith("_proj.weight"):
+            b, s = reference.quantize_int4(v.float().numpy(), 32)
+            q = reference.unpack_int4(b, v.shape[1])
+            out[k + "_packed"] = ct.pack_to_int32(torch.from_numpy(q), 4)
+            out[k + "_scale"] = torch.from_numpy(s).to(torch.bfloat16)
+            out[k + "_shape"] = torch.tensor(list(v.shape))
+        else:
+            out[k] = v
+    dst = tmp_path / "int4"
+    os.makedirs(dst)
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    transformers.AutoConfig.from_pretrained(src).save_pretrained(dst)
+    with pytest.raises(ValueError, match="group_size=64 was asked for"):
+        kh.from_pretrained(dst, lora_rank=R, lora_alpha=ALPHA, quant="int4", group_size=64)
+    ours = kh.from_pretrained(
+        dst, lora_rank=R, lora_alpha=ALPHA, quant="int4", init_lora_weights=False
+    )
+    layer = ours.model.layers[1].mlp.experts.__dict__["_ktsft_layer"]
+    assert layer.moe.config.group_size == 32
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    packed = layer.moe.base_weights(3, 1)
+    q = ct.unpack_from_int32(out[key + "_packed"], 4, out[key + "_shape"].tolist()).numpy()
+    assert packed["up_proj"][0].tobytes() == reference.pack_int4(q).tobytes()
+    assert np.array_equal(packed["up_scale"][0], out[key + "_scale"].float().numpy())
+    calls = []
+    for name, m in kh.experts_modules(ours):
+        m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, args, out)))
+    logits(ours)
+    assert len(calls) == 2
+    for name, (x, ids, w), y in calls:
+        lay = dict(kh.experts_modules(ours))[name].__dict__["_ktsft_layer"]
+        lora = {n: getattr(lay, n).detach() for n in LORA_NAMES}
+        want = reference.forward(
+            x, ids, w, **lay.moe.dequantized_weights(), **lora, lora_alpha=ALPHA,
+            quant="int4", base_quantized=True,
+        )  # fmt: skip
+        assert_close(y, want, FWD_TOL, f"int4 {name}")
+
+
 def test_patch_a_model_in_memory(checkpoints):
     path = checkpoints("glm4_moe")
     model = eager(path)
