@@ -538,16 +538,18 @@ def read_expert(index: SafetensorsIndex, layout: ExpertLayout, expert: int) -> d
     return {n: index.get(layout.key(expert, n)) for n in BASE_NAMES}
 
 
-def dequantize_fp8_expert(mats: Mapping[str, torch.Tensor]) -> dict:
-    """One fp8 expert (as :func:`read_expert` returns it) as bf16 matrices: ``q * scale_inv``
-    per 128 x 128 block, computed in float32 (e4m3 is exact there; one rounding) and rounded to
-    bf16 once."""
+def dequantize_fp8_expert(
+    mats: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16
+) -> dict:
+    """One fp8 expert (as :func:`read_expert` returns it) as ``dtype`` matrices: ``q *
+    scale_inv`` per 128 x 128 block, computed in float32 (e4m3 is exact there; one rounding) and,
+    for bf16, rounded to bf16 once."""
     out = {}
     for n in BASE_NAMES:
         q, s = mats[n], mats[SCALE_NAMES[n]]
         rows, cols = q.shape
         full = s.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
-        out[n] = (q.to(torch.float32) * full).to(torch.bfloat16)
+        out[n] = (q.to(torch.float32) * full).to(dtype)
     return out
 
 

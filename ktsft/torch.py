@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import reference
 from .checkpoint import (
     DEFAULT_KEY_FORMAT,
     ExpertLayout,
@@ -263,7 +264,9 @@ class MoELoRA(nn.Module):
         loads into an fp8 layer as it ships (:meth:`from_safetensors`), into a bf16 or int8
         layer dequantized one expert at a time; an int4 checkpoint (compressed-tensors, GGUF
         ``Q4_0``: :meth:`from_safetensors`, :meth:`from_gguf`) likewise into an int4 layer as
-        it ships, into any other dequantized one expert at a time.
+        it ships, into any other dequantized one expert at a time. An int4 layer quantizes
+        float32 (and float16, and fp8 dequantized in float32) weights from their float32 values,
+        bf16 ones in the engine: no rounding to bf16 on the way.
     max_len : int, default 4096
         Most tokens per engine call; longer inputs are run in pieces of ``max_len`` tokens.
     pool : ThreadPool, optional
@@ -364,8 +367,8 @@ class MoELoRA(nn.Module):
             self.moe.load_experts(0, *(w.detach() for w in views.values()))
         else:  # converted one expert at a time: at most one expert's copy besides the packed
             for e in range(E):
-                self.moe.load_experts(
-                    e, *(to_bf16_expert(views[n][e], f"{n}[{e}]") for n in BASE_NAMES)
+                self._load_float_expert(
+                    e, {n: views[n][e] for n in BASE_NAMES}, {n: f"{n}[{e}]" for n in BASE_NAMES}
                 )
         self.reset_lora_parameters(init_lora_weights)
 
@@ -555,11 +558,31 @@ class MoELoRA(nn.Module):
                 self.moe.load_experts(e, **mats)
                 continue
             if layout.fp8:  # dequantized one expert at a time, then stored as this layer does
-                mats = dequantize_fp8_expert(mats)
-            bf16 = [to_bf16_expert(mats[n], layout.source(e, n)) for n in BASE_NAMES]
+                dtype = torch.float32 if self.quant == "int4" else torch.bfloat16
+                mats = dequantize_fp8_expert(mats, dtype)
+            self._load_float_expert(e, mats, {n: layout.source(e, n) for n in BASE_NAMES})
             del mats
-            self.moe.load_experts(e, *bf16)
-            del bf16
+
+    def _load_float_expert(self, e: int, mats: Mapping, sources: Mapping) -> None:
+        """Expert ``e`` from floating matrices: bf16 ones packed (or quantized by the engine) as
+        they are; others rounded to bf16 first, except in an int4 layer, which quantizes them
+        from their float32 values (spec section 5.2: fp32 and fp8 sources are not rounded to
+        bf16 on the way)."""
+        if self.quant == "int4" and any(
+            not (isinstance(mats[n], torch.Tensor) and mats[n].dtype == torch.bfloat16)
+            for n in BASE_NAMES
+        ):
+            quantized = {}
+            for n, s in zip(BASE_NAMES, ("gate_scale", "up_scale", "down_scale")):
+                w = mats[n]
+                if isinstance(w, torch.Tensor):
+                    if not w.is_floating_point() or w.dtype.itemsize == 1:
+                        to_bf16_expert(w, sources[n])  # raises its error for these dtypes
+                    w = w.detach().to(device="cpu", dtype=torch.float32).numpy()
+                quantized[n], quantized[s] = reference.quantize_int4(w, self.moe.config.group_size)
+            self.moe.load_experts(e, **quantized)
+            return
+        self.moe.load_experts(e, *(to_bf16_expert(mats[n], sources[n]) for n in BASE_NAMES))
 
     # ---- LoRA parameters ---------------------------------------------------------------------
 

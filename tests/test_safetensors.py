@@ -82,6 +82,40 @@ def test_from_safetensors_float32_checkpoint_and_mixtral_names(tmp_path, layer_p
         assert np.array_equal(packed[n].view(np.uint16), layer_params[n].view(np.uint16)), n
 
 
+@pytest.mark.parametrize("source", ["float32", "fp8"])
+def test_from_safetensors_int4_quantizes_float_sources_without_bf16_rounding(tmp_path, source):
+    """Spec section 5.2: an int4 layer quantizes fp32 weights, and fp8 ones dequantized in fp32,
+    from their float32 values; rounding them to bf16 first would move some scales."""
+    rng = np.random.default_rng(5)
+    E, H, I = 3, 70, 40  # noqa: E741
+    shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    tensors, want = {}, {}
+    for e in range(E):
+        for n, shape in shapes.items():
+            w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+            key = f"{PREFIX}.{e}.{n}.weight"
+            if source == "fp8":
+                scale = torch.from_numpy(rng.random((1, 1)).astype(np.float32) + 0.5)
+                tensors[key] = w.to(torch.float8_e4m3fn)
+                tensors[key + "_scale_inv"] = scale
+                w = tensors[key].to(torch.float32) * scale
+            else:
+                tensors[key] = w
+            want.setdefault(n, []).append(w.numpy())
+    path = tmp_path / "experts.safetensors"
+    safetensors_torch.save_file(tensors, str(path))
+    layer = MoELoRA.from_safetensors(path, PREFIX, E, lora_rank=2, quant="int4")
+    packed = layer.moe.base_weights()
+    moved = False
+    for n, part in zip(BASE, ("gate", "up", "down")):
+        w = np.stack(want[n])
+        q, scale = reference.quantize_int4(w, 32)
+        assert np.array_equal(packed[n], q) and np.array_equal(packed[f"{part}_scale"], scale), n
+        via_bf16 = reference.quantize_int4(torch.from_numpy(w).to(torch.bfloat16).float(), 32)
+        moved |= not np.array_equal(via_bf16[1], scale)
+    assert moved  # the test can tell the two routes apart
+
+
 def test_from_safetensors_custom_key_format(tmp_path, layer_params):
     fmt = "{prefix}.e{expert:03d}.{proj}"
     files = write_checkpoint(tmp_path, layer_params, fmt=fmt, shards=3)
