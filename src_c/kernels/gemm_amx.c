@@ -9,11 +9,11 @@
  * tdp* reads: tile row p, column n holds W[n, VNNI p .. VNNI p + VNNI - 1] (VNNI = 2 for bf16,
  * 4 for int8), tiles ordered by row block, then K block, zero-padded (the int8 row sums that
  * follow the data are avx512's and unused here). One layout lets the native family hand work
- * to the avx512 kernels where tiles do not pay off: "x W^T" of fewer rows of A than a tile,
- * every "x W" (see below), the LoRA products and the activations. amx-emu keeps every product
- * on tiles, so the model covers all of them.
+ * to the avx512 kernels where tiles do not pay off: x W^T and x W of fewer rows of A than a tile,
+ * x W of int8 and fp8 W (see below), the LoRA products and the activations. amx-emu keeps every
+ * product on tiles, so the model covers all of them.
  *
- * "x W" (the backward; on tiles in amx-emu only, see below) multiplies by the transpose of the
+ * "x W" (the backward) multiplies by the transpose of the
  * same packed copy: each call builds the VNNI tiles of W[:, n0:n0+n]^T in its scratch (a panel of
  * at most 5 x 16 columns), never a second copy of W. For int8 W the row scale multiplies A in fp32,
  * and the fp32 product is split exactly into three bf16 parts hi + mid + lo (8 significant bits
@@ -309,11 +309,12 @@ static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, 
 }
 
 /* ---- "x W" --------------------------------------------------------------------------------- */
-/* On tiles in amx-emu only. Natively the avx512 x W runs instead: building the transposed
- * tiles per call made the tile x W 3x slower than avx512's register transposes at 64 rows per
- * expert (Qwen3-30B-A3B shape, T = 1024, 16 threads), and slower still below. */
-#ifdef KT_AMX_EMULATE
+/* Natively only for bf16 W and at least TILE_ROWS rows of A, with the panel built by AVX-512
+ * shuffles (build_panel_bf16): an int8 or fp8 W takes three tile products per A value (split3
+ * below), and the avx512 x W runs those, and fewer rows, instead. amx-emu keeps every x W on
+ * tiles, with the panel built element by element, so the model covers all of them. */
 
+#ifdef KT_AMX_EMULATE
 /* The VNNI tiles of W[:, t_first*16 : (t_last+1)*16]^T: for output tile column t and reduction
  * block cb (32 rows of W), tile row p, column j holds W[32 cb + 2p + {0, 1}, 16 t + j] as bf16
  * (int8 and e4m3 values are exact in bf16); zero outside W. */
@@ -344,6 +345,61 @@ static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int
     }
   }
 }
+
+#else
+/* Eight tile rows from the eight bf16 units of 16 columns of one 16-row block of W: unit v holds
+ * W[row 2p + e, column 2v + j'] in qword p as words (e, j') = 00, 01, 10, 11, tile row p wants
+ * the pairs (j', e) of every unit in unit order. So: swap the middle words of each qword, then
+ * transpose the 8 x 8 qwords. */
+static inline void tile_rows_bf16(const char *src, char *dst) {
+  const __m512i swap =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+  __m512i r[8];
+  for (int u = 0; u < 8; u++)
+    r[u] = _mm512_shuffle_epi8(_mm512_loadu_si512((const void *)(src + u * KT_Z_UNIT)), swap);
+  /* qwords (0, 2, 4, 6) and (1, 3, 5, 7) of unit pairs, then of unit quadruples, then all 8 */
+  const __m512i t0 = _mm512_unpacklo_epi64(r[0], r[1]), t1 = _mm512_unpackhi_epi64(r[0], r[1]);
+  const __m512i t2 = _mm512_unpacklo_epi64(r[2], r[3]), t3 = _mm512_unpackhi_epi64(r[2], r[3]);
+  const __m512i t4 = _mm512_unpacklo_epi64(r[4], r[5]), t5 = _mm512_unpackhi_epi64(r[4], r[5]);
+  const __m512i t6 = _mm512_unpacklo_epi64(r[6], r[7]), t7 = _mm512_unpackhi_epi64(r[6], r[7]);
+  const __m512i even = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i odd = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  const __m512i q04a = _mm512_permutex2var_epi64(t0, even, t2);
+  const __m512i q26a = _mm512_permutex2var_epi64(t0, odd, t2);
+  const __m512i q15a = _mm512_permutex2var_epi64(t1, even, t3);
+  const __m512i q37a = _mm512_permutex2var_epi64(t1, odd, t3);
+  const __m512i q04b = _mm512_permutex2var_epi64(t4, even, t6);
+  const __m512i q26b = _mm512_permutex2var_epi64(t4, odd, t6);
+  const __m512i q15b = _mm512_permutex2var_epi64(t5, even, t7);
+  const __m512i q37b = _mm512_permutex2var_epi64(t5, odd, t7);
+  char *d = dst;
+  _mm512_storeu_si512((void *)(d + 0 * TILE_COLSB), _mm512_shuffle_i64x2(q04a, q04b, 0x44));
+  _mm512_storeu_si512((void *)(d + 1 * TILE_COLSB), _mm512_shuffle_i64x2(q15a, q15b, 0x44));
+  _mm512_storeu_si512((void *)(d + 2 * TILE_COLSB), _mm512_shuffle_i64x2(q26a, q26b, 0x44));
+  _mm512_storeu_si512((void *)(d + 3 * TILE_COLSB), _mm512_shuffle_i64x2(q37a, q37b, 0x44));
+  _mm512_storeu_si512((void *)(d + 4 * TILE_COLSB), _mm512_shuffle_i64x2(q04a, q04b, 0xee));
+  _mm512_storeu_si512((void *)(d + 5 * TILE_COLSB), _mm512_shuffle_i64x2(q15a, q15b, 0xee));
+  _mm512_storeu_si512((void *)(d + 6 * TILE_COLSB), _mm512_shuffle_i64x2(q26a, q26b, 0xee));
+  _mm512_storeu_si512((void *)(d + 7 * TILE_COLSB), _mm512_shuffle_i64x2(q37a, q37b, 0xee));
+}
+
+/* build_panel for a bf16 W, from whole units: the packed rows are padded to 16 and the units of
+ * a block row to cover every tile column, with zeros; reduction blocks past the padded rows are
+ * zero. Walks the source in its order (block, then unit). */
+static void build_panel_bf16(const kt_packed *w, int64_t t_first, int64_t t_last, int64_t ncb,
+                             char *panel) {
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_BF16);
+  const int64_t blocks = kt_z_rows_padded(w->rows) / TILE_ROWS;
+  for (int64_t b = 0; b < 2 * ncb; b++)
+    for (int64_t t = t_first; t <= t_last; t++) {
+      char *dst = panel + ((t - t_first) * ncb + b / 2) * TILE_BYTES + (b % 2) * 8 * TILE_COLSB;
+      if (b < blocks)
+        tile_rows_bf16(kt_z_unit_ptr(w->data, units, b, 8 * t), dst);
+      else
+        memset(dst, 0, 8 * TILE_COLSB);
+    }
+}
+#endif
 
 typedef struct a_nn_ctx {
   const kt_rows *a;
@@ -396,20 +452,28 @@ static void fill_a_nn(const void *vctx, int64_t m0, int64_t rows, char *abuf) {
 
 static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                         int64_t ldc, void *scratch) {
+  const int scaled = w->scale != NULL; /* int8, or a bf16 panel of fp8 */
+#ifndef KT_AMX_EMULATE
+  if (scaled || w->wtype != KT_WTYPE_BF16 || a->count < TILE_ROWS) {
+    twin()->gemm_nn(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+#endif
   const int64_t ncb = ceil_div(w->rows, K_BF16), kp = ncb * K_BF16;
   const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
-  const int scaled = w->scale != NULL; /* int8, or a bf16 panel of fp8 */
   char *panel = align_scratch(scratch);
   char *abuf = panel + (t_last - t_first + 1) * ncb * TILE_BYTES;
   char *cbuf = abuf + (scaled ? NN_PARTS : 1) * BLOCK_M * kp * 2;
+#ifdef KT_AMX_EMULATE
   build_panel(w, t_first, t_last, ncb, (uint16_t *)(void *)panel);
+#else
+  build_panel_bf16(w, t_first, t_last, ncb, panel);
+#endif
   const a_nn_ctx x = {a, w->scale, w->rows, kp};
   const epilogue ep = {KIND_BF16, NULL, NULL, NULL};
   run_gemm(KIND_BF16, a->count, fill_a_nn, &x, kp * 2, scaled ? NN_PARTS : 1, panel,
            ncb * TILE_BYTES, t_first, ncb, &ep, n0, n, c, ldc, abuf, cbuf);
 }
-
-#endif
 
 #ifdef KT_AMX_EMULATE
 const kt_kernels kt_kernels_amx_emu = {
@@ -447,6 +511,7 @@ static void make_table(void) {
   amx_table.gemm_scratch_bytes = amx_gemm_scratch_bytes;
   amx_table.gemm_nt = amx_gemm_nt;
   amx_table.gemm_nt_q8 = amx_gemm_nt_q8;
+  amx_table.gemm_nn = amx_gemm_nn;
 }
 
 const kt_kernels *kt_kernels_amx(void) {
