@@ -115,12 +115,14 @@ static const kt_kernels *twin(void) {
 static size_t twin_scratch_bytes(int64_t n, int64_t k) { return twin()->gemm_scratch_bytes(n, k); }
 #endif
 
+static size_t q4_scratch_bytes(int64_t n, int64_t k);
+
 static size_t amx_gemm_scratch_bytes(int64_t n, int64_t k) {
   const int64_t kp2 = ceil_div(k, K_BF16) * K_BF16, kp4 = ceil_div(k, K_I8) * K_I8;
   const int64_t nt = BLOCK_M * (kp2 * 2 > kp4 ? kp2 * 2 : kp4);
   const int64_t nn = max_out_tiles(n) * (kp2 / K_BF16) * TILE_BYTES + NN_PARTS * BLOCK_M * kp2 * 2;
   const size_t own = (size_t)((nt > nn ? nt : nn) + TILE_BYTES + KT_CACHE_LINE);
-  return kt_max_size(own, twin_scratch_bytes(n, k));
+  return kt_max_size(kt_max_size(own, q4_scratch_bytes(n, k)), twin_scratch_bytes(n, k));
 }
 
 static char *align_scratch(void *scratch) {
@@ -308,6 +310,140 @@ static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, 
            &ep, n0, n, c, ldc, abuf, cbuf);
 }
 
+/* ---- int4 "x W^T" (W4A8) ------------------------------------------------------------------- */
+/* The int4 units (vnni_layout.h) of a K block of 64 columns, 8 per 16-row block of W, become one
+ * signed int8 B tile in the scratch: unit v's low nibbles minus 8 are tile row 2v, its high
+ * nibbles row 2v + 1. Every group of G columns is its own product on tmm0-3 (G / 64 K blocks;
+ * G = 32: half a K block, the other group's 8 tile rows zero), then C += group scale * (float)
+ * int32 sum in fp32, group by group; the row scale of A last, as in the contract. */
+
+/* B tiles of a group: G = 32 and 64 take one, 128 two. */
+static int64_t q4_tiles_per_group(int64_t group) { return group == 32 ? 1 : group / K_I8; }
+
+/* The B tiles of group g of the 16 rows of W in block t (tpg tiles, TILE_BYTES apart), and the
+ * group scales of those rows (zero past the last row). */
+static void q4_group_tiles(const kt_packed *w, int64_t t, int64_t g, int8_t *tiles, float *scale) {
+  const int64_t G = w->group, tpg = q4_tiles_per_group(G), ng = kt_int4_groups(w->cols, G);
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), r0 = t * TILE_ROWS;
+  const int64_t nr = w->rows - r0 < TILE_ROWS ? w->rows - r0 : TILE_ROWS;
+#ifdef KT_AMX_EMULATE
+  for (int64_t j = 0; j < TILE_ROWS; j++) scale[j] = j < nr ? w->scale[(r0 + j) * ng + g] : 0.0f;
+#else
+  const __m512i at =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32((int)ng));
+  _mm512_storeu_ps(scale,
+                   _mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)((1u << nr) - 1u), at,
+                                            w->scale + r0 * ng + g, 4));
+#endif
+  for (int64_t s = 0; s < tpg; s++) {
+    const int64_t kb = G == 32 ? g / 2 : g * tpg + s; /* the K block of this tile */
+    int8_t *tile = tiles + s * TILE_BYTES;
+    for (int64_t v = 0; v < 8; v++) {
+      int8_t *lo = tile + 2 * v * TILE_COLSB, *hi = lo + TILE_COLSB;
+      if (G == 32 && v / 4 != g % 2) { /* the other group's columns */
+        memset(lo, 0, 2 * TILE_COLSB);
+        continue;
+      }
+      const uint8_t *src = (const uint8_t *)kt_z_unit_ptr(w->data, units, t, 8 * kb + v);
+      for (int i = 0; i < TILE_COLSB; i++) {
+        lo[i] = (int8_t)((src[i] & 15) - 8);
+        hi[i] = (int8_t)((src[i] >> 4) - 8);
+      }
+    }
+  }
+}
+
+/* acc[i, j] += scale[j] * (float)sum[i, j] over a stored int32 tile (acc rows 2 tiles wide). */
+static inline void q4_accumulate(const char *sums, const float *scale, float *acc) {
+#ifdef KT_AMX_EMULATE
+  for (int i = 0; i < TILE_ROWS; i++) {
+    const int32_t *sum = (const int32_t *)(const void *)(sums + i * TILE_COLSB);
+    for (int j = 0; j < TILE_ROWS; j++) acc[i * 2 * TILE_ROWS + j] += scale[j] * (float)sum[j];
+  }
+#else
+  const __m512 s = _mm512_loadu_ps(scale);
+  for (int i = 0; i < TILE_ROWS; i++) {
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(sums + i * TILE_COLSB)));
+    float *row = acc + i * 2 * TILE_ROWS;
+    _mm512_storeu_ps(row, _mm512_fmadd_ps(s, v, _mm512_loadu_ps(row)));
+  }
+#endif
+}
+
+/* Rows of A per pass of amx_gemm_nt_q4: the B tiles of a group are decoded once per pass. */
+enum { Q4_CHUNK_M = 4 * BLOCK_M };
+
+/* Scratch of amx_gemm_nt_q4 for reductions of length k: the A rows of a pass, two columns of B
+ * tiles of one group, a stored tile, the fp32 sums of a pass and the scales of one group. */
+static size_t q4_scratch_bytes(int64_t n, int64_t k) {
+  (void)n;
+  const int64_t a = Q4_CHUNK_M * ceil_div(k, K_I8) * K_I8;
+  return (size_t)(a + 5 * TILE_BYTES + (Q4_CHUNK_M + 1) * 2 * TILE_ROWS * 4 + KT_CACHE_LINE);
+}
+
+static void amx_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                           int64_t ldc, void *scratch) {
+#ifndef KT_AMX_EMULATE
+  if (a->count < TILE_ROWS) {
+    twin()->gemm_nt_q4(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+#endif
+  const uint64_t faults = thread_faults();
+  const int64_t G = w->group, ng = kt_int4_groups(w->cols, G), tpg = q4_tiles_per_group(G);
+  const int64_t kp = ceil_div(w->cols, K_I8) * K_I8;
+  const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
+  char *abuf = align_scratch(scratch);
+  int8_t *btiles = (int8_t *)(void *)(abuf + Q4_CHUNK_M * kp); /* [2 columns][tpg] */
+  char *cbuf = (char *)btiles + 4 * TILE_BYTES;
+  float *acc = (float *)(void *)(cbuf + TILE_BYTES); /* [Q4_CHUNK_M, 2 tiles] */
+  float *st = acc + Q4_CHUNK_M * 2 * TILE_ROWS;      /* group scales of the two tile columns */
+  const a_q8_ctx x = {a, w->cols, kp};
+  configure_tiles();
+  for (int64_t m0 = 0; m0 < a->count; m0 += Q4_CHUNK_M) {
+    const int64_t rows = a->count - m0 < Q4_CHUNK_M ? a->count - m0 : Q4_CHUNK_M;
+    const int64_t nblk = ceil_div(rows, BLOCK_M);
+    for (int64_t mb = 0; mb < nblk; mb++) {
+      const int64_t r = rows - mb * BLOCK_M;
+      fill_a_q8(&x, m0 + mb * BLOCK_M, r < BLOCK_M ? r : BLOCK_M, abuf + mb * BLOCK_M * kp);
+    }
+    for (int64_t t = t_first; t <= t_last; t += 2) {
+      const int two_n = t + 1 <= t_last;
+      memset(acc, 0, (size_t)Q4_CHUNK_M * 2 * TILE_ROWS * 4);
+      for (int64_t g = 0; g < ng; g++) {
+        const int64_t kb = G == 32 ? g / 2 : g * tpg;
+        q4_group_tiles(w, t, g, btiles, st);
+        if (two_n) q4_group_tiles(w, t + 1, g, btiles + tpg * TILE_BYTES, st + TILE_ROWS);
+        for (int64_t mb = 0; mb < nblk; mb++) {
+          const int two_m = rows - mb * BLOCK_M > TILE_ROWS;
+          tile_block(KIND_I8, abuf + mb * BLOCK_M * kp + kb * TILE_COLSB, kp, two_m, 1,
+                     (const char *)btiles, two_n ? (const char *)(btiles + tpg * TILE_BYTES) : NULL,
+                     tpg);
+          for (int q = 0; q < 4; q++) {
+            const int mi = q / 2, ni = q % 2;
+            if ((mi && !two_m) || (ni && !two_n)) continue;
+            store_tile(q, cbuf);
+            q4_accumulate(cbuf, st + ni * TILE_ROWS,
+                          acc + (mb * BLOCK_M + mi * TILE_ROWS) * 2 * TILE_ROWS + ni * TILE_ROWS);
+          }
+        }
+      }
+      /* the row scale of A, into C's columns of these tiles in [n0, n0 + n) */
+      const int64_t t0 = t * TILE_ROWS, j0 = n0 > t0 ? n0 - t0 : 0;
+      const int64_t end = t0 + (two_n ? 2 : 1) * TILE_ROWS, j1 = (end < n0 + n ? end : n0 + n) - t0;
+      for (int64_t i = 0; i < rows; i++) {
+        const float sa = a->scale[a->index ? (int64_t)a->index[m0 + i] : m0 + i];
+        float *crow = c + (m0 + i) * ldc + (t0 - n0);
+        for (int64_t j = j0; j < j1; j++) crow[j] = sa * acc[i * 2 * TILE_ROWS + j];
+      }
+    }
+  }
+  if (thread_faults() != faults)
+    for (int64_t m = 0; m < a->count; m++)
+      for (int64_t j = 0; j < n; j++) c[m * ldc + j] = NAN;
+}
+
 /* ---- "x W" --------------------------------------------------------------------------------- */
 /* Natively only for bf16 W and at least TILE_ROWS rows of A, with the panel built by AVX-512
  * shuffles (build_panel_bf16): an int8 or fp8 W takes three tile products per A value (split3
@@ -487,7 +623,7 @@ const kt_kernels kt_kernels_amx_emu = {
     .decode_fp8 = kt_z_decode_fp8,
     .gemm_nt_q8 = amx_gemm_nt_q8,
     .gemm_nn = amx_gemm_nn,
-    .gemm_nt_q4 = kt_z4_gemm_nt_q4,
+    .gemm_nt_q4 = amx_gemm_nt_q4,
     .gemm_nn_q4 = kt_z4_gemm_nn_q4,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
@@ -512,6 +648,7 @@ static void make_table(void) {
   amx_table.gemm_nt = amx_gemm_nt;
   amx_table.gemm_nt_q8 = amx_gemm_nt_q8;
   amx_table.gemm_nn = amx_gemm_nn;
+  amx_table.gemm_nt_q4 = amx_gemm_nt_q4;
 }
 
 const kt_kernels *kt_kernels_amx(void) {
