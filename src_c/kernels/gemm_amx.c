@@ -485,38 +485,42 @@ static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int
 #else
 /* Eight tile rows from the eight bf16 units of 16 columns of one 16-row block of W: unit v holds
  * W[row 2p + e, column 2v + j'] in qword p as words (e, j') = 00, 01, 10, 11, tile row p wants
- * the pairs (j', e) of every unit in unit order. So: swap the middle words of each qword, then
- * transpose the 8 x 8 qwords. */
+ * the pairs (j', e) of every unit in unit order: an 8 x 8 transpose of qwords, the middle words
+ * of each swapped on the way. Port 5 does the shuffles; the last stage is two half stores. */
 static inline void tile_rows_bf16(const char *src, char *dst) {
-  const __m512i swap =
-      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+  /* word 4 i + w of the result: qword 2 (i / 2) (even) or 2 (i / 2) + 1 (odd) of unit pair
+   * member i % 2, word (0, 2, 1, 3)[w] */
+  const __m512i even =
+      _mm512_setr_epi32(0x00020000, 0x00030001, 0x00220020, 0x00230021, 0x000a0008, 0x000b0009,
+                        0x002a0028, 0x002b0029, 0x00120010, 0x00130011, 0x00320030, 0x00330031,
+                        0x001a0018, 0x001b0019, 0x003a0038, 0x003b0039);
+  const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(4));
   __m512i r[8];
-  for (int u = 0; u < 8; u++)
-    r[u] = _mm512_shuffle_epi8(_mm512_loadu_si512((const void *)(src + u * KT_Z_UNIT)), swap);
-  /* qwords (0, 2, 4, 6) and (1, 3, 5, 7) of unit pairs, then of unit quadruples, then all 8 */
-  const __m512i t0 = _mm512_unpacklo_epi64(r[0], r[1]), t1 = _mm512_unpackhi_epi64(r[0], r[1]);
-  const __m512i t2 = _mm512_unpacklo_epi64(r[2], r[3]), t3 = _mm512_unpackhi_epi64(r[2], r[3]);
-  const __m512i t4 = _mm512_unpacklo_epi64(r[4], r[5]), t5 = _mm512_unpackhi_epi64(r[4], r[5]);
-  const __m512i t6 = _mm512_unpacklo_epi64(r[6], r[7]), t7 = _mm512_unpackhi_epi64(r[6], r[7]);
-  const __m512i even = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
-  const __m512i odd = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-  const __m512i q04a = _mm512_permutex2var_epi64(t0, even, t2);
-  const __m512i q26a = _mm512_permutex2var_epi64(t0, odd, t2);
-  const __m512i q15a = _mm512_permutex2var_epi64(t1, even, t3);
-  const __m512i q37a = _mm512_permutex2var_epi64(t1, odd, t3);
-  const __m512i q04b = _mm512_permutex2var_epi64(t4, even, t6);
-  const __m512i q26b = _mm512_permutex2var_epi64(t4, odd, t6);
-  const __m512i q15b = _mm512_permutex2var_epi64(t5, even, t7);
-  const __m512i q37b = _mm512_permutex2var_epi64(t5, odd, t7);
-  char *d = dst;
-  _mm512_storeu_si512((void *)(d + 0 * TILE_COLSB), _mm512_shuffle_i64x2(q04a, q04b, 0x44));
-  _mm512_storeu_si512((void *)(d + 1 * TILE_COLSB), _mm512_shuffle_i64x2(q15a, q15b, 0x44));
-  _mm512_storeu_si512((void *)(d + 2 * TILE_COLSB), _mm512_shuffle_i64x2(q26a, q26b, 0x44));
-  _mm512_storeu_si512((void *)(d + 3 * TILE_COLSB), _mm512_shuffle_i64x2(q37a, q37b, 0x44));
-  _mm512_storeu_si512((void *)(d + 4 * TILE_COLSB), _mm512_shuffle_i64x2(q04a, q04b, 0xee));
-  _mm512_storeu_si512((void *)(d + 5 * TILE_COLSB), _mm512_shuffle_i64x2(q15a, q15b, 0xee));
-  _mm512_storeu_si512((void *)(d + 6 * TILE_COLSB), _mm512_shuffle_i64x2(q26a, q26b, 0xee));
-  _mm512_storeu_si512((void *)(d + 7 * TILE_COLSB), _mm512_shuffle_i64x2(q37a, q37b, 0xee));
+  for (int u = 0; u < 8; u++) r[u] = _mm512_loadu_si512((const void *)(src + u * KT_Z_UNIT));
+  /* qwords (0, 2, 4, 6) and (1, 3, 5, 7) of unit pairs, then of unit quadruples */
+  const __m512i t0 = _mm512_permutex2var_epi16(r[0], even, r[1]);
+  const __m512i t1 = _mm512_permutex2var_epi16(r[0], odd, r[1]);
+  const __m512i t2 = _mm512_permutex2var_epi16(r[2], even, r[3]);
+  const __m512i t3 = _mm512_permutex2var_epi16(r[2], odd, r[3]);
+  const __m512i t4 = _mm512_permutex2var_epi16(r[4], even, r[5]);
+  const __m512i t5 = _mm512_permutex2var_epi16(r[4], odd, r[5]);
+  const __m512i t6 = _mm512_permutex2var_epi16(r[6], even, r[7]);
+  const __m512i t7 = _mm512_permutex2var_epi16(r[6], odd, r[7]);
+  const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  const __m512i q[8] = {
+      _mm512_permutex2var_epi64(t0, lo, t2), _mm512_permutex2var_epi64(t1, lo, t3),
+      _mm512_permutex2var_epi64(t0, hi, t2), _mm512_permutex2var_epi64(t1, hi, t3),
+      _mm512_permutex2var_epi64(t4, lo, t6), _mm512_permutex2var_epi64(t5, lo, t7),
+      _mm512_permutex2var_epi64(t4, hi, t6), _mm512_permutex2var_epi64(t5, hi, t7)};
+  /* q[p] (units 0-3) and q[4 + p] (units 4-7) hold qwords p (low half) and p + 4 (high half) */
+  for (int p = 0; p < 4; p++) {
+    char *row = dst + p * TILE_COLSB, *row4 = row + 4 * TILE_COLSB;
+    _mm256_storeu_si256((__m256i *)(void *)row, _mm512_castsi512_si256(q[p]));
+    _mm256_storeu_si256((__m256i *)(void *)(row + 32), _mm512_castsi512_si256(q[4 + p]));
+    _mm256_storeu_si256((__m256i *)(void *)row4, _mm512_extracti64x4_epi64(q[p], 1));
+    _mm256_storeu_si256((__m256i *)(void *)(row4 + 32), _mm512_extracti64x4_epi64(q[4 + p], 1));
+  }
 }
 
 /* build_panel for a bf16 W, from whole units: the packed rows are padded to 16 and the units of
