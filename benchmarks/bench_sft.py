@@ -132,7 +132,7 @@ class PeakRSS:
         self.extra = self.peak - self.start
 
 
-def make_layer(shape: str, T: int, rank: int, quant: str, pool, seed: int = 0):
+def make_layer(shape: str, T: int, rank: int, quant: str, pool, seed: int = 0, isa=None):
     E, H, I, k = SHAPES[shape]  # noqa: E741
     rng = np.random.default_rng(seed)
     cfg = ktsft.MoESFTConfig(
@@ -142,7 +142,7 @@ def make_layer(shape: str, T: int, rank: int, quant: str, pool, seed: int = 0):
         n: (rng.standard_normal(s, dtype=np.float32) / 100).astype(BF16)
         for n, s in cfg.shapes().items()
     }
-    return cfg, ktsft.MoESFT(cfg, **arrays, pool=pool)
+    return cfg, ktsft.MoESFT(cfg, **arrays, pool=pool, isa=isa)
 
 
 def step_inputs(cfg, T: int, rng):

@@ -6,12 +6,13 @@ Usage: python benchmarks/quant_speedup.py [--modes bf16,int8] [--shapes qwen3-30
                                           [--grads new|reused]
 
 Two layers of the same shape (benchmarks/bench_sft.py's shapes and random weights), one in each
-of the two modes (bf16, int8, fp8 or int4; the speedup is the first one's step time over the
-second's), live side by side; every round runs one step (forward + backward) of each on the same
-inputs, alternating which goes first. On a shared machine the speed drifts by tens of percent
-within a minute, so timing the two modes one after the other (as bench_sft.py's table does)
-can tilt their ratio either way; the median over rounds of the per-round ratio does not drift
-with the machine. Gradient buffers as in bench_sft.py (--grads).
+of the two modes (bf16, int8, fp8 or int4, optionally with a kernel family: bf16@avx512; the
+speedup is the first one's step time over the second's), live side by side; every round runs
+one step (forward + backward) of each on the same inputs, alternating which goes first. On a
+shared machine the speed drifts by tens of percent within a minute, so timing the two modes one
+after the other (as bench_sft.py's table does) can tilt their ratio either way; the median over
+rounds of the per-round ratio does not drift with the machine. Gradient buffers as in
+bench_sft.py (--grads).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def step_time(moe, x, ids, w, go, buffers) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--modes", default="bf16,int8", help="baseline,mode (bf16, int8, fp8, int4)")
+    p.add_argument(
+        "--modes", default="bf16,int8", help="baseline,mode: QUANT or QUANT@ISA (int8@avx512)"
+    )
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--tokens", default="4")
     p.add_argument("--rounds", type=int, default=40)
@@ -52,7 +55,10 @@ def main() -> int:
     )
     for shape in a.shapes.split(","):
         for T in (int(t) for t in a.tokens.split(",")):
-            built = {q: make_layer(shape, T, 16, q, pool) for q in (base, mode)}
+            built = {
+                q: make_layer(shape, T, 16, q.split("@")[0], pool, isa=q.partition("@")[2] or None)
+                for q in (base, mode)
+            }
             cfg = built[base][0]
             layers = {q: moe for q, (_, moe) in built.items()}
             rng = np.random.default_rng(1)

@@ -9,11 +9,11 @@
  * tdp* reads: tile row p, column n holds W[n, VNNI p .. VNNI p + VNNI - 1] (VNNI = 2 for bf16,
  * 4 for int8), tiles ordered by row block, then K block, zero-padded (the int8 row sums that
  * follow the data are avx512's and unused here). One layout lets the native family hand work
- * to the avx512 kernels where tiles do not pay off: "x W^T" of fewer rows of A than a tile,
- * every "x W" (see below), the LoRA products and the activations. amx-emu keeps every product
- * on tiles, so the model covers all of them.
+ * to the avx512 kernels where tiles do not pay off: x W^T and x W of fewer rows of A than a tile,
+ * x W of int8 and fp8 W (see below), the LoRA products and the activations. amx-emu keeps every
+ * product on tiles, so the model covers all of them.
  *
- * "x W" (the backward; on tiles in amx-emu only, see below) multiplies by the transpose of the
+ * "x W" (the backward) multiplies by the transpose of the
  * same packed copy: each call builds the VNNI tiles of W[:, n0:n0+n]^T in its scratch (a panel of
  * at most 5 x 16 columns), never a second copy of W. For int8 W the row scale multiplies A in fp32,
  * and the fp32 product is split exactly into three bf16 parts hi + mid + lo (8 significant bits
@@ -115,12 +115,14 @@ static const kt_kernels *twin(void) {
 static size_t twin_scratch_bytes(int64_t n, int64_t k) { return twin()->gemm_scratch_bytes(n, k); }
 #endif
 
+static size_t q4_scratch_bytes(int64_t n, int64_t k);
+
 static size_t amx_gemm_scratch_bytes(int64_t n, int64_t k) {
   const int64_t kp2 = ceil_div(k, K_BF16) * K_BF16, kp4 = ceil_div(k, K_I8) * K_I8;
   const int64_t nt = BLOCK_M * (kp2 * 2 > kp4 ? kp2 * 2 : kp4);
   const int64_t nn = max_out_tiles(n) * (kp2 / K_BF16) * TILE_BYTES + NN_PARTS * BLOCK_M * kp2 * 2;
   const size_t own = (size_t)((nt > nn ? nt : nn) + TILE_BYTES + KT_CACHE_LINE);
-  return kt_max_size(own, twin_scratch_bytes(n, k));
+  return kt_max_size(kt_max_size(own, q4_scratch_bytes(n, k)), twin_scratch_bytes(n, k));
 }
 
 static char *align_scratch(void *scratch) {
@@ -308,12 +310,147 @@ static void amx_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, 
            &ep, n0, n, c, ldc, abuf, cbuf);
 }
 
-/* ---- "x W" --------------------------------------------------------------------------------- */
-/* On tiles in amx-emu only. Natively the avx512 x W runs instead: building the transposed
- * tiles per call made the tile x W 3x slower than avx512's register transposes at 64 rows per
- * expert (Qwen3-30B-A3B shape, T = 1024, 16 threads), and slower still below. */
-#ifdef KT_AMX_EMULATE
+/* ---- int4 "x W^T" (W4A8) ------------------------------------------------------------------- */
+/* The int4 units (vnni_layout.h) of a K block of 64 columns, 8 per 16-row block of W, become one
+ * signed int8 B tile in the scratch: unit v's low nibbles minus 8 are tile row 2v, its high
+ * nibbles row 2v + 1. Every group of G columns is its own product on tmm0-3 (G / 64 K blocks;
+ * G = 32: half a K block, the other group's 8 tile rows zero), then C += group scale * (float)
+ * int32 sum in fp32, group by group; the row scale of A last, as in the contract. */
 
+/* B tiles of a group: G = 32 and 64 take one, 128 two. */
+static int64_t q4_tiles_per_group(int64_t group) { return group == 32 ? 1 : group / K_I8; }
+
+/* The B tiles of group g of the 16 rows of W in block t (tpg tiles, TILE_BYTES apart), and the
+ * group scales of those rows (zero past the last row). */
+static void q4_group_tiles(const kt_packed *w, int64_t t, int64_t g, int8_t *tiles, float *scale) {
+  const int64_t G = w->group, tpg = q4_tiles_per_group(G), ng = kt_int4_groups(w->cols, G);
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), r0 = t * TILE_ROWS;
+  const int64_t nr = w->rows - r0 < TILE_ROWS ? w->rows - r0 : TILE_ROWS;
+#ifdef KT_AMX_EMULATE
+  for (int64_t j = 0; j < TILE_ROWS; j++) scale[j] = j < nr ? w->scale[(r0 + j) * ng + g] : 0.0f;
+#else
+  const __m512i at =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32((int)ng));
+  _mm512_storeu_ps(scale,
+                   _mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)((1u << nr) - 1u), at,
+                                            w->scale + r0 * ng + g, 4));
+#endif
+  for (int64_t s = 0; s < tpg; s++) {
+    const int64_t kb = G == 32 ? g / 2 : g * tpg + s; /* the K block of this tile */
+    int8_t *tile = tiles + s * TILE_BYTES;
+    for (int64_t v = 0; v < 8; v++) {
+      int8_t *lo = tile + 2 * v * TILE_COLSB, *hi = lo + TILE_COLSB;
+      if (G == 32 && v / 4 != g % 2) { /* the other group's columns */
+        memset(lo, 0, 2 * TILE_COLSB);
+        continue;
+      }
+      const uint8_t *src = (const uint8_t *)kt_z_unit_ptr(w->data, units, t, 8 * kb + v);
+      for (int i = 0; i < TILE_COLSB; i++) {
+        lo[i] = (int8_t)((src[i] & 15) - 8);
+        hi[i] = (int8_t)((src[i] >> 4) - 8);
+      }
+    }
+  }
+}
+
+/* acc[i, j] += scale[j] * (float)sum[i, j] over a stored int32 tile (acc rows 2 tiles wide). */
+static inline void q4_accumulate(const char *sums, const float *scale, float *acc) {
+#ifdef KT_AMX_EMULATE
+  for (int i = 0; i < TILE_ROWS; i++) {
+    const int32_t *sum = (const int32_t *)(const void *)(sums + i * TILE_COLSB);
+    for (int j = 0; j < TILE_ROWS; j++) acc[i * 2 * TILE_ROWS + j] += scale[j] * (float)sum[j];
+  }
+#else
+  const __m512 s = _mm512_loadu_ps(scale);
+  for (int i = 0; i < TILE_ROWS; i++) {
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(sums + i * TILE_COLSB)));
+    float *row = acc + i * 2 * TILE_ROWS;
+    _mm512_storeu_ps(row, _mm512_fmadd_ps(s, v, _mm512_loadu_ps(row)));
+  }
+#endif
+}
+
+/* Rows of A per pass of amx_gemm_nt_q4: the B tiles of a group are decoded once per pass. */
+enum { Q4_CHUNK_M = 4 * BLOCK_M };
+
+/* Scratch of amx_gemm_nt_q4 for reductions of length k: the A rows of a pass, two columns of B
+ * tiles of one group, a stored tile, the fp32 sums of a pass and the scales of one group. */
+static size_t q4_scratch_bytes(int64_t n, int64_t k) {
+  (void)n;
+  const int64_t a = Q4_CHUNK_M * ceil_div(k, K_I8) * K_I8;
+  return (size_t)(a + 5 * TILE_BYTES + (Q4_CHUNK_M + 1) * 2 * TILE_ROWS * 4 + KT_CACHE_LINE);
+}
+
+static void amx_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                           int64_t ldc, void *scratch) {
+#ifndef KT_AMX_EMULATE
+  if (a->count < TILE_ROWS) {
+    twin()->gemm_nt_q4(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+#endif
+  const uint64_t faults = thread_faults();
+  const int64_t G = w->group, ng = kt_int4_groups(w->cols, G), tpg = q4_tiles_per_group(G);
+  const int64_t kp = ceil_div(w->cols, K_I8) * K_I8;
+  const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
+  char *abuf = align_scratch(scratch);
+  int8_t *btiles = (int8_t *)(void *)(abuf + Q4_CHUNK_M * kp); /* [2 columns][tpg] */
+  char *cbuf = (char *)btiles + 4 * TILE_BYTES;
+  float *acc = (float *)(void *)(cbuf + TILE_BYTES); /* [Q4_CHUNK_M, 2 tiles] */
+  float *st = acc + Q4_CHUNK_M * 2 * TILE_ROWS;      /* group scales of the two tile columns */
+  const a_q8_ctx x = {a, w->cols, kp};
+  configure_tiles();
+  for (int64_t m0 = 0; m0 < a->count; m0 += Q4_CHUNK_M) {
+    const int64_t rows = a->count - m0 < Q4_CHUNK_M ? a->count - m0 : Q4_CHUNK_M;
+    const int64_t nblk = ceil_div(rows, BLOCK_M);
+    for (int64_t mb = 0; mb < nblk; mb++) {
+      const int64_t r = rows - mb * BLOCK_M;
+      fill_a_q8(&x, m0 + mb * BLOCK_M, r < BLOCK_M ? r : BLOCK_M, abuf + mb * BLOCK_M * kp);
+    }
+    for (int64_t t = t_first; t <= t_last; t += 2) {
+      const int two_n = t + 1 <= t_last;
+      memset(acc, 0, (size_t)Q4_CHUNK_M * 2 * TILE_ROWS * 4);
+      for (int64_t g = 0; g < ng; g++) {
+        const int64_t kb = G == 32 ? g / 2 : g * tpg;
+        q4_group_tiles(w, t, g, btiles, st);
+        if (two_n) q4_group_tiles(w, t + 1, g, btiles + tpg * TILE_BYTES, st + TILE_ROWS);
+        for (int64_t mb = 0; mb < nblk; mb++) {
+          const int two_m = rows - mb * BLOCK_M > TILE_ROWS;
+          tile_block(KIND_I8, abuf + mb * BLOCK_M * kp + kb * TILE_COLSB, kp, two_m, 1,
+                     (const char *)btiles, two_n ? (const char *)(btiles + tpg * TILE_BYTES) : NULL,
+                     tpg);
+          for (int q = 0; q < 4; q++) {
+            const int mi = q / 2, ni = q % 2;
+            if ((mi && !two_m) || (ni && !two_n)) continue;
+            store_tile(q, cbuf);
+            q4_accumulate(cbuf, st + ni * TILE_ROWS,
+                          acc + (mb * BLOCK_M + mi * TILE_ROWS) * 2 * TILE_ROWS + ni * TILE_ROWS);
+          }
+        }
+      }
+      /* the row scale of A, into C's columns of these tiles in [n0, n0 + n) */
+      const int64_t t0 = t * TILE_ROWS, j0 = n0 > t0 ? n0 - t0 : 0;
+      const int64_t end = t0 + (two_n ? 2 : 1) * TILE_ROWS, j1 = (end < n0 + n ? end : n0 + n) - t0;
+      for (int64_t i = 0; i < rows; i++) {
+        const float sa = a->scale[a->index ? (int64_t)a->index[m0 + i] : m0 + i];
+        float *crow = c + (m0 + i) * ldc + (t0 - n0);
+        for (int64_t j = j0; j < j1; j++) crow[j] = sa * acc[i * 2 * TILE_ROWS + j];
+      }
+    }
+  }
+  if (thread_faults() != faults)
+    for (int64_t m = 0; m < a->count; m++)
+      for (int64_t j = 0; j < n; j++) c[m * ldc + j] = NAN;
+}
+
+/* ---- "x W" --------------------------------------------------------------------------------- */
+/* Natively only for bf16 W and at least TILE_ROWS rows of A, with the panel built by AVX-512
+ * shuffles (build_panel_bf16): an int8 or fp8 W takes three tile products per A value (split3
+ * below), and the avx512 x W runs those, and fewer rows, instead. amx-emu keeps every x W on
+ * tiles, with the panel built element by element, so the model covers all of them. */
+
+#ifdef KT_AMX_EMULATE
 /* The VNNI tiles of W[:, t_first*16 : (t_last+1)*16]^T: for output tile column t and reduction
  * block cb (32 rows of W), tile row p, column j holds W[32 cb + 2p + {0, 1}, 16 t + j] as bf16
  * (int8 and e4m3 values are exact in bf16); zero outside W. */
@@ -344,6 +481,65 @@ static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int
     }
   }
 }
+
+#else
+/* Eight tile rows from the eight bf16 units of 16 columns of one 16-row block of W: unit v holds
+ * W[row 2p + e, column 2v + j'] in qword p as words (e, j') = 00, 01, 10, 11, tile row p wants
+ * the pairs (j', e) of every unit in unit order: an 8 x 8 transpose of qwords, the middle words
+ * of each swapped on the way. Port 5 does the shuffles; the last stage is two half stores. */
+static inline void tile_rows_bf16(const char *src, char *dst) {
+  /* word 4 i + w of the result: qword 2 (i / 2) (even) or 2 (i / 2) + 1 (odd) of unit pair
+   * member i % 2, word (0, 2, 1, 3)[w] */
+  const __m512i even =
+      _mm512_setr_epi32(0x00020000, 0x00030001, 0x00220020, 0x00230021, 0x000a0008, 0x000b0009,
+                        0x002a0028, 0x002b0029, 0x00120010, 0x00130011, 0x00320030, 0x00330031,
+                        0x001a0018, 0x001b0019, 0x003a0038, 0x003b0039);
+  const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(4));
+  __m512i r[8];
+  for (int u = 0; u < 8; u++) r[u] = _mm512_loadu_si512((const void *)(src + u * KT_Z_UNIT));
+  /* qwords (0, 2, 4, 6) and (1, 3, 5, 7) of unit pairs, then of unit quadruples */
+  const __m512i t0 = _mm512_permutex2var_epi16(r[0], even, r[1]);
+  const __m512i t1 = _mm512_permutex2var_epi16(r[0], odd, r[1]);
+  const __m512i t2 = _mm512_permutex2var_epi16(r[2], even, r[3]);
+  const __m512i t3 = _mm512_permutex2var_epi16(r[2], odd, r[3]);
+  const __m512i t4 = _mm512_permutex2var_epi16(r[4], even, r[5]);
+  const __m512i t5 = _mm512_permutex2var_epi16(r[4], odd, r[5]);
+  const __m512i t6 = _mm512_permutex2var_epi16(r[6], even, r[7]);
+  const __m512i t7 = _mm512_permutex2var_epi16(r[6], odd, r[7]);
+  const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  const __m512i q[8] = {
+      _mm512_permutex2var_epi64(t0, lo, t2), _mm512_permutex2var_epi64(t1, lo, t3),
+      _mm512_permutex2var_epi64(t0, hi, t2), _mm512_permutex2var_epi64(t1, hi, t3),
+      _mm512_permutex2var_epi64(t4, lo, t6), _mm512_permutex2var_epi64(t5, lo, t7),
+      _mm512_permutex2var_epi64(t4, hi, t6), _mm512_permutex2var_epi64(t5, hi, t7)};
+  /* q[p] (units 0-3) and q[4 + p] (units 4-7) hold qwords p (low half) and p + 4 (high half) */
+  for (int p = 0; p < 4; p++) {
+    char *row = dst + p * TILE_COLSB, *row4 = row + 4 * TILE_COLSB;
+    _mm256_storeu_si256((__m256i *)(void *)row, _mm512_castsi512_si256(q[p]));
+    _mm256_storeu_si256((__m256i *)(void *)(row + 32), _mm512_castsi512_si256(q[4 + p]));
+    _mm256_storeu_si256((__m256i *)(void *)row4, _mm512_extracti64x4_epi64(q[p], 1));
+    _mm256_storeu_si256((__m256i *)(void *)(row4 + 32), _mm512_extracti64x4_epi64(q[4 + p], 1));
+  }
+}
+
+/* build_panel for a bf16 W, from whole units: the packed rows are padded to 16 and the units of
+ * a block row to cover every tile column, with zeros; reduction blocks past the padded rows are
+ * zero. Walks the source in its order (block, then unit). */
+static void build_panel_bf16(const kt_packed *w, int64_t t_first, int64_t t_last, int64_t ncb,
+                             char *panel) {
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_BF16);
+  const int64_t blocks = kt_z_rows_padded(w->rows) / TILE_ROWS;
+  for (int64_t b = 0; b < 2 * ncb; b++)
+    for (int64_t t = t_first; t <= t_last; t++) {
+      char *dst = panel + ((t - t_first) * ncb + b / 2) * TILE_BYTES + (b % 2) * 8 * TILE_COLSB;
+      if (b < blocks)
+        tile_rows_bf16(kt_z_unit_ptr(w->data, units, b, 8 * t), dst);
+      else
+        memset(dst, 0, 8 * TILE_COLSB);
+    }
+}
+#endif
 
 typedef struct a_nn_ctx {
   const kt_rows *a;
@@ -396,20 +592,28 @@ static void fill_a_nn(const void *vctx, int64_t m0, int64_t rows, char *abuf) {
 
 static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                         int64_t ldc, void *scratch) {
+  const int scaled = w->scale != NULL; /* int8, or a bf16 panel of fp8 */
+#ifndef KT_AMX_EMULATE
+  if (scaled || w->wtype != KT_WTYPE_BF16 || a->count < TILE_ROWS) {
+    twin()->gemm_nn(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+#endif
   const int64_t ncb = ceil_div(w->rows, K_BF16), kp = ncb * K_BF16;
   const int64_t t_first = n0 / TILE_ROWS, t_last = (n0 + n - 1) / TILE_ROWS;
-  const int scaled = w->scale != NULL; /* int8, or a bf16 panel of fp8 */
   char *panel = align_scratch(scratch);
   char *abuf = panel + (t_last - t_first + 1) * ncb * TILE_BYTES;
   char *cbuf = abuf + (scaled ? NN_PARTS : 1) * BLOCK_M * kp * 2;
+#ifdef KT_AMX_EMULATE
   build_panel(w, t_first, t_last, ncb, (uint16_t *)(void *)panel);
+#else
+  build_panel_bf16(w, t_first, t_last, ncb, panel);
+#endif
   const a_nn_ctx x = {a, w->scale, w->rows, kp};
   const epilogue ep = {KIND_BF16, NULL, NULL, NULL};
   run_gemm(KIND_BF16, a->count, fill_a_nn, &x, kp * 2, scaled ? NN_PARTS : 1, panel,
            ncb * TILE_BYTES, t_first, ncb, &ep, n0, n, c, ldc, abuf, cbuf);
 }
-
-#endif
 
 #ifdef KT_AMX_EMULATE
 const kt_kernels kt_kernels_amx_emu = {
@@ -423,7 +627,7 @@ const kt_kernels kt_kernels_amx_emu = {
     .decode_fp8 = kt_z_decode_fp8,
     .gemm_nt_q8 = amx_gemm_nt_q8,
     .gemm_nn = amx_gemm_nn,
-    .gemm_nt_q4 = kt_z4_gemm_nt_q4,
+    .gemm_nt_q4 = amx_gemm_nt_q4,
     .gemm_nn_q4 = kt_z4_gemm_nn_q4,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
@@ -447,6 +651,8 @@ static void make_table(void) {
   amx_table.gemm_scratch_bytes = amx_gemm_scratch_bytes;
   amx_table.gemm_nt = amx_gemm_nt;
   amx_table.gemm_nt_q8 = amx_gemm_nt_q8;
+  amx_table.gemm_nn = amx_gemm_nn;
+  amx_table.gemm_nt_q4 = amx_gemm_nt_q4;
 }
 
 const kt_kernels *kt_kernels_amx(void) {
