@@ -168,7 +168,25 @@ INT4_GEMM_CASES = [
     (3, 64, 129, 0, 64, 32),
     (4, 96, 1000, 64, 32, 32),
     (13, 70, 77, 0, 64, 128),
+    (4, 600, 70, 0, 64, 32),  # x W of a few rows over several chunks of blocks
 ]
+
+# The kernels under test: each family, and the avx512 family's int8 variant without vpdpbusd
+# (its own vpmaddubsw int4 x W^T), picked through the test hook.
+ALL_FEATURES, AVX512_VNNI = 0xFFFFFFFF, 1 << 7  # KT_CPU_* bits of src_c/include/ktsft.h
+KERNELS = [(i, ALL_FEATURES) for i in ISAS]
+if "avx512" in ISAS:
+    KERNELS.append(("avx512", ALL_FEATURES & ~AVX512_VNNI))
+
+
+@pytest.fixture(params=KERNELS, ids=lambda k: k[0] if k[1] == ALL_FEATURES else f"{k[0]}-novnni")
+def kernel(request):
+    """A family name, with the variant of the family chosen for the feature mask."""
+    isa, mask = request.param
+    _core.kernels_testing_set(mask, False)
+    assert mask == ALL_FEATURES or "vpmaddwd" in _core.isa_variant(isa)
+    yield isa
+    _core.kernels_testing_set(ALL_FEATURES, False)
 
 
 def int4_gemm(isa, op, a, a_scale, q, scale, cols, g, n0, n):
@@ -206,51 +224,48 @@ def assert_fp32_sums(c, terms, nterms, what):
     assert np.all(err <= 1.01 * nterms * U * size), f"{what}: max err/bound {np.max(err / size)}"
 
 
-@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m, rows, cols, n0, n, g", INT4_GEMM_CASES)
-def test_kernel_gemm_nt_q4(isa, m, rows, cols, n0, n, g):
+def test_kernel_gemm_nt_q4(kernel, m, rows, cols, n0, n, g):
     """x W^T with int8 A (W4A8): each group's sum exact in int32, times the group scale in fp32,
     the groups summed in fp32, times the row scale of A."""
     rng = np.random.default_rng(m + rows * cols + g)
     a = rng.integers(-127, 128, (m, cols), dtype=np.int8)
     sa = (rng.random(m) + 0.5).astype(np.float32)
     q, v, scale = random_int4(rng, rows, cols, g)
-    c = int4_gemm(isa, "nt_q8", a, sa, q, scale, cols, g, n0, n)
+    c = int4_gemm(kernel, "nt_q8", a, sa, q, scale, cols, g, n0, n)
     ng = groups(cols, g)
     pad = ng * g - cols
     prod = a.astype(np.int64)[:, None, :] * v.astype(np.int64)[None, n0 : n0 + n, :]
     sums = np.pad(prod, [(0, 0), (0, 0), (0, pad)]).reshape(m, n, ng, g).sum(-1)
     terms = sa[:, None, None].astype(np.float64) * scale[None, n0 : n0 + n, :] * sums
-    assert_fp32_sums(c, terms, ng + 3, f"nt_q4 {isa}")
+    assert_fp32_sums(c, terms, ng + 3, f"nt_q4 {_core.isa_variant(kernel)}")
 
 
-@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m, rows, cols, n0, n, g", INT4_GEMM_CASES)
-def test_kernel_gemm_nn_q4(isa, m, rows, cols, n0, n, g):
+def test_kernel_gemm_nn_q4(kernel, m, rows, cols, n0, n, g):
     """x W: the group scale of each output column's group folded into A in fp32, the nibbles as
     they are."""
     rng = np.random.default_rng(m * rows + cols + g)
     a = rng.standard_normal((m, rows)).astype(BF16)
     q, v, scale = random_int4(rng, rows, cols, g)
-    c = int4_gemm(isa, "nn", a, None, q, scale, cols, g, n0, n)
+    c = int4_gemm(kernel, "nn", a, None, q, scale, cols, g, n0, n)
     col_scale = np.repeat(scale, g, axis=1)[:, n0 : n0 + n]  # [rows, n]
     af = a.astype(np.float32)[:, :, None] * col_scale[None, :, :]  # the fp32 operand [m, rows, n]
     terms = np.swapaxes(af.astype(np.float64) * v[None, :, n0 : n0 + n], 1, 2)
-    assert_fp32_sums(c, terms, rows + 2, f"nn_q4 {isa}")
+    assert_fp32_sums(c, terms, rows + 2, f"nn_q4 {_core.isa_variant(kernel)}")
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_kernel_every_nibble(isa):
+def test_kernel_every_nibble(kernel):
     """W holds every nibble in every position of a unit (scale 1) and A is the identity: x W^T
     and x W return each value."""
     v = (np.arange(16 * 48) % 16 - 8).astype(np.int8).reshape(16, 48)
     v[1::2] = v[1::2, ::-1]
     q, one = reference.pack_int4(v), np.ones((16, 2), np.float32)
     eye8 = np.eye(48, dtype=np.int8)
-    nt = int4_gemm(isa, "nt_q8", eye8, np.ones(48, np.float32), q, one, 48, 32, 0, 16)
+    nt = int4_gemm(kernel, "nt_q8", eye8, np.ones(48, np.float32), q, one, 48, 32, 0, 16)
     assert np.array_equal(nt, v.T.astype(np.float32))
     eye = np.eye(16).astype(BF16)
-    nn = int4_gemm(isa, "nn", eye, None, q, one, 48, 32, 0, 48)
+    nn = int4_gemm(kernel, "nn", eye, None, q, one, 48, 32, 0, 48)
     assert np.array_equal(nn, v.astype(np.float32))
 
 

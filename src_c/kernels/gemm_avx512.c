@@ -6,11 +6,14 @@
  *                 (gemm_avx512_bf16.c)
  *   x W^T, int8   vpmaddwd on sign-extended byte pairs (exact in int32); vpdpbusd where the CPU
  *                 has it (gemm_avx512_vnni.c)
+ *   x W^T, int4   nibbles masked and shifted into int8 units, vpmaddubsw (vpdpbusd where the CPU
+ *                 has it) per group in int32 (avx512_nt_q4.h)
  *   x W           W is transposed, 16 x 16 units at a time in registers, into a per-thread fp32
  *                 scratch of NN_CH rows x 64 columns; a 6 x 64 register tile of fp32 FMAs then
  *                 runs over it. The LoRA products use the same tile.
  * Every sum runs over its index in ascending order within one fp32 (or int32) lane. */
 #include "avx512_layout.h"
+#include "avx512_nt_q4.h"
 
 void kt_avx512_nt_bf16_dp(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                           int64_t ldc, void *scratch);
@@ -20,7 +23,8 @@ void kt_avx512_nt_q8_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, i
                           int64_t ldc, void *scratch);
 void kt_avx512_nt_q4_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                           int64_t ldc, void *scratch);
-size_t kt_avx512_nt_q4_vnni_scratch(int64_t k);
+void kt_avx512_nt_q4_madd(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch);
 void kt_act_avx512_sigmoid(const float *x, float *y, int64_t n);
 void kt_act_avx512_silu(const float *x, float *y, int64_t n);
 
@@ -35,17 +39,26 @@ enum {
   FEW_ACC = 16,            /* ... in a register tile of 16 accumulators */
   FEW_CHUNK_BYTES = 16384, /* ... over chunks of this many bytes of W */
   FEW_PREFETCH_BLOCKS = 2,
+  Q4_RUNS = 2,         /* int4 x W: runs of 32 columns in a call (one group each) */
+  Q4_FEW_CHUNK = 32,   /* ... a few rows: blocks of W per chunk (16 KB of 64 columns) */
+  Q4_FEW_PREFETCH = 4, /* ... fetched this many blocks ahead (2 KB) */
 };
 
-/* x W^T: A rows as fp32 (or int16 pairs), 12 rows x (cols rounded up to 64);
- * x W: the transposed block and a 6-row slice of A. */
+/* x W^T: A rows as fp32 (or int16 pairs), 12 rows x (cols rounded up to 64); int4: A's int8 rows
+ * with their group sums and the transposed group scales (avx512_nt_q4.h);
+ * x W: the transposed block and a 6-row slice of A; int4: the slice folded with two groups and
+ * their scales. */
 static size_t z_scratch_bytes(int64_t n, int64_t k) {
   const size_t nt = (size_t)KT_Z_NT_MR * (size_t)(kt_z_units(k, KT_WTYPE_BF16) * 2) * 4;
   const size_t nn = (size_t)(NN_CH * WT_LD + NN_MR * NN_CH) * 4;
-  /* x W of a few rows: the rows (k padded to 16) and 16 lanes per output */
-  const size_t few =
-      (size_t)NN_FEW_M * (size_t)(((k + 15) & ~(int64_t)15) + ((n + 15) & ~(int64_t)15) * 16) * 4;
-  return kt_max_size(kt_max_size(nt + nn, few) + KT_CACHE_LINE, kt_avx512_nt_q4_vnni_scratch(k));
+  const size_t nn_q4 = (size_t)(NN_CH * WT_LD + Q4_RUNS * (NN_MR + 1) * NN_CH) * 4;
+  /* x W of a few rows: the rows (k padded to 16) and 16 lanes per output; int4: the rows folded
+   * twice, 16 accumulators per row and two runs of scales */
+  const int64_t kp = (k + 15) & ~(int64_t)15;
+  const size_t few = (size_t)NN_FEW_M * (size_t)(kp + ((n + 15) & ~(int64_t)15) * 16) * 4;
+  const size_t few_q4 = (size_t)((NN_FEW_M + 1) * Q4_RUNS * kp + NN_FEW_M * 16 * 16) * 4;
+  const size_t most = kt_max_size(kt_max_size(nt + nn, nn_q4), kt_max_size(few, few_q4));
+  return kt_max_size(most + KT_CACHE_LINE, kt_z4_nt_scratch_bytes(k));
 }
 
 /* ---- x W^T, bf16, fp32 FMA ------------------------------------------------------------------ */
@@ -211,6 +224,18 @@ static void z_gemm_nt_q8_madd(const kt_rows_q8 *a, const kt_packed *w, int64_t n
   }
 }
 
+/* ---- x W^T, int4, vpmaddubsw ---------------------------------------------------------------
+ * avx512_nt_q4.h without vpdpbusd: vpmaddubsw multiplies the unsigned nibble bytes by A's signed
+ * bytes into pairs of int16 (at most 2 * 15 * 128 each, no saturation), the two halves of a unit
+ * are added (at most 8 * 15 * 128) and vpmaddwd by ones widens each lane's pair to int32. */
+#define KT_NT_Q4_NAME kt_avx512_nt_q4_madd
+#define KT_Q4_MR 4 /* 4 x 32 outputs: the products take registers of their own */
+#define KT_Q4_DOT(acc, lo, hi, alo, ahi)                                                         \
+  _mm512_add_epi32((acc), _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16((lo), (alo)),  \
+                                                             _mm512_maddubs_epi16((hi), (ahi))), \
+                                            _mm512_set1_epi16(1)))
+#include "avx512_nt_q4.h"
+
 /* ---- e4m3 to fp32 --------------------------------------------------------------------------- */
 
 /* 32 e4m3 bytes as fp32 in two vectors (bytes 0-15, 16-31), exactly, divided by 256 unless
@@ -346,32 +371,6 @@ static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *w
   }
 }
 
-/* In-register transpose of 16 x 16 dwords: r[i] lane j becomes r[j] lane i. */
-static inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; i++) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; i++) { /* s[4i + c]: rows 4i..4i+3, column c of each 128-bit lane */
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int c = 0; c < 4; c++) { /* 4 x 4 transpose of the 128-bit lanes of s[c], s[4+c], ... */
-    const __m512i u0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
-    const __m512i u1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
-    const __m512i u2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
-    const __m512i u3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
-    t[c] = _mm512_shuffle_i32x4(u0, u2, 0x88);
-    t[4 + c] = _mm512_shuffle_i32x4(u0, u2, 0xdd);
-    t[8 + c] = _mm512_shuffle_i32x4(u1, u3, 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(u1, u3, 0xdd);
-  }
-  for (int i = 0; i < 16; i++) r[i] = t[i];
-}
-
 /* wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64) as fp32 for cc < cnt (rounded up to the block; columns
  * past W's are zero). c0 is a multiple of 16. */
 static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t n0, int64_t n,
@@ -390,7 +389,7 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
     if (w->wtype != KT_WTYPE_BF16) {
       for (int i = 0; i < 16; i++)
         r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 4 + i));
-      transpose16(r);
+      kt_z_transpose16(r);
       for (int i = 0; i < 16; i++) {
         float *d = dst + i * WT_LD;
         if (w->wtype == KT_WTYPE_FP8) {
@@ -411,7 +410,7 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
     for (int64_t g = 0; g * 32 < n; g++) {
       for (int i = 0; i < 16; i++)
         r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 2 + 16 * g + i));
-      transpose16(r);
+      kt_z_transpose16(r);
       for (int i = 0; i < 16; i++) {
         float *d = dst + i * WT_LD + 32 * g;
         const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(r[i]));
@@ -519,8 +518,11 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
 
 /* ---- int4 x W ------------------------------------------------------------------------------
  * The group scale of each output column's group folds into A in fp32. The columns n0 .. n0 + n
- * (n <= 64, n0 a multiple of 64) are one or two runs of 32 columns, each inside one group, so
- * each run has one fold per row of W. A 16-byte quarter of a unit (4 rows x 8 columns), widened
+ * (n <= 64, n0 a multiple of 64) are one or two runs of 32 columns, each inside one group: with
+ * G = 32 the two runs take the rows of A folded with two groups, otherwise both the same. The
+ * scales of a run are one per row of W, strided by the groups of a row: they are gathered once
+ * per call (a few rows) or per chunk of rows of W (many), and A folded with them once per run
+ * and row, never in the inner loops. A 16-byte quarter of a unit (4 rows x 8 columns), widened
  * to 16 int32 lanes (lane 4i + t: row i, byte t), holds column t in the low nibble and column
  * 4 + t in the high one; vpermps with the table -8 .. 7 gives a nibble's value (it reads only the
  * low 4 bits of each lane). */
@@ -538,55 +540,122 @@ static inline void q4_quarter(const char *p, int q, __m512 *lo, __m512 *hi) {
   *hi = q4_values(_mm512_srli_epi32(x, 4));
 }
 
-/* dst[0 .. len) = A row * the scales of group g of the rows (zero past k). */
-static void q4_fold(const uint16_t *arow, const kt_packed *w, int64_t r0, int64_t k, int64_t g,
-                    float *dst, int64_t len) {
-  const int64_t ng = kt_int4_groups(w->cols, w->group);
-  for (int64_t r = 0; r < len; r++)
-    dst[r] = r < k ? kt_bf16_to_f32(arow[r]) * w->scale[(r0 + r) * ng + g] : 0.0f;
+/* The groups of the runs of the columns n0 .. n0 + n: run 1 repeats run 0's where there is no
+ * second run or it lies in the same group. */
+static inline void q4_run_groups(const kt_packed *w, int64_t n0, int64_t n, int64_t g[Q4_RUNS]) {
+  g[0] = n0 / w->group;
+  g[1] = n > 32 ? (n0 + 32) / w->group : g[0];
 }
 
-/* At most NN_FEW_M rows of A, one at a time: 16 accumulators (the low and high halves of 8
- * units) over all blocks of W, summed across lanes at the end. */
-static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
-                        int64_t ldc, void *scratch) {
-  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
-  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), u0 = n0 / 8, ns = (n + 31) / 32;
-  float *af = scratch; /* [2, len]: the row folded with each run's group */
-  for (int64_t m = 0; m < a->count; m++) {
-    for (int64_t s = 0; s < ns; s++)
-      q4_fold(kt_row(a, m), w, 0, k, (n0 + 32 * s) / w->group, af + s * len, len);
-    __m512 acc[16];
-    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nblocks; b++) {
-      const char *p = kt_z_unit_ptr(w->data, units, b, u0);
-      if (b + FEW_PREFETCH_BLOCKS < nblocks)
-        for (int64_t l = 0; l < 4 * ns; l++)
-          _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
-      __m512 aq[2][4];
-      for (int s = 0; s < 2; s++) { /* a second run's factors only where there is one */
-        const __m512 av = _mm512_loadu_ps(af + (s < ns ? s : 0) * len + 16 * b);
+/* sc[r] = scale[c0 + r, g] for r < len (zero past cnt): 16 at a time, ng apart. */
+static void q4_gather(const kt_packed *w, int64_t c0, int64_t cnt, int64_t g, float *sc,
+                      int64_t len) {
+  const int64_t ng = kt_int4_groups(w->cols, w->group);
+  const float *base = w->scale + c0 * ng + g;
+  const __m512i step =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32((int)ng));
+  for (int64_t r = 0; r < len; r += 16) {
+    const __mmask16 m = kt_z_mask(cnt - r > 0 ? cnt - r : 0);
+    _mm512_storeu_ps(sc + r,
+                     _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, step, base + r * ng, 4));
+  }
+}
+
+/* The rows m0 .. m0 + mr of A (columns c0 .. c0 + cnt) folded with the scales of the runs'
+ * groups (sc [nf][ldsc]) into af [nf][ldrun] (row i at i * ldaf, zero padded to len). */
+static void q4_fold_rows(const kt_rows *a, int64_t m0, int64_t mr, int64_t c0, int64_t cnt,
+                         int64_t len, int64_t nf, const float *sc, int64_t ldsc, float *af,
+                         int64_t ldrun, int64_t ldaf) {
+  for (int64_t s = 0; s < nf; s++)
+    for (int64_t i = 0; i < mr; i++)
+      row_to_f32(kt_row(a, m0 + i) + c0, cnt, af + s * ldrun + i * ldaf, len, sc + s * ldsc);
+}
+
+/* One row of A (or two) folded with the runs' groups (af [mr][Q4_RUNS][len], run s at s * rs:
+ * rs 0 where both runs have one group) over the blocks
+ * b0 .. b1 of the 8 units from u0: 16 accumulators per row (the low and high halves of 8 units,
+ * lane 4i + t: row 4q + i of a block for quarter q), kept in acc_mem between chunks. */
+static inline __attribute__((always_inline)) void q4_few_tile(
+    const int mr, const int nu, const float *af, int64_t len, const kt_packed *w, int64_t units,
+    int64_t rs, int64_t u0, int64_t b0, int64_t b1, int64_t nblocks, int prefetch, int first,
+    float *acc_mem) {
+  __m512 acc[2][16];
+  for (int m = 0; m < mr; m++)
+    for (int i = 0; i < 2 * nu; i++)
+      acc[m][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_mem + (m * 16 + i) * 16);
+  for (int64_t b = b0; b < b1; b++) {
+    const char *p = kt_z_unit_ptr(w->data, units, b, u0);
+    if (prefetch && b + Q4_FEW_PREFETCH < nblocks)
+      for (int l = 0; l < nu; l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Q4_FEW_PREFETCH, u0 + l), _MM_HINT_T0);
+    __m512 aq[2][Q4_RUNS][4];
+    for (int m = 0; m < mr; m++)
+      for (int s = 0; s < Q4_RUNS && 4 * s < nu; s++) {
+        const __m512 av = _mm512_loadu_ps(af + m * Q4_RUNS * len + s * rs + 16 * b);
         for (int q = 0; q < 4; q++) /* lane 4i + t: row 4q + i */
-          aq[s][q] = _mm512_permutexvar_ps(
+          aq[m][s][q] = _mm512_permutexvar_ps(
               _mm512_set_epi32(4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 2, 4 * q + 2,
                                4 * q + 2, 4 * q + 2, 4 * q + 1, 4 * q + 1, 4 * q + 1, 4 * q + 1,
                                4 * q, 4 * q, 4 * q, 4 * q),
               av);
       }
-#pragma GCC unroll 8
-      for (int u = 0; u < 8; u++) {
-        if (u >= 4 * ns) break;
-        for (int q = 0; q < 4; q++) {
-          __m512 lo, hi;
-          q4_quarter(p + u * KT_Z_UNIT, q, &lo, &hi);
-          acc[2 * u] = _mm512_fmadd_ps(aq[u / 4][q], lo, acc[2 * u]);
-          acc[2 * u + 1] = _mm512_fmadd_ps(aq[u / 4][q], hi, acc[2 * u + 1]);
+    for (int u = 0; u < nu; u++)
+      for (int q = 0; q < 4; q++) {
+        __m512 lo, hi;
+        q4_quarter(p + u * KT_Z_UNIT, q, &lo, &hi);
+        for (int m = 0; m < mr; m++) {
+          acc[m][2 * u] = _mm512_fmadd_ps(aq[m][u / 4][q], lo, acc[m][2 * u]);
+          acc[m][2 * u + 1] = _mm512_fmadd_ps(aq[m][u / 4][q], hi, acc[m][2 * u + 1]);
         }
       }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int i = 0; i < 2 * nu; i++) _mm512_storeu_ps(acc_mem + (m * 16 + i) * 16, acc[m][i]);
+}
+
+/* At most NN_FEW_M rows of A: each row folded with the runs' groups once, then the blocks of W in
+ * chunks (one for a single row) that stay in L1 while every row, one or two at a time, runs over
+ * them; the first pass prefetches ahead. The accumulators are summed across lanes at the end. */
+static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                        int64_t ldc, void *scratch) {
+  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), u0 = n0 / 8, nu = (n + 7) / 8;
+  const int64_t chunk = a->count > 2 ? Q4_FEW_CHUNK : nblocks;
+  /* af [count][Q4_RUNS][len], acc [count][16][16], sc [Q4_RUNS][len] */
+  float *af = scratch, *acc = af + a->count * Q4_RUNS * len, *sc = acc + a->count * 16 * 16;
+  int64_t g[Q4_RUNS];
+  q4_run_groups(w, n0, n, g);
+  const int64_t nf = g[1] != g[0] ? 2 : 1, rs = nf > 1 ? len : 0;
+  for (int64_t s = 0; s < nf; s++) q4_gather(w, 0, k, g[s], sc + s * len, len);
+  for (int64_t m = 0; m < a->count; m++)
+    q4_fold_rows(a, m, 1, 0, k, len, nf, sc, len, af + m * Q4_RUNS * len, len, 0);
+  for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
+    const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
+    for (int64_t m = 0; m < a->count; m += 2) {
+      const float *am = af + m * Q4_RUNS * len;
+      float *accm = acc + m * 16 * 16;
+      const int pf = m == 0, first = b0 == 0;
+#define Q4_FEW_CALL(MR, NU) \
+  q4_few_tile(MR, NU, am, len, w, units, rs, u0, b0, b1, nblocks, pf, first, accm)
+      if (a->count - m > 1) {
+        if (nu > 4)
+          Q4_FEW_CALL(2, 8);
+        else
+          Q4_FEW_CALL(2, 4);
+      } else {
+        if (nu > 4)
+          Q4_FEW_CALL(1, 8);
+        else
+          Q4_FEW_CALL(1, 4);
+      }
+#undef Q4_FEW_CALL
     }
-    for (int64_t u = 0; 8 * u < n; u++)
+  }
+  for (int64_t m = 0; m < a->count; m++)
+    for (int64_t u = 0; u < nu; u++)
       for (int h = 0; h < 2; h++) { /* lanes t, 4 + t, 8 + t, 12 + t: column 8u + 4h + t */
-        const __m512 v = acc[2 * u + h];
+        const __m512 v = _mm512_loadu_ps(acc + (m * 16 + 2 * u + h) * 16);
         const __m256 s8 =
             _mm256_add_ps(_mm512_castps512_ps256(v),
                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
@@ -596,7 +665,6 @@ static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
         for (int64_t t = 0; t < 4 && 8 * u + 4 * h + t < n; t++)
           c[m * ldc + 8 * u + 4 * h + t] = four[t];
       }
-  }
 }
 
 /* wt[cc, 0 .. 32 ns) = W[c0 + cc, n0 .. n0 + 32 ns) as fp32 (the blocks from c0, c0 a multiple
@@ -631,26 +699,71 @@ static void q4_transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int6
   }
 }
 
-/* The table's gemm_nn_q4: a few rows on z_nn_q4_few; more through the transposed fp32 block and
- * the register tile, each run of 32 columns with its rows of A folded by its group. */
+/* nn_tile with the columns 32 .. 63 (vectors 2 and 3) taking the rows of A folded with the second
+ * run's group (af1). */
+static inline __attribute__((always_inline)) void nn_q4_tile(const int mr, const int nv,
+                                                             const float *af0, const float *af1,
+                                                             int64_t ldaf, const float *wt,
+                                                             int64_t cnt, float *c, int64_t ldc,
+                                                             int64_t ncols, int add) {
+  __m512 acc[NN_MR][4];
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t cc = 0; cc < cnt; cc++) {
+    __m512 wv[4];
+    for (int v = 0; v < nv; v++) wv[v] = _mm512_loadu_ps(wt + cc * WT_LD + 16 * v);
+    for (int m = 0; m < mr; m++) {
+      const __m512 a0 = _mm512_set1_ps(af0[m * ldaf + cc]);
+      const __m512 a1 = nv > 2 ? _mm512_set1_ps(af1[m * ldaf + cc]) : a0;
+      for (int v = 0; v < nv; v++) acc[m][v] = _mm512_fmadd_ps(v < 2 ? a0 : a1, wv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++) {
+      const __mmask16 k = kt_z_mask(ncols - 16 * v);
+      float *p = c + m * ldc + 16 * v;
+      __m512 r = acc[m][v];
+      if (add) r = _mm512_add_ps(_mm512_maskz_loadu_ps(k, p), r);
+      _mm512_mask_storeu_ps(p, k, r);
+    }
+}
+
+#define NN_Q4_CASE(MR, NV) \
+  case MR * 8 + NV: nn_q4_tile(MR, NV, af0, af1, ldaf, wt, cnt, out, ldc, n, add); break;
+#define NN_Q4_CASES(MR) NN_Q4_CASE(MR, 1) NN_Q4_CASE(MR, 2) NN_Q4_CASE(MR, 3) NN_Q4_CASE(MR, 4)
+
+/* The table's gemm_nn_q4: a few rows on z_nn_q4_few; more through the transposed fp32 block of
+ * NN_CH rows of W and the register tile, each tile of rows of A folded with the runs' groups
+ * once per block (the scales of the block gathered once for all rows). */
 static void z_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                          int64_t ldc, void *scratch) {
   if (a->count <= NN_FEW_M) {
     z_nn_q4_few(a, w, n0, n, c, ldc, scratch);
     return;
   }
-  const int64_t k = w->rows, ns = (n + 31) / 32;
-  float *wt = scratch, *af = wt + NN_CH * WT_LD;
+  const int64_t k = w->rows, ns = (n + 31) / 32, ldaf = NN_CH, nv = (n + 15) / 16;
+  int64_t g[Q4_RUNS];
+  q4_run_groups(w, n0, n, g);
+  const int64_t nf = g[1] != g[0] ? 2 : 1; /* folds per row */
+  /* wt [NN_CH][WT_LD], af [Q4_RUNS][NN_MR][NN_CH], sc [Q4_RUNS][NN_CH] */
+  float *wt = scratch, *af = wt + NN_CH * WT_LD, *sc = af + Q4_RUNS * NN_MR * NN_CH;
   for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
     const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH, len = (cnt + 15) & ~(int64_t)15;
     q4_transpose_block(w, c0, cnt, n0, ns, wt);
-    for (int64_t s = 0; s < ns; s++) {
-      const int64_t g = (n0 + 32 * s) / w->group, ncols = n - 32 * s < 32 ? n - 32 * s : 32;
-      for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
-        const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
-        for (int64_t i = 0; i < mr; i++)
-          q4_fold(kt_row(a, m0 + i) + c0, w, c0, cnt, g, af + i * NN_CH, len);
-        nn_rows(mr, af, NN_CH, wt + 32 * s, cnt, c + m0 * ldc + 32 * s, ldc, ncols, c0 > 0, 1.0f);
+    for (int64_t s = 0; s < nf; s++) q4_gather(w, c0, cnt, g[s], sc + s * NN_CH, len);
+    for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
+      const int mr = (int)(a->count - m0 < NN_MR ? a->count - m0 : NN_MR);
+      q4_fold_rows(a, m0, mr, c0, cnt, len, nf, sc, NN_CH, af, NN_MR * ldaf, ldaf);
+      const float *af0 = af, *af1 = af + (nf - 1) * NN_MR * ldaf;
+      float *out = c + m0 * ldc;
+      const int add = c0 > 0;
+      switch (mr * 8 + (int)nv) {
+        NN_Q4_CASES(1)
+        NN_Q4_CASES(2)
+        NN_Q4_CASES(3)
+        NN_Q4_CASES(4)
+        NN_Q4_CASES(5)
+        NN_Q4_CASES(6)
       }
     }
   }
@@ -697,7 +810,7 @@ static void z_lora_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k,
 static inline void transpose16_ps(__m512 v[16]) {
   __m512i r[16];
   for (int i = 0; i < 16; i++) r[i] = _mm512_castps_si512(v[i]);
-  transpose16(r);
+  kt_z_transpose16(r);
   for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(r[i]);
 }
 
@@ -804,16 +917,15 @@ static void z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
       .outer_nr = outer_nr,                      \
   };
 
-/* int4 x W^T: vpdpbusd where the CPU has it; elsewhere (vpmaddwd variants) the portable
- * kernel of the layout. */
-Z_TABLE(fma_madd, "avx512-fma+vpmaddwd", z_gemm_nt_fma, z_gemm_nt_q8_madd, kt_z4_gemm_nt_q4)
+/* int4 x W^T: vpdpbusd where the CPU has it, vpmaddubsw elsewhere (the vpmaddwd variants). */
+Z_TABLE(fma_madd, "avx512-fma+vpmaddwd", z_gemm_nt_fma, z_gemm_nt_q8_madd, kt_avx512_nt_q4_madd)
 Z_TABLE(fma_vnni, "avx512-fma+vnni", z_gemm_nt_fma, kt_avx512_nt_q8_vnni, kt_avx512_nt_q4_vnni)
 Z_TABLE(bf16_madd, "avx512-bf16+vpmaddwd", kt_avx512_nt_bf16_dp, z_gemm_nt_q8_madd,
-        kt_z4_gemm_nt_q4)
+        kt_avx512_nt_q4_madd)
 Z_TABLE(bf16_vnni, "avx512-bf16+vnni", kt_avx512_nt_bf16_dp, kt_avx512_nt_q8_vnni,
         kt_avx512_nt_q4_vnni)
 Z_TABLE(emu_madd, "avx512-bf16emu+vpmaddwd", kt_avx512_nt_bf16_dp_model, z_gemm_nt_q8_madd,
-        kt_z4_gemm_nt_q4)
+        kt_avx512_nt_q4_madd)
 Z_TABLE(emu_vnni, "avx512-bf16emu+vnni", kt_avx512_nt_bf16_dp_model, kt_avx512_nt_q8_vnni,
         kt_avx512_nt_q4_vnni)
 
