@@ -159,8 +159,13 @@ def test_non_finite_weight_group_gets_nan_scale(rng, pool):
 # ---- the kernel GEMMs of every family ------------------------------------------------------------
 
 # (m, rows, cols, n0, n, g): W is [rows, cols]; partial last groups, odd columns, n0 past the
-# first block, several group sizes
+# first block, several group sizes; x W of 1-3 rows over more than one chunk of W (530, 600 rows:
+# the few-rows path's register tiles of 1 and 2 rows), 5 rows of A (a tile of 4 and one of 1)
 INT4_GEMM_CASES = [
+    (1, 530, 200, 128, 61, 32),
+    (3, 530, 200, 128, 61, 32),
+    (2, 600, 72, 64, 8, 64),
+    (5, 40, 300, 0, 40, 64),
     (1, 17, 33, 0, 17, 32),
     (7, 130, 200, 64, 64, 32),
     (33, 200, 131, 128, 2, 64),

@@ -3,11 +3,14 @@
  *
  *   x W^T, bf16   fp32 FMA: the even and odd columns of a unit (shift, and) feed a 4 x 16 tile
  *   x W^T, int8   vpmaddwd on sign-extended byte pairs, exact in int32
+ *   x W^T, int4   vpmaddubsw on the nibbles as stored against int8 A (W4A8), int16 runs of 32
+ *                 columns widened into exact int32 group sums, the groups summed in fp32
  *   x W           at most 4 rows of A: no transpose, the lanes of a half unit (8 rows of W) are
  *                 multiplied by A lane by lane into accumulators summed across lanes at the end;
  *                 more rows: 8 x 8 in-register transposes into the per-thread fp32 scratch, then
  *                 a 6 x 16 tile of fp32 FMAs (nn_drive.h, shared with avx512); the LoRA products
- *                 likewise
+ *                 likewise. int4: the same two paths, the nibbles widened to fp32 by unpacks
+ *                 (no transpose), each group's scale folded into A
  * Every sum runs over its index in ascending order within one fp32 (or int32) lane. */
 #include <immintrin.h>
 
@@ -30,6 +33,9 @@ enum {
   FEW_PREFETCH_BLOCKS = 2,
 };
 
+static size_t q4_nt_scratch_bytes(int64_t n, int64_t k);
+static size_t q4_nn_scratch_bytes(int64_t k);
+
 /* x W^T: A rows as fp32 (or int16 pairs); x W: the transposed block and a 6-row slice of A, or
  * for a few rows, the rows (k padded to 16) and 8 lanes per accumulator. */
 static size_t y_scratch_bytes(int64_t n, int64_t k) {
@@ -38,7 +44,8 @@ static size_t y_scratch_bytes(int64_t n, int64_t k) {
   const size_t few =
       (size_t)NN_FEW_M *
       (size_t)(((k + 15) & ~(int64_t)15) + (n + FEW_ACC - 1) / FEW_ACC * FEW_ACC * 8) * 4;
-  return kt_max_size(nt + nn, few) + KT_CACHE_LINE;
+  return kt_max_size(kt_max_size(nt + nn, few) + KT_CACHE_LINE,
+                     kt_max_size(q4_nt_scratch_bytes(n, k), q4_nn_scratch_bytes(k)));
 }
 
 static inline __m256 bf16x8_to_f32(__m128i h) {
@@ -455,6 +462,346 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
 
 #include "nn_drive.h"
 
+/* ---- int4 x W^T (W4A8): vpmaddubsw on the nibbles as stored -------------------------------
+ * vpmaddubsw multiplies the unsigned nibbles (q + 8: 0 .. 15; the low ones of a unit are its
+ * columns 0 .. 3 in VNNI order, the high ones 4 .. 7) by the int8 activations (|a| <= 128)
+ * in pairs, each pair at most 2 * 15 * 128 = 3840: no saturation. 4 units (32 columns, 8 pairs
+ * per int16 lane) stay below 2^15, so each run of 32 columns is summed in int16, widened by
+ * vpmaddwd and added to its group's int32 sum, which starts at -8 sum(a) over the group: the
+ * + 8 comes back out exactly. The group's sum, converted, times the group scales of its 8 rows
+ * of W (the scales transposed once per call), adds to an fp32 total in ascending groups. */
+
+enum {
+  Q4_MR = 4,   /* x W^T: rows of A per register tile (x 8 rows of W: one half unit) */
+  Q4_RUN = 32, /* columns of one int16 run (x W^T) or of one run of a group (x W) */
+  Q4_SCALES_AHEAD = 32,
+};
+
+static inline __attribute__((always_inline)) void q4_nt_tile(const int mr, const int sub,
+                                                             const int8_t *ab, int64_t len,
+                                                             const int32_t *asum, int64_t ng,
+                                                             const char *p, int64_t used,
+                                                             const float *sct, __m256 tot[]) {
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  for (int m = 0; m < mr; m++) tot[m] = _mm256_setzero_ps();
+  int64_t u = 0;
+  for (int64_t g = 0; g < ng; g++) {
+    __m256i grp[Q4_MR];
+    for (int m = 0; m < mr; m++) grp[m] = _mm256_set1_epi32(-8 * asum[m * ng + g]);
+    for (int s = 0; s < sub && u < used; s++) { /* the group's runs (the last may be short) */
+      __m256i acc[Q4_MR];
+      for (int m = 0; m < mr; m++) acc[m] = _mm256_setzero_si256();
+      for (int i = 0; i < Q4_RUN / 8; i++, u++) {
+        _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
+        const __m256i lo = _mm256_and_si256(v, low);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int m = 0; m < mr; m++) {
+          int32_t quad[2];
+          memcpy(quad, ab + m * len + 8 * u, sizeof quad);
+          const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad[0]));
+          const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad[1]));
+          acc[m] = _mm256_add_epi16(acc[m], _mm256_add_epi16(pl, ph));
+        }
+      }
+      for (int m = 0; m < mr; m++)
+        grp[m] = _mm256_add_epi32(grp[m], _mm256_madd_epi16(acc[m], ones));
+    }
+    const __m256 sc = _mm256_loadu_ps(sct + 16 * g);
+    for (int m = 0; m < mr; m++) tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(grp[m]), sc, tot[m]);
+  }
+}
+
+/* sct[(jb ng + g) 16 + i] = the scale of row n0 + 16 jb + i of W in group g (0 past n): 8 x 8
+ * transposes of the API layout [rows, ng]. */
+static void q4_scales_t(const kt_packed *w, int64_t n0, int64_t n, int64_t ng, float *sct) {
+  for (int64_t r0 = 0; r0 < n; r0 += 8) {
+    float *d = sct + (r0 / 16) * ng * 16 + r0 % 16;
+    const float *s = w->scale + (n0 + r0) * ng;
+    int64_t g0 = 0;
+    if (n - r0 >= 8)
+      for (; g0 + 8 <= ng; g0 += 8) {
+        __m256i v[8];
+        for (int i = 0; i < 8; i++) v[i] = _mm256_loadu_si256((const __m256i *)(s + i * ng + g0));
+        transpose8(v);
+        for (int q = 0; q < 8; q++) _mm256_storeu_si256((__m256i *)(d + (g0 + q) * 16), v[q]);
+      }
+    for (; g0 < ng; g0++)
+      for (int64_t i = 0; i < 8; i++) d[g0 * 16 + i] = r0 + i < n ? s[i * ng + g0] : 0.0f;
+  }
+}
+
+/* Rows m0 .. m0 + mr of A zero padded to len bytes, and their sums per group (vpsadbw of
+ * a + 128 over 32 bytes at a time; the padding adds 128 each, taken back out). */
+static void q4_rows_q8(const kt_rows_q8 *a, int64_t m0, int64_t mr, int64_t k, int64_t G,
+                       int64_t ng, int8_t *ab, int64_t len, int32_t *asum) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  for (int64_t i = 0; i < mr; i++) {
+    const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
+    int8_t *d = ab + i * len;
+    memcpy(d, a->base + src * a->ld, (size_t)k);
+    memset(d + k, 0, (size_t)(len - k));
+    for (int64_t g = 0; g < ng; g++) {
+      const int64_t c0 = g * G, c1 = ((k < c0 + G ? k : c0 + G) + 31) & ~(int64_t)31;
+      __m256i s = _mm256_setzero_si256();
+      for (int64_t q = c0; q < c1; q += 32)
+        s = _mm256_add_epi64(
+            s, _mm256_sad_epu8(_mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(d + q)), flip),
+                               _mm256_setzero_si256()));
+      int64_t four[4];
+      _mm256_storeu_si256((__m256i *)four, s);
+      asum[i * ng + g] = (int32_t)(four[0] + four[1] + four[2] + four[3] - 128 * (c1 - c0));
+    }
+  }
+}
+
+static size_t q4_nt_scratch_bytes(int64_t n, int64_t k) {
+  const int64_t len = kt_z_units(k, KT_WTYPE_INT4) * 8, ng = (k + 31) / 32;
+  return (size_t)(Q4_MR * len + Q4_MR * ng * 4 + (n + 15) / 16 * ng * 16 * 4) + KT_CACHE_LINE;
+}
+
+#define Q4_NT_CASE(MR)                                       \
+  case MR:                                                   \
+    if (sub == 1)                                            \
+      q4_nt_tile(MR, 1, ab, len, asum, ng, p, used, s, tot); \
+    else if (sub == 2)                                       \
+      q4_nt_tile(MR, 2, ab, len, asum, ng, p, used, s, tot); \
+    else                                                     \
+      q4_nt_tile(MR, 4, ab, len, asum, ng, p, used, s, tot); \
+    break;
+
+/* The table's gemm_nt_q4: tiles of Q4_MR rows of A x 8 rows of W over all groups. */
+static void y_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                         int64_t ldc, void *scratch) {
+  const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_INT4), len = 8 * units;
+  const int64_t G = w->group, ng = kt_int4_groups(k, G), used = (k + 7) / 8, sub = G / Q4_RUN;
+  int8_t *ab = scratch;                                  /* [Q4_MR, len] */
+  int32_t *asum = (int32_t *)(void *)(ab + Q4_MR * len); /* [Q4_MR, ng] */
+  float *sct = (float *)(void *)(asum + Q4_MR * ng);     /* [n / 16, ng, 16] */
+  q4_scales_t(w, n0, n, ng, sct);
+  for (int64_t m0 = 0; m0 < a->count; m0 += Q4_MR) {
+    const int64_t mr = a->count - m0 < Q4_MR ? a->count - m0 : Q4_MR;
+    q4_rows_q8(a, m0, mr, k, G, ng, ab, len, asum);
+    for (int64_t j0 = 0; j0 < n; j0 += 8) { /* half (j0 / 8) % 2 of block (n0 + j0) / 16 */
+      const char *p = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0) + 32 * ((j0 / 8) % 2);
+      const float *s = sct + (j0 / 16) * ng * 16 + j0 % 16;
+      __m256 tot[Q4_MR];
+      switch (mr) {
+        Q4_NT_CASE(1)
+        Q4_NT_CASE(2)
+        Q4_NT_CASE(3)
+        default: Q4_NT_CASE(4)
+      }
+      for (int64_t i = 0; i < mr; i++) {
+        const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
+        store8(c + (m0 + i) * ldc + j0, _mm256_mul_ps(_mm256_set1_ps(a->scale[src]), tot[i]),
+               n - j0);
+      }
+    }
+  }
+}
+
+/* ---- int4 x W -------------------------------------------------------------------------------
+ * The group scale of each output column's group folds into A in fp32: the columns n0 .. n0 + n
+ * (n <= 64, n0 a multiple of 64) are one or two runs of 32 columns inside one group each, and
+ * each run has its own folded copy of A. A half unit (8 rows of W) becomes fp32 without a
+ * shuffle per value: two unpacks, with zeros and then with the exponent word 0x4b00, widen its
+ * bytes to the floats 2^23 + byte; masking keeps 2^23 + lo (minus 2^23 + 8: q, exactly) or
+ * 2^23 + 16 hi (minus 2^23 + 128: 16 q, exactly; the 16 comes back out by a multiply, exact
+ * in every fp32 sum, at the end). */
+
+/* v[r] lane 4i + t: byte t of row r + 4i of the half unit at p (columns t and 4 + t). */
+static inline void q4_half_words(const char *p, __m256i v[4]) {
+  const __m256i y = _mm256_loadu_si256((const __m256i *)p), e = _mm256_set1_epi16(0x4b00);
+  const __m256i rows01 = _mm256_unpacklo_epi8(y, _mm256_setzero_si256()); /* rows 0 1 | 4 5 */
+  const __m256i rows23 = _mm256_unpackhi_epi8(y, _mm256_setzero_si256()); /* rows 2 3 | 6 7 */
+  v[0] = _mm256_unpacklo_epi16(rows01, e);
+  v[1] = _mm256_unpackhi_epi16(rows01, e);
+  v[2] = _mm256_unpacklo_epi16(rows23, e);
+  v[3] = _mm256_unpackhi_epi16(rows23, e);
+}
+
+static inline __m256 q4_lo(__m256i v) {
+  const __m256 f = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x4b00000f)));
+  return _mm256_sub_ps(f, _mm256_set1_ps(8388616.0f)); /* 2^23 + 8 */
+}
+
+/* 16 q, exactly (callers take the 16 back out: a power of two, exact in every sum). */
+static inline __m256 q4_hi16(__m256i v) {
+  const __m256 f = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x4b0000f0)));
+  return _mm256_sub_ps(f, _mm256_set1_ps(8388736.0f)); /* 2^23 + 128 */
+}
+
+/* At most NN_FEW_M rows of A: no transpose. Each v[r] of a half unit is multiplied by the
+ * folded A of rows r and r + 4, spread to match (once per call, into the scratch), into two
+ * accumulators per unit (low nibbles, and high ones as 16 q); lane 4i + t sums column t (or 4 + t)
+ * over rows = 4i + r mod 8, the two halves added at the end. A register tile of 8 accumulators (1
+ * row of A x 4 units or 2 x 2) walks the blocks in chunks of FEW_CHUNK_BYTES as nn_gemm_few does;
+ * the accumulators live in the scratch between chunks. */
+static inline __attribute__((always_inline)) void q4_few_tile(
+    const int mr, const int slots, const float *spread, int64_t ld_spread, const kt_packed *w,
+    int64_t units, int64_t b0, int64_t b1, int64_t u0, float *acc_mem, int64_t ld_acc, int first,
+    int64_t prefetch_lines, int64_t nblocks) {
+  __m256 acc[FEW_ACC];
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < 2 * slots; j++)
+      acc[m * 2 * slots + j] =
+          first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_mem + m * ld_acc + 8 * j);
+  for (int64_t b = b0; b < b1; b++) {
+    const char *p = kt_z_unit_ptr(w->data, units, b, u0);
+    if (b + FEW_PREFETCH_BLOCKS < nblocks)
+      for (int64_t l = 0; l < prefetch_lines; l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+    for (int h = 0; h < 2; h++) {
+      const float *sp = spread + (b * 2 + h) * 32;
+      for (int i = 0; i < slots; i++) {
+        __m256i v[4];
+        q4_half_words(p + i * KT_Z_UNIT + 32 * h, v);
+        for (int r = 0; r < 4; r++) {
+          const __m256 lo = q4_lo(v[r]), hi = q4_hi16(v[r]);
+          for (int m = 0; m < mr; m++) {
+            const __m256 av = _mm256_loadu_ps(sp + m * ld_spread + 8 * r);
+            __m256 *x = acc + m * 2 * slots + 2 * i;
+            x[0] = _mm256_fmadd_ps(av, lo, x[0]);
+            x[1] = _mm256_fmadd_ps(av, hi, x[1]);
+          }
+        }
+      }
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int j = 0; j < 2 * slots; j++)
+      _mm256_storeu_ps(acc_mem + m * ld_acc + 8 * j, acc[m * 2 * slots + j]);
+}
+
+/* dst[s ld + r] = the scale of row r0 + r of W in the group of run s (ns <= 2 runs from column
+ * n0), r < k: one pass over the rows (the runs' groups share a line of the scales), the lines
+ * fetched Q4_SCALES_AHEAD rows ahead (each row's are far apart). */
+static void q4_run_scales(const kt_packed *w, int64_t r0, int64_t k, int64_t n0, int64_t ns,
+                          float *dst, int64_t ld) {
+  const int64_t ng = kt_int4_groups(w->cols, w->group), g0 = n0 / w->group;
+  const int64_t g1 = (n0 + Q4_RUN * (ns - 1)) / w->group;
+  const float *s = w->scale + r0 * ng;
+  for (int64_t r = 0; r < k; r++) {
+    _mm_prefetch((const char *)(s + (r + Q4_SCALES_AHEAD) * ng + g0), _MM_HINT_T0);
+    dst[r] = s[r * ng + g0];
+    if (ns > 1) dst[ld + r] = s[r * ng + g1];
+  }
+}
+
+enum { Q4_FEW_LD_ACC = 8 * 2 * 8 /* floats of one row's accumulators: 8 units x lo, hi */ };
+
+static size_t q4_nn_scratch_bytes(int64_t k) {
+  const int64_t len = (k + 15) & ~(int64_t)15;
+  const size_t few = (size_t)(NN_FEW_M * 2 * 4 * len + NN_FEW_M * Q4_FEW_LD_ACC + 3 * len) * 4;
+  const size_t many = (size_t)(NN_CH * WT_LD + NN_MR * NN_CH + 2 * NN_CH) * 4;
+  return kt_max_size(few, many) + KT_CACHE_LINE;
+}
+
+static void q4_nn_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                      int64_t ldc, void *scratch) {
+  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), u0 = n0 / 8, lines = (n + 7) / 8;
+  const int64_t ns = (n + Q4_RUN - 1) / Q4_RUN, ld_spread = ns * 4 * len;
+  const int64_t chunk = kt_max_size(1, FEW_CHUNK_BYTES / (size_t)(lines * KT_Z_UNIT));
+  float *spread = scratch;                                        /* [count, ns, 2 nblocks, 4, 8] */
+  float *acc = spread + a->count * ld_spread;                     /* [count, Q4_FEW_LD_ACC] */
+  float *fold = acc + a->count * Q4_FEW_LD_ACC, *sc = fold + len; /* [len], [2, len] */
+  q4_run_scales(w, 0, k, n0, ns, sc, len);
+  for (int64_t s = 0; s < ns; s++) {
+    for (int64_t m = 0; m < a->count; m++) {
+      row_to_f32(kt_row(a, m), k, fold, len, sc + s * len);
+      float *d = spread + m * ld_spread + s * 4 * len;
+      for (int64_t hb = 0; hb < 2 * nblocks; hb++) { /* rows r, r + 4 of each half, 4 times */
+        const __m256 v = _mm256_loadu_ps(fold + 8 * hb);
+        for (int r = 0; r < 4; r++)
+          _mm256_storeu_ps(d + (hb * 4 + r) * 8,
+                           _mm256_permutevar8x32_ps(
+                               v, _mm256_setr_epi32(r, r, r, r, r + 4, r + 4, r + 4, r + 4)));
+      }
+    }
+  }
+  for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
+    const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
+    for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
+      const int two = a->count - m0 > 1;
+      for (int64_t j = 0; j < lines; j += two ? 2 : 4) { /* units j ..: run j / 4 */
+        const float *sp = spread + m0 * ld_spread + (j / 4) * 4 * len;
+        float *am = acc + m0 * Q4_FEW_LD_ACC + j * 16;
+        const int64_t pf = m0 == 0 && j == 0 ? lines : 0;
+        if (two)
+          q4_few_tile(2, 2, sp, ld_spread, w, units, b0, b1, u0 + j, am, Q4_FEW_LD_ACC, b0 == 0, pf,
+                      nblocks);
+        else
+          q4_few_tile(1, 4, sp, ld_spread, w, units, b0, b1, u0 + j, am, Q4_FEW_LD_ACC, b0 == 0, pf,
+                      nblocks);
+      }
+    }
+  }
+  for (int64_t m = 0; m < a->count; m++)
+    for (int64_t j = 0; j < 2 * lines; j++) { /* columns 4j .. 4j + 3; odd j: 16 q */
+      float four[4];
+      const __m128 f = fold_halves(_mm256_loadu_ps(acc + m * Q4_FEW_LD_ACC + 8 * j));
+      _mm_storeu_ps(four, j % 2 ? _mm_mul_ps(f, _mm_set1_ps(0.0625f)) : f);
+      for (int64_t t = 0; t < 4 && 4 * j + t < n; t++) c[m * ldc + 4 * j + t] = four[t];
+    }
+}
+
+/* wt[cc, 0 .. 8 lines) = W[c0 + cc, n0 .. n0 + 8 lines) as fp32 (c0 a multiple of 16): each
+ * v[r] gives rows r and r + 4 of the half unit, its low and high values paired by 128-bit
+ * lanes. */
+static void q4_transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t n0,
+                               int64_t lines, float *wt) {
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), u0 = n0 / 8;
+  const int64_t nblocks = kt_z_rows_padded(w->rows) / 16;
+  for (int64_t b = c0 / 16; b * 16 < c0 + cnt; b++) {
+    if (b + Y_PREFETCH_BLOCKS < nblocks)
+      for (int64_t l = 0; l < lines; l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Y_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
+    const char *p = kt_z_unit_ptr(w->data, units, b, u0);
+    for (int h = 0; h < 2; h++) {
+      float *dst = wt + (b * 16 + 8 * h - c0) * WT_LD;
+      for (int64_t u = 0; u < lines; u++) {
+        __m256i v[4];
+        q4_half_words(p + u * KT_Z_UNIT + 32 * h, v);
+        for (int r = 0; r < 4; r++) {
+          const __m256 lo = q4_lo(v[r]), hi = _mm256_mul_ps(q4_hi16(v[r]), _mm256_set1_ps(0.0625f));
+          _mm256_storeu_ps(dst + r * WT_LD + 8 * u, _mm256_permute2f128_ps(lo, hi, 0x20));
+          _mm256_storeu_ps(dst + (r + 4) * WT_LD + 8 * u, _mm256_permute2f128_ps(lo, hi, 0x31));
+        }
+      }
+    }
+  }
+}
+
+/* The table's gemm_nn_q4: a few rows on q4_nn_few; more through the transposed fp32 block and
+ * the register tile of nn_drive.h, each run of 32 columns with its rows of A folded by its
+ * group. */
+static void y_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                         int64_t ldc, void *scratch) {
+  if (a->count <= NN_FEW_M) {
+    q4_nn_few(a, w, n0, n, c, ldc, scratch);
+    return;
+  }
+  const int64_t k = w->rows, ns = (n + Q4_RUN - 1) / Q4_RUN;
+  float *wt = scratch, *af = wt + NN_CH * WT_LD, *sc = af + NN_MR * NN_CH; /* sc [ns, NN_CH] */
+  for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
+    const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH, len = (cnt + 15) & ~(int64_t)15;
+    q4_transpose_block(w, c0, cnt, n0, (n + 7) / 8, wt);
+    q4_run_scales(w, c0, cnt, n0, ns, sc, NN_CH);
+    for (int64_t s = 0; s < ns; s++) {
+      const int64_t ncols = n - Q4_RUN * s < Q4_RUN ? n - Q4_RUN * s : Q4_RUN;
+      for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
+        const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
+        for (int64_t i = 0; i < mr; i++)
+          row_to_f32(kt_row(a, m0 + i) + c0, cnt, af + i * NN_CH, len, sc + s * NN_CH);
+        nn_rows(mr, af, NN_CH, wt + Q4_RUN * s, cnt, c + m0 * ldc + Q4_RUN * s, ldc, ncols, c0 > 0,
+                1.0f);
+      }
+    }
+  }
+}
+
 /* ---- fp8: e4m3 units to bf16 units ------------------------------------------------------------
  */
 
@@ -519,8 +866,8 @@ static const kt_kernels y_table = {
     .decode_fp8 = y_decode_fp8,
     .gemm_nt_q8 = y_gemm_nt_q8,
     .gemm_nn = gemm_nn,
-    .gemm_nt_q4 = kt_z4_gemm_nt_q4,
-    .gemm_nn_q4 = kt_z4_gemm_nn_q4,
+    .gemm_nt_q4 = y_gemm_nt_q4,
+    .gemm_nn_q4 = y_gemm_nn_q4,
     .sigmoid = kt_act_avx2_sigmoid,
     .silu = kt_act_avx2_silu,
     .lora_nt = lora_nt,
