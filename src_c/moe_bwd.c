@@ -29,9 +29,12 @@ typedef struct bwd_ctx {
   float *y_route;         /* [R, H] when B4 splits by route (see b4_input_routes), else NULL */
   uint16_t *dg, *du;      /* [R, I] */
   int64_t max_routes, n_iblk, n_hblk, n_tblk;
+  int64_t hspan; /* H blocks per b4_input item */
   char *scratch;
   size_t scratch_each;
 } bwd_ctx;
+
+static int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 static float *worker_scratch(const bwd_ctx *c, int32_t worker) {
   return (float *)(c->scratch + (size_t)worker * c->scratch_each);
@@ -187,25 +190,34 @@ static void b4_expert_block(const bwd_ctx *c, int32_t e, int64_t h0, int64_t nb,
   kt_store_bf16(a->grads.down_b + (e * H + h0) * r, small, nb * r, a->accumulate);
 }
 
-/* One item per H block (enough blocks for the threads): sums every expert's part in place. */
+/* One item per hspan consecutive H blocks (enough items for the threads): sums every expert's
+ * part of each block in place, block by block in the same order whatever hspan is. An item of
+ * several blocks calls each expert for its blocks one after the other, so that the lines of the
+ * int4 group scales (16 groups, 512 columns, a line) that x W reads for every row of W are
+ * still in cache for the next block. */
 static void b4_input(void *vc, int64_t item, int32_t worker) {
   const bwd_ctx *c = vc;
   const kt_routing *rt = &c->st->rt;
   const int64_t H = c->m->cfg.hidden_size, T = rt->num_tokens;
-  const int64_t h0 = item * KT_BLOCK_N, nb = kt_block_len(H, h0);
-  float *acc = worker_scratch(c, worker), *yt = acc + T * nb, *work = yt + c->max_routes * nb;
-  for (int64_t i = 0; i < T * nb; i++) acc[i] = 0.0f;
+  const int64_t first = item * c->hspan, last = min_i64(first + c->hspan, c->n_hblk);
+  const int64_t w0 = first * KT_BLOCK_N, width = min_i64(last * KT_BLOCK_N, H) - w0;
+  float *acc = worker_scratch(c, worker), *yt = acc + T * width,
+        *work = yt + c->max_routes * KT_BLOCK_N;
+  for (int64_t i = 0; i < T * width; i++) acc[i] = 0.0f;
   for (int32_t ai = 0; ai < rt->n_active; ai++) {
     const int32_t e = rt->active[ai];
     const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
-    b4_expert_block(c, e, h0, nb, yt, nb, work);
-    for (int64_t mm = 0; mm < M; mm++) {
-      float *dst = acc + (int64_t)rt->token[off + mm] * nb;
-      for (int64_t j = 0; j < nb; j++) dst[j] += yt[mm * nb + j];
+    for (int64_t b = first; b < last; b++) {
+      const int64_t h0 = b * KT_BLOCK_N, nb = kt_block_len(H, h0);
+      b4_expert_block(c, e, h0, nb, yt, nb, work);
+      for (int64_t mm = 0; mm < M; mm++) {
+        float *dst = acc + (int64_t)rt->token[off + mm] * width + (h0 - w0);
+        for (int64_t j = 0; j < nb; j++) dst[j] += yt[mm * nb + j];
+      }
     }
   }
   for (int64_t t = 0; t < T; t++)
-    kt_store_bf16(c->args->grad_input + t * H + h0, acc + t * nb, nb, c->args->accumulate);
+    kt_store_bf16(c->args->grad_input + t * H + w0, acc + t * width, width, c->args->accumulate);
 }
 
 /* Too few H blocks for the threads: one item per (expert, H block) writes each route's part to
@@ -319,11 +331,17 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   size_t each = m->kern->gemm_scratch_bytes(r, K); /* B1, B3 */
   each = kt_max_size(each, (size_t)(6 * Mx * NB + NB * r) * sizeof(float) +
                                kt_base_gemm_scratch_bytes(m->kern, m->wtype, NB, H)); /* B2 */
-  each = kt_max_size(each, (size_t)((T + 3 * Mx) * NB + NB * r) * sizeof(float) +
+  const int32_t nthreads = kt_pool_num_threads(m->pool);
+  /* int4: items of up to 8 H blocks (one line of group scales), while every thread keeps two
+   * items and an item's sums stay within 1 MB */
+  c.hspan = 1;
+  if (m->wtype == KT_WTYPE_INT4)
+    while (c.hspan < 8 && c.n_hblk >= 4 * c.hspan * nthreads && T * 2 * c.hspan * NB <= 262144)
+      c.hspan *= 2;
+  each = kt_max_size(each, (size_t)((T * c.hspan + 3 * Mx) * NB + NB * r) * sizeof(float) +
                                kt_base_gemm_scratch_bytes(m->kern, m->wtype, NB, I)); /* B4 */
   each = kt_max_size(each, (size_t)H * sizeof(float));                                /* B5 */
   c.scratch_each = kt_align_up(each);
-  const int32_t nthreads = kt_pool_num_threads(m->pool);
   const int split_routes = kt_split_by_route(c.n_hblk, nthreads);
   const int go_f32 = args->grad_output_dtype == KT_DTYPE_F32;
 
@@ -368,7 +386,7 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
     kt_moe_run_phase(m, KT_PHASE_B4, n_active * c.n_hblk, b4_input_routes, &c);
     kt_moe_run_phase(m, KT_PHASE_B5, T, b5_sum_routes, &c);
   } else {
-    kt_moe_run_phase(m, KT_PHASE_B4, c.n_hblk, b4_input, &c);
+    kt_moe_run_phase(m, KT_PHASE_B4, (c.n_hblk + c.hspan - 1) / c.hspan, b4_input, &c);
   }
 
   kt_free(wa.base);
