@@ -467,19 +467,13 @@ class MoELoRA(nn.Module):
         """
         index = SafetensorsIndex(files)
         layout = find_experts(index, prefix, expert_num, key_format, proj_names=proj_names)
-        options["group_size"] = _layer_group_size(
+        return cls._loaded(
+            (layout.expert_num, layout.hidden_size, layout.intermediate_size),
             layout.int4_group_size,
-            options.get("quant", "bf16"),
-            options.get("group_size"),
             f"the int4 checkpoint at {layout.prefix!r}",
+            options,
+            lambda layer: layer.load_experts_from(index, layout),
         )
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        init = options.pop("init_lora_weights", True)
-        layer._setup(layout.expert_num, layout.hidden_size, layout.intermediate_size, **options)
-        layer.load_experts_from(index, layout)
-        layer.reset_lora_parameters(init)
-        return layer
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, layer: int, **options: Any) -> MoELoRA:
@@ -504,20 +498,34 @@ class MoELoRA(nn.Module):
         MoELoRA
         """
         experts = GGUFExperts(path, layer)
-        options["group_size"] = _layer_group_size(
+
+        def load(module: MoELoRA) -> None:
+            for e, mats in experts:
+                module._load_int4_expert(e, mats, experts.group_size)
+
+        return cls._loaded(
+            (experts.expert_num, experts.hidden_size, experts.intermediate_size),
             experts.group_size,
-            options.get("quant", "bf16"),
-            options.get("group_size"),
             f"the Q4_0 experts of blk.{layer} in {experts.path}",
+            options,
+            load,
         )
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
+
+    @classmethod
+    def _loaded(cls, sizes: tuple, source_group: int, source: str, options: dict, load) -> MoELoRA:
+        """A layer of ``sizes`` (E, H, I) built from ``options`` (the group size settled against
+        the source's, see :func:`_layer_group_size`), its experts packed by ``load(layer)`` and
+        its LoRA tensors initialized."""
+        options["group_size"] = _layer_group_size(
+            source_group, options.get("quant", "bf16"), options.get("group_size"), source
+        )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
         init = options.pop("init_lora_weights", True)
-        module._setup(experts.expert_num, experts.hidden_size, experts.intermediate_size, **options)
-        for e, mats in experts:
-            module._load_int4_expert(e, mats, experts.group_size)
-        module.reset_lora_parameters(init)
-        return module
+        layer._setup(*sizes, **options)
+        load(layer)
+        layer.reset_lora_parameters(init)
+        return layer
 
     def _load_int4_expert(self, e: int, mats: dict, group_size: int) -> None:
         """Expert ``e`` given in ktsft's int4 layout: as it is into an int4 layer (of the same
