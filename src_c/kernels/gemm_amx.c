@@ -115,14 +115,14 @@ static const kt_kernels *twin(void) {
 static size_t twin_scratch_bytes(int64_t n, int64_t k) { return twin()->gemm_scratch_bytes(n, k); }
 #endif
 
-static size_t q4_scratch_bytes(int64_t n, int64_t k);
+static size_t q4_scratch_bytes(int64_t k);
 
 static size_t amx_gemm_scratch_bytes(int64_t n, int64_t k) {
   const int64_t kp2 = ceil_div(k, K_BF16) * K_BF16, kp4 = ceil_div(k, K_I8) * K_I8;
   const int64_t nt = BLOCK_M * (kp2 * 2 > kp4 ? kp2 * 2 : kp4);
   const int64_t nn = max_out_tiles(n) * (kp2 / K_BF16) * TILE_BYTES + NN_PARTS * BLOCK_M * kp2 * 2;
   const size_t own = (size_t)((nt > nn ? nt : nn) + TILE_BYTES + KT_CACHE_LINE);
-  return kt_max_size(kt_max_size(own, q4_scratch_bytes(n, k)), twin_scratch_bytes(n, k));
+  return kt_max_size(kt_max_size(own, q4_scratch_bytes(k)), twin_scratch_bytes(n, k));
 }
 
 static char *align_scratch(void *scratch) {
@@ -201,6 +201,13 @@ static void write_tile(const epilogue *ep, const char *buf, int64_t m0, int64_t 
   }
 }
 
+/* If the model faulted since `faults` was read, says so in C [M, n] (NaN), not with garbage. */
+static void poison_on_fault(uint64_t faults, int64_t M, int64_t n, float *c, int64_t ldc) {
+  if (thread_faults() != faults)
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t j = 0; j < n; j++) c[m * ldc + j] = NAN;
+}
+
 /* C[0:M, 0:n] over output columns [n0, n0 + n): A blocks come from fill_a (BLOCK_M rows of
  * lda_bytes each, `parts` copies), B tiles of output tile column t start at b + t * b_col_bytes
  * (t counted from tile column t_base). */
@@ -231,9 +238,7 @@ static void run_gemm(kind kd, int64_t M, fill_a_fn fill_a, const void *actx, int
       }
     }
   }
-  if (thread_faults() != faults) /* the model faulted: say so in the result, not with garbage */
-    for (int64_t m = 0; m < M; m++)
-      for (int64_t j = 0; j < n; j++) c[m * ldc + j] = NAN;
+  poison_on_fault(faults, M, n, c, ldc);
 }
 
 /* ---- "x W^T" ------------------------------------------------------------------------------- */
@@ -376,8 +381,7 @@ enum { Q4_CHUNK_M = 4 * BLOCK_M };
 
 /* Scratch of amx_gemm_nt_q4 for reductions of length k: the A rows of a pass, two columns of B
  * tiles of one group, a stored tile, the fp32 sums of a pass and the scales of one group. */
-static size_t q4_scratch_bytes(int64_t n, int64_t k) {
-  (void)n;
+static size_t q4_scratch_bytes(int64_t k) {
   const int64_t a = Q4_CHUNK_M * ceil_div(k, K_I8) * K_I8;
   return (size_t)(a + 5 * TILE_BYTES + (Q4_CHUNK_M + 1) * 2 * TILE_ROWS * 4 + KT_CACHE_LINE);
 }
@@ -429,19 +433,18 @@ static void amx_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, 
           }
         }
       }
-      /* the row scale of A, into C's columns of these tiles in [n0, n0 + n) */
-      const int64_t t0 = t * TILE_ROWS, j0 = n0 > t0 ? n0 - t0 : 0;
-      const int64_t end = t0 + (two_n ? 2 : 1) * TILE_ROWS, j1 = (end < n0 + n ? end : n0 + n) - t0;
+      /* the row scale of A, into C's columns of these tiles before n0 + n (n0 is a multiple
+       * of KT_BLOCK_N, so the first tile starts at n0) */
+      const int64_t t0 = t * TILE_ROWS, end = t0 + (two_n ? 2 : 1) * TILE_ROWS;
+      const int64_t j1 = (end < n0 + n ? end : n0 + n) - t0;
       for (int64_t i = 0; i < rows; i++) {
         const float sa = a->scale[a->index ? (int64_t)a->index[m0 + i] : m0 + i];
         float *crow = c + (m0 + i) * ldc + (t0 - n0);
-        for (int64_t j = j0; j < j1; j++) crow[j] = sa * acc[i * 2 * TILE_ROWS + j];
+        for (int64_t j = 0; j < j1; j++) crow[j] = sa * acc[i * 2 * TILE_ROWS + j];
       }
     }
   }
-  if (thread_faults() != faults)
-    for (int64_t m = 0; m < a->count; m++)
-      for (int64_t j = 0; j < n; j++) c[m * ldc + j] = NAN;
+  poison_on_fault(faults, a->count, n, c, ldc);
 }
 
 /* ---- "x W" --------------------------------------------------------------------------------- */
