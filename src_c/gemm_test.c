@@ -14,11 +14,13 @@ static kt_status run(kt_isa isa, kt_gemm_op op, const void *a, const float *a_sc
     return kt_fail(err, KT_ERR_ISA_UNAVAILABLE, "kernel family '%s' is not available here",
                    kt_isa_name(isa));
   const int64_t out_cols = op == KT_GEMM_NN ? cols : rows;
-  if (m < 1 || rows < 1 || cols < 1 || n < 1 || n0 < 0 || n0 % KT_BLOCK_N || n0 + n > out_cols)
+  const int64_t max_n = op == KT_GEMM_NN && m <= KT_FEW_ROWS ? KT_WIDE_N : KT_BLOCK_N;
+  if (m < 1 || rows < 1 || cols < 1 || n < 1 || n > max_n || n0 < 0 || n0 % KT_BLOCK_N ||
+      n0 + n > out_cols)
     return kt_fail(err, KT_ERR_INVALID_ARGUMENT,
                    "bad sizes: m %" PRId64 ", W [%" PRId64 ", %" PRId64 "], columns [%" PRId64
-                   ", %" PRId64 ")",
-                   m, rows, cols, n0, n0 + n);
+                   ", %" PRId64 ") (at most %" PRId64 " of them)",
+                   m, rows, cols, n0, n0 + n, max_n);
   const kt_wtype wt = w_dtype == KT_DTYPE_INT8       ? KT_WTYPE_INT8
                       : w_dtype == KT_DTYPE_FP8_E4M3 ? KT_WTYPE_FP8
                       : w_dtype == KT_DTYPE_INT4     ? KT_WTYPE_INT4

@@ -22,6 +22,13 @@ static inline int64_t kt_block_len(int64_t total, int64_t start) {
 
 static inline size_t kt_max_size(size_t a, size_t b) { return a > b ? a : b; }
 
+/* x W (gemm_nn, gemm_nn_q4) of at most KT_FEW_ROWS rows of A, a few tokens per expert, is bound
+ * by the stream of W: every family takes up to KT_WIDE_N columns in one such call (more rows:
+ * at most KT_BLOCK_N), so that the engine hands it wide column spans and W is read in long runs
+ * instead of one band of KT_BLOCK_N columns per call. */
+#define KT_FEW_ROWS 4
+#define KT_WIDE_N 1024
+
 /* ---- bf16 --------------------------------------------------------------------------------- */
 
 static inline float kt_bf16_to_f32(uint16_t b) {
@@ -182,7 +189,8 @@ typedef struct kt_kernels {
   /* Scratch any of the GEMMs needs for outputs of at most n columns and reductions of length
    * k. */
   size_t (*gemm_scratch_bytes)(int64_t n, int64_t k);
-  /* n0 is a multiple of KT_BLOCK_N in every GEMM below (faster families pack W in blocks).
+  /* n0 is a multiple of KT_BLOCK_N in every GEMM below (faster families pack W in blocks), and
+   * n at most KT_BLOCK_N, except in x W of at most KT_FEW_ROWS rows (KT_WIDE_N).
    * "x W^T", W bf16: C[m, j] = sum_c A[m, c] * W[n0 + j, c], m < A.count, j < n, c < W.cols. */
   void (*gemm_nt)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                   int64_t ldc, void *scratch);

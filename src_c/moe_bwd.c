@@ -3,14 +3,18 @@
  *
  *   B0  per token block       go as bf16 (only when the caller passes float32)
  *   B1  per expert            q = go B_d                                            [R_e, r]
- *   B2  per expert, I block   z = go W_d; h again from the saved g, u; grad_w parts <z, h>
+ *   B2  per expert, I span    z = go W_d; h again from the saved g, u; grad_w parts <z, h>
  *                             (int8: h as the down GEMM saw it);
  *                             dh = w (z + s q A_d); dg, du (bf16); dA_d, dB_g, dB_u blocks
  *   B3  per expert            b_g = dg B_g, b_u = du B_u; grad_w = sum of parts + s <q, a_d>
  *   B4  per H block           dx = sum over experts of dg W_g + du W_u + s (b_g A_g + b_u A_u);
  *                             dA_g, dA_u, dB_d blocks
- *       (fewer H blocks than 2 threads each: per expert and H block, each route's part to a
- *       buffer; B5, per token, sums them in the same order)
+ *       (fewer H blocks than 2 threads each, or a few routes per expert: per expert and span of
+ *       H, each route's part to a buffer; B5, per token, sums them in the same order)
+ *
+ * With at most KT_FEW_ROWS routes per expert, x W (B2, B4) is bound by reading W: its items then
+ * span up to KT_WIDE_N columns, so that each call streams W in long runs. Otherwise an I span is
+ * one block of KT_BLOCK_N columns.
  *
  * Like the forward, each output element has one owner that sums in a fixed order. */
 #include <inttypes.h>
@@ -29,7 +33,9 @@ typedef struct bwd_ctx {
   float *y_route;         /* [R, H] when B4 splits by route (see b4_input_routes), else NULL */
   uint16_t *dg, *du;      /* [R, I] */
   int64_t max_routes, n_iblk, n_hblk, n_tblk;
-  int64_t hspan; /* H blocks per b4_input item */
+  int64_t hspan;          /* H blocks per b4_input item */
+  int64_t ispan, n_ispan; /* I columns per B2 item, and such spans per expert */
+  int64_t hcols, n_hcols; /* H columns per b4_input_routes item, and such spans per expert */
   char *scratch;
   size_t scratch_each;
 } bwd_ctx;
@@ -62,24 +68,20 @@ static void b1_q(void *vc, int64_t item, int32_t worker) {
                    worker_scratch(c, worker));
 }
 
-static void b2_down_act(void *vc, int64_t item, int32_t worker) {
-  const bwd_ctx *c = vc;
+/* Expert e in the I block i0 .. i0 + nb, given z = go W_d of the block (row stride ldz): h, the
+ * grad_w parts, dh, dg, du and the blocks of dA_d, dB_g, dB_u. work: 5 M nb + nb r floats. */
+static void b2_block(const bwd_ctx *c, int32_t e, int64_t i0, int64_t nb, float *z, int64_t ldz,
+                     float *work) {
   const kt_moe *m = c->m;
   const kt_saved *st = c->st;
   const kt_routing *rt = &st->rt;
   const kt_backward_args *a = c->args;
-  const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
+  const int64_t I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
   const float s = m->scale;
-  const int32_t e = rt->active[item / c->n_iblk];
-  const int64_t ib = item % c->n_iblk, i0 = ib * KT_BLOCK_N, nb = kt_block_len(I, i0);
+  const int64_t ib = i0 / KT_BLOCK_N;
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off, tile = M * nb;
-  float *z = worker_scratch(c, worker), *g = z + tile, *u = g + tile, *sg = u + tile;
-  float *silu_g = sg + tile, *h = silu_g + tile, *small = h + tile;
-  void *gemm_scratch = small + KT_BLOCK_N * r;
-
-  const kt_rows go = {c->go, H, rt->token + off, M};
-  const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
-  kt_base_gemm_nn(m->kern, &go, &wd, i0, nb, z, nb, gemm_scratch);
+  float *g = work, *u = g + tile, *sg = u + tile, *silu_g = sg + tile, *h = silu_g + tile;
+  float *small = h + tile;
   const kt_rows gr = {st->g + off * I, I, NULL, M}, ur = {st->u + off * I, I, NULL, M};
   kt_rows_to_f32(&gr, i0, nb, g, nb);
   kt_rows_to_f32(&ur, i0, nb, u, nb);
@@ -93,18 +95,18 @@ static void b2_down_act(void *vc, int64_t item, int32_t worker) {
     float part = 0.0f;
     for (int64_t j = 0; j < nb; j++) {
       const float hv = h[mm * nb + j];
-      part += z[mm * nb + j] * (st->h_scale ? kt_dequantize_value(hv, hs) : hv);
+      part += z[mm * ldz + j] * (st->h_scale ? kt_dequantize_value(hv, hs) : hv);
     }
     c->gw_part[(off + mm) * c->n_iblk + ib] = part;
   }
   /* dh = w (z + s q A_d[:, block]), kept in z */
   const float *q = c->q + off * r;
-  m->kern->lora_add_nn(M, nb, r, q, a->lora.down_a + e * r * I, I, i0, s, z, nb);
+  m->kern->lora_add_nn(M, nb, r, q, a->lora.down_a + e * r * I, I, i0, s, z, ldz);
   for (int64_t mm = 0; mm < M; mm++) {
     const float w = rt->weight[off + mm];
     for (int64_t j = 0; j < nb; j++) {
       const int64_t t = mm * nb + j;
-      const float dh = w * z[t];
+      const float dh = w * z[mm * ldz + j];
       const float dg = dh * u[t] * sg[t] * (1.0f + g[t] * (1.0f - sg[t]));
       const uint16_t dgb = kt_f32_to_bf16(dg), dub = kt_f32_to_bf16(dh * silu_g[t]);
       c->dg[(off + mm) * I + i0 + j] = dgb;
@@ -122,6 +124,24 @@ static void b2_down_act(void *vc, int64_t item, int32_t worker) {
   kt_store_bf16(a->grads.gate_b + (e * I + i0) * r, small, nb * r, a->accumulate);
   m->kern->outer_nr(M, nb, r, u, nb, st->a_u + off * r, s, small);
   kt_store_bf16(a->grads.up_b + (e * I + i0) * r, small, nb * r, a->accumulate);
+}
+
+/* One expert and span of I: z = go W_d in one call, then each block of it. */
+static void b2_down_act(void *vc, int64_t item, int32_t worker) {
+  const bwd_ctx *c = vc;
+  const kt_moe *m = c->m;
+  const kt_routing *rt = &c->st->rt;
+  const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size, r = m->cfg.lora_rank;
+  const int32_t e = rt->active[item / c->n_ispan];
+  const int64_t i0 = (item % c->n_ispan) * c->ispan, width = min_i64(c->ispan, I - i0);
+  const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+  float *z = worker_scratch(c, worker), *work = z + M * width;
+  void *gemm_scratch = work + 5 * M * KT_BLOCK_N + KT_BLOCK_N * r;
+  const kt_rows go = {c->go, H, rt->token + off, M};
+  const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
+  kt_base_gemm_nn(m->kern, &go, &wd, i0, width, z, width, gemm_scratch);
+  for (int64_t b0 = i0; b0 < i0 + width; b0 += KT_BLOCK_N)
+    b2_block(c, e, b0, kt_block_len(I, b0), z + (b0 - i0), width, work);
 }
 
 static void b3_lora_b_and_weights(void *vc, int64_t item, int32_t worker) {
@@ -149,7 +169,8 @@ static void b3_lora_b_and_weights(void *vc, int64_t item, int32_t worker) {
 }
 
 /* Expert e in the H columns h0 .. h0 + nb: y [M, nb] (row stride ldy) = dg W_g + s b_g A_g +
- * (du W_u + s b_u A_u), each route's part of dx; and the blocks of dA_g, dA_u and dB_d. */
+ * (du W_u + s b_u A_u), each route's part of dx; and the blocks of dA_g, dA_u and dB_d. work:
+ * (2 max_routes + r) nb floats, then the GEMMs' scratch. */
 static void b4_expert_block(const bwd_ctx *c, int32_t e, int64_t h0, int64_t nb, float *y,
                             int64_t ldy, float *work) {
   const kt_moe *m = c->m;
@@ -161,7 +182,7 @@ static void b4_expert_block(const bwd_ctx *c, int32_t e, int64_t h0, int64_t nb,
   const float s = m->scale;
   const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
   float *yu = work, *xt = yu + Mx * nb, *small = xt + Mx * nb;
-  void *gemm_scratch = small + KT_BLOCK_N * r;
+  void *gemm_scratch = small + nb * r;
   const kt_rows dg = {c->dg + off * I, I, NULL, M}, du = {c->du + off * I, I, NULL, M};
   const kt_packed wg = kt_moe_weight(m, KT_GATE, e), wu = kt_moe_weight(m, KT_UP, e);
   const float *bg = c->b_g + off * r, *bu = c->b_u + off * r;
@@ -220,14 +241,15 @@ static void b4_input(void *vc, int64_t item, int32_t worker) {
     kt_store_bf16(c->args->grad_input + t * H + w0, acc + t * width, width, c->args->accumulate);
 }
 
-/* Too few H blocks for the threads: one item per (expert, H block) writes each route's part to
- * y_route [R, H]; b5_sum_routes then adds a token's parts in the order b4_input does. */
+/* Too few H blocks for the threads, or a few routes per expert: one item per expert and span of
+ * hcols columns writes each route's part to y_route [R, H]; b5_sum_routes then adds a token's
+ * parts in the order b4_input does. */
 static void b4_input_routes(void *vc, int64_t item, int32_t worker) {
   const bwd_ctx *c = vc;
   const kt_routing *rt = &c->st->rt;
   const int64_t H = c->m->cfg.hidden_size;
-  const int32_t e = rt->active[item / c->n_hblk];
-  const int64_t h0 = (item % c->n_hblk) * KT_BLOCK_N, nb = kt_block_len(H, h0);
+  const int32_t e = rt->active[item / c->n_hcols];
+  const int64_t h0 = (item % c->n_hcols) * c->hcols, nb = min_i64(c->hcols, H - h0);
   b4_expert_block(c, e, h0, nb, c->y_route + rt->offset[e] * H + h0, H, worker_scratch(c, worker));
 }
 
@@ -272,6 +294,16 @@ static void zero_unrouted(void *vc, int64_t e, int32_t worker) {
   size_t bytes[6];
   expert_grad_slices(c, e, slice, bytes);
   for (int i = 0; i < 6; i++) memset(slice[i], 0, bytes[i]);
+}
+
+/* Columns per item of a phase that splits each of n_active experts' `cols` columns: KT_BLOCK_N,
+ * or with a few routes per expert up to KT_WIDE_N, as many as leave 4 items per thread. */
+static int64_t span_cols(int few, int64_t cols, int64_t n_active, int32_t nthreads) {
+  int64_t w = KT_BLOCK_N;
+  while (few && 2 * w <= KT_WIDE_N && w < cols &&
+         n_active * ((cols + 2 * w - 1) / (2 * w)) >= 4 * (int64_t)nthreads)
+    w *= 2;
+  return w;
 }
 
 kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err) {
@@ -328,21 +360,31 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
     if (n > c.max_routes) c.max_routes = n;
   }
   const int64_t K = H > I ? H : I, Mx = c.max_routes, NB = KT_BLOCK_N;
-  size_t each = m->kern->gemm_scratch_bytes(r, K); /* B1, B3 */
-  each = kt_max_size(each, (size_t)(6 * Mx * NB + NB * r) * sizeof(float) +
-                               kt_base_gemm_scratch_bytes(m->kern, m->wtype, NB, H)); /* B2 */
   const int32_t nthreads = kt_pool_num_threads(m->pool);
+  const int few = Mx <= KT_FEW_ROWS;
+  c.ispan = span_cols(few, I, rt->n_active, nthreads);
+  c.n_ispan = (I + c.ispan - 1) / c.ispan;
+  c.hcols = span_cols(few, H, rt->n_active, nthreads);
+  c.n_hcols = (H + c.hcols - 1) / c.hcols;
+  const int64_t wi = min_i64(c.ispan, I), wh = min_i64(c.hcols, H);
+  size_t each = m->kern->gemm_scratch_bytes(r, K); /* B1, B3 */
+  each = kt_max_size(each, (size_t)(Mx * wi + 5 * Mx * NB + NB * r) * sizeof(float) +
+                               kt_base_gemm_scratch_bytes(m->kern, m->wtype, wi, H)); /* B2 */
   /* int4: items of up to 8 H blocks (one line of group scales), while every thread keeps two
    * items and an item's sums stay within 1 MB */
   c.hspan = 1;
   if (m->wtype == KT_WTYPE_INT4)
     while (c.hspan < 8 && c.n_hblk >= 4 * c.hspan * nthreads && T * 2 * c.hspan * NB <= 262144)
       c.hspan *= 2;
-  each = kt_max_size(each, (size_t)((T * c.hspan + 3 * Mx) * NB + NB * r) * sizeof(float) +
-                               kt_base_gemm_scratch_bytes(m->kern, m->wtype, NB, I)); /* B4 */
-  each = kt_max_size(each, (size_t)H * sizeof(float));                                /* B5 */
+  const int split_routes = few || kt_split_by_route(c.n_hblk, nthreads);
+  if (split_routes) /* b4_input_routes */
+    each = kt_max_size(each, (size_t)((2 * Mx + r) * wh) * sizeof(float) +
+                                 kt_base_gemm_scratch_bytes(m->kern, m->wtype, wh, I));
+  else /* b4_input */
+    each = kt_max_size(each, (size_t)((T * c.hspan + 3 * Mx) * NB + NB * r) * sizeof(float) +
+                                 kt_base_gemm_scratch_bytes(m->kern, m->wtype, NB, I));
+  each = kt_max_size(each, (size_t)H * sizeof(float)); /* B5 */
   c.scratch_each = kt_align_up(each);
-  const int split_routes = kt_split_by_route(c.n_hblk, nthreads);
   const int go_f32 = args->grad_output_dtype == KT_DTYPE_F32;
 
   kt_arena wa = {NULL, 0};
@@ -380,10 +422,10 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   const int64_t n_active = rt->n_active;
   if (go_f32) kt_moe_run_phase(m, KT_PHASE_B0, c.n_tblk, b0_convert_go, &c);
   kt_moe_run_phase(m, KT_PHASE_B1, n_active, b1_q, &c);
-  kt_moe_run_phase(m, KT_PHASE_B2, n_active * c.n_iblk, b2_down_act, &c);
+  kt_moe_run_phase(m, KT_PHASE_B2, n_active * c.n_ispan, b2_down_act, &c);
   kt_moe_run_phase(m, KT_PHASE_B3, n_active, b3_lora_b_and_weights, &c);
   if (split_routes) {
-    kt_moe_run_phase(m, KT_PHASE_B4, n_active * c.n_hblk, b4_input_routes, &c);
+    kt_moe_run_phase(m, KT_PHASE_B4, n_active * c.n_hcols, b4_input_routes, &c);
     kt_moe_run_phase(m, KT_PHASE_B5, T, b5_sum_routes, &c);
   } else {
     kt_moe_run_phase(m, KT_PHASE_B4, (c.n_hblk + c.hspan - 1) / c.hspan, b4_input, &c);

@@ -246,7 +246,18 @@ def test_kernel_gemm_nt_q4(kernel, m, rows, cols, n0, n, g):
     assert_fp32_sums(c, terms, ng + 3, f"nt_q4 {_core.isa_variant(kernel)}")
 
 
-@pytest.mark.parametrize("m, rows, cols, n0, n, g", INT4_GEMM_CASES)
+# x W of at most 4 rows takes up to 1024 columns in one call (the engine's wide spans): several
+# bands of 64 columns, partial last bands and groups, W over several chunks of blocks
+INT4_NN_WIDE_CASES = [
+    (1, 600, 1100, 64, 1000, 32),
+    (2, 45, 300, 0, 300, 64),
+    (3, 530, 520, 128, 392, 128),
+    (4, 17, 1030, 0, 1024, 32),
+    (4, 100, 203, 64, 139, 32),
+]
+
+
+@pytest.mark.parametrize("m, rows, cols, n0, n, g", INT4_GEMM_CASES + INT4_NN_WIDE_CASES)
 def test_kernel_gemm_nn_q4(kernel, m, rows, cols, n0, n, g):
     """x W: the group scale of each output column's group folded into A in fp32, the nibbles as
     they are."""

@@ -228,6 +228,7 @@ def test_runtime_info_reports_the_variant():
 # ---- x W of a few rows: the avx2 and avx512 path without transposes ----------------------------
 
 FEW_ISAS = [i for i in ("avx2", "avx512") if i in AVAILABLE]
+KERNEL_ISAS_ALL = [i for i in ("generic", "avx2", "avx512", "amx", "amx-emu") if i in AVAILABLE]
 # (rows, cols, n0, n): k = rows is not a multiple of 16 and n not one of 8; 300 and 530 rows
 # span several chunks of W; n0 + n = cols with 200 ends at the last column block of W.
 FEW_SHAPES = [
@@ -260,3 +261,24 @@ def test_gemm_nn_few_rows(isa, wtype, m, rows, cols, n0, n):
         c = gemm(isa, "nn", a, w, n0, n)
         terms = _f64(a)[:, None, :] * _f64(w).T[None, n0 : n0 + n, :]
     _assert_fp32_sum(c, terms, rows, f"{isa} nn {wtype}")
+
+
+# At most 4 rows take up to 1024 columns in one call (the engine's wide spans of a few routes per
+# expert): several column groups and chunks of W, partial last groups, n0 > 0.
+WIDE_SHAPES = [(300, 1100, 64, 1000), (40, 300, 0, 300), (530, 1030, 0, 1024), (17, 203, 64, 139)]
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS_ALL)
+@pytest.mark.parametrize("wtype", ["bf16", "int8"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows, cols, n0, n", WIDE_SHAPES)
+def test_gemm_nn_few_rows_wide(isa, wtype, m, rows, cols, n0, n):
+    """Every family's x W of a few rows over a wide span of columns, as test_gemm_nn_few_rows."""
+    test_gemm_nn_few_rows(isa, wtype, m, rows, cols, n0, n)
+
+
+def test_gemm_nn_wide_needs_few_rows():
+    """More than 4 rows of A take at most 64 columns: the harness refuses wider calls."""
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="at most 64"):
+        gemm("generic", "nn", _bf16(rng, (5, 40)), _bf16(rng, (40, 200)), 0, 128)

@@ -25,12 +25,12 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Y_PREFETCH_BLOCKS = 4,
-  Y_PREFETCH_UNITS = 64,   /* x W^T, fp8: how far ahead the stream of units is fetched */
-  FEW_LANES = 8,           /* fp32 lanes of one accumulator */
-  NN_FEW_M = 4,            /* x W of at most this many rows: lane accumulators, no transpose */
-  FEW_ACC = 8,             /* ... in a register tile of 8 accumulators */
-  FEW_CHUNK_BYTES = 16384, /* ... over chunks of this many bytes of W */
-  FEW_PREFETCH_BLOCKS = 2,
+  Y_PREFETCH_UNITS = 64,    /* x W^T, fp8: how far ahead the stream of units is fetched */
+  FEW_LANES = 8,            /* fp32 lanes of one accumulator */
+  NN_FEW_M = KT_FEW_ROWS,   /* x W of at most this many rows: lane accumulators, no transpose */
+  FEW_ACC = 8,              /* ... in a register tile of 8 accumulators */
+  FEW_CHUNK_BYTES = 131072, /* ... over chunks of this many bytes of W */
+  FEW_PREFETCH_BLOCKS = 2,  /* ... int4: the blocks this far ahead fetched into L1 */
 };
 
 static size_t q4_nt_scratch_bytes(int64_t n, int64_t k);
@@ -373,14 +373,14 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
  * where a transpose costs about 10 operations per half unit. The register tile holds FEW_ACC
  * accumulators (1 or 2 rows of A), which leaves registers for A and W: its column groups (8 or 4
  * columns of bf16, 8 or 4 units of int8) tile the units W is padded to, so no load passes them.
- * The blocks are taken in chunks of FEW_CHUNK_BYTES of the item's columns: within a chunk the
- * tile walks the columns in groups, so the chunk is read from DRAM once; the blocks
- * FEW_PREFETCH_BLOCKS ahead are prefetched during the first group. The accumulators live in
- * the scratch between chunks. */
+ * The blocks are taken in chunks of FEW_CHUNK_BYTES of the item's columns (up to KT_WIDE_N of
+ * them): within a chunk the tile walks the columns in groups, so the chunk is read from DRAM
+ * once, and each tile of the first row fetches its units of the next chunk into L2. The
+ * accumulators live in the scratch between chunks. */
 static inline __attribute__((always_inline)) void nn_few_tile(
     const int mr, const int slots, kt_wtype t, const float *af, int64_t ldaf, const kt_packed *w,
     int64_t units, int64_t b0, int64_t b1, int64_t u0, float *acc_mem, int64_t ld_acc, int first,
-    int64_t prefetch_lines, int64_t nblocks) {
+    int64_t ahead, int64_t nblocks) {
   const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
   __m256 acc[FEW_ACC];
   for (int m = 0; m < mr; m++)
@@ -389,9 +389,9 @@ static inline __attribute__((always_inline)) void nn_few_tile(
           first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_mem + (m * ld_acc + j) * 8);
   for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
-    if (b + FEW_PREFETCH_BLOCKS < nblocks)
-      for (int64_t l = 0; l < prefetch_lines; l++)
-        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+    if (ahead && b + ahead < nblocks) /* this tile's units of the block `ahead` blocks on */
+      for (int l = 0; l < (t == KT_WTYPE_BF16 ? slots / 2 : slots); l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + ahead, u0 + l), _MM_HINT_T1);
     for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7 of the block */
       __m256 av[2];
       for (int m = 0; m < mr; m++) av[m] = _mm256_loadu_ps(af + m * ldaf + 16 * b + 8 * h);
@@ -698,8 +698,8 @@ static size_t q4_nn_scratch_bytes(int64_t k) {
   return kt_max_size(few, many) + KT_CACHE_LINE;
 }
 
-static void q4_nn_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
-                      int64_t ldc, void *scratch) {
+static void q4_nn_few_band(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                           int64_t ldc, void *scratch) {
   const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
   const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), u0 = n0 / 8, lines = (n + 7) / 8;
   const int64_t ns = (n + Q4_RUN - 1) / Q4_RUN, ld_spread = ns * 4 * len;
@@ -774,13 +774,15 @@ static void q4_transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int6
   }
 }
 
-/* The table's gemm_nn_q4: a few rows on q4_nn_few; more through the transposed fp32 block and
+/* The table's gemm_nn_q4: a few rows on q4_nn_few_band, a band of 64 columns at a time (its A is
+ * spread once per band for the band's two groups); more through the transposed fp32 block and
  * the register tile of nn_drive.h, each run of 32 columns with its rows of A folded by its
  * group. */
 static void y_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                          int64_t ldc, void *scratch) {
   if (a->count <= NN_FEW_M) {
-    q4_nn_few(a, w, n0, n, c, ldc, scratch);
+    for (int64_t j = 0; j < n; j += KT_BLOCK_N)
+      q4_nn_few_band(a, w, n0 + j, kt_block_len(n, j), c + j, ldc, scratch);
     return;
   }
   const int64_t k = w->rows, ns = (n + Q4_RUN - 1) / Q4_RUN;

@@ -33,16 +33,16 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Z_PREFETCH_BLOCKS = 4,
-  Z_PREFETCH_UNITS = 64,   /* x W^T: how far ahead each stream of units is fetched */
-  FEW_LANES = 16,          /* fp32 lanes of one accumulator */
-  NN_FEW_M = 4,            /* x W of at most this many rows: lane accumulators, no transpose */
-  FEW_ACC = 16,            /* ... in a register tile of 16 accumulators */
-  FEW_CHUNK_BYTES = 16384, /* ... over chunks of this many bytes of W */
-  FEW_PREFETCH_BLOCKS = 2,
-  Q4_RUNS = 2,         /* int4 x W: runs of 32 columns in a call (one group each) */
-  Q4_FEW_CHUNK = 32,   /* ... a few rows: blocks of W per chunk (16 KB of 64 columns) */
-  Q4_FEW_PREFETCH = 4, /* ... fetched this many blocks ahead (2 KB) */
+  Z_PREFETCH_UNITS = 64,      /* x W^T: how far ahead each stream of units is fetched */
+  FEW_LANES = 16,             /* fp32 lanes of one accumulator */
+  NN_FEW_M = KT_FEW_ROWS,     /* x W of at most this many rows: lane accumulators, no transpose */
+  FEW_ACC = 16,               /* ... in a register tile of 16 accumulators */
+  FEW_CHUNK_BYTES = 131072,   /* ... over chunks of this many bytes of W */
+  Q4_RUNS = 2,                /* int4 x W: runs of 32 columns in a call (one group each) */
+  Q4_FEW_CHUNK_BYTES = 65536, /* ... a few rows: bytes of W per chunk */
 };
+
+static size_t q4_few_scratch_bytes(int64_t n);
 
 /* x W^T: A rows as fp32 (or int16 pairs), 12 rows x (cols rounded up to 64); int4: A's int8 rows
  * with their group sums and the transposed group scales (avx512_nt_q4.h);
@@ -56,7 +56,7 @@ static size_t z_scratch_bytes(int64_t n, int64_t k) {
    * twice, 16 accumulators per row and two runs of scales */
   const int64_t kp = (k + 15) & ~(int64_t)15;
   const size_t few = (size_t)NN_FEW_M * (size_t)(kp + ((n + 15) & ~(int64_t)15) * 16) * 4;
-  const size_t few_q4 = (size_t)((NN_FEW_M + 1) * Q4_RUNS * kp + NN_FEW_M * 16 * 16) * 4;
+  const size_t few_q4 = q4_few_scratch_bytes(n);
   const size_t most = kt_max_size(kt_max_size(nt + nn, nn_q4), kt_max_size(few, few_q4));
   return kt_max_size(most + KT_CACHE_LINE, kt_z4_nt_scratch_bytes(k));
 }
@@ -432,13 +432,15 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
  *   fp8   the same with the quarters decoded from e4m3 (e4m3x32_to_f32, 2 per unit);
  * where a transpose costs about 10 operations per unit. The register tile holds FEW_ACC
  * accumulators (1 or 2 rows of A). The blocks are taken in chunks of FEW_CHUNK_BYTES of the
- * item's columns: within a chunk the tile walks the columns in groups, so the chunk is read from
- * DRAM once; the blocks FEW_PREFETCH_BLOCKS ahead are prefetched during the first group. The
- * accumulators live in the scratch between chunks. */
+ * item's columns (up to KT_WIDE_N of them: long runs of memory): within a chunk the tile walks
+ * the columns in groups, so the chunk is read from DRAM once, and each tile of the first row
+ * fetches its units of the next chunk (`ahead` blocks on) into L2: into L1 they would evict the
+ * chunk and the accumulators before their turn. The accumulators live in the scratch between
+ * chunks. */
 static inline __attribute__((always_inline)) void nn_few_tile(
     const int mr, const int slots, kt_wtype t, const float *af, int64_t ldaf, const kt_packed *w,
     int64_t units, int64_t b0, int64_t b1, int64_t u0, float *acc_mem, int64_t ld_acc, int first,
-    int64_t prefetch_lines, int64_t nblocks) {
+    int64_t ahead, int64_t nblocks) {
   const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
   __m512 acc[FEW_ACC];
   for (int m = 0; m < mr; m++)
@@ -447,9 +449,9 @@ static inline __attribute__((always_inline)) void nn_few_tile(
           first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_mem + (m * ld_acc + j) * 16);
   for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
-    if (b + FEW_PREFETCH_BLOCKS < nblocks)
-      for (int64_t l = 0; l < prefetch_lines; l++)
-        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+    if (ahead && b + ahead < nblocks) /* this tile's units of the block `ahead` blocks on */
+      for (int l = 0; l < (t == KT_WTYPE_BF16 ? slots / 2 : slots); l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + ahead, u0 + l), _MM_HINT_T1);
     if (t != KT_WTYPE_BF16) {
       /* lane 4i + q of quarter p is row 4p + i, column q of the unit */
       __m512 aq[2][4];
@@ -572,27 +574,28 @@ static void q4_fold_rows(const kt_rows *a, int64_t m0, int64_t mr, int64_t c0, i
       row_to_f32(kt_row(a, m0 + i) + c0, cnt, af + s * ldrun + i * ldaf, len, sc + s * ldsc);
 }
 
-/* One row of A (or two) folded with the runs' groups (af [mr][Q4_RUNS][len], run s at s * rs:
- * rs 0 where both runs have one group) over the blocks
- * b0 .. b1 of the 8 units from u0: 16 accumulators per row (the low and high halves of 8 units,
- * lane 4i + t: row 4q + i of a block for quarter q), kept in acc_mem between chunks. */
+/* One row of A (or two) folded with the groups of a band's two runs of 32 columns (row m's run s
+ * at af + m ldm + s rs, rs 0 where both runs have one group; block b at 16 (b - bb)) over the
+ * blocks b0 .. b1 of the nu units from u0: 16 accumulators per row (the low and high halves of 8
+ * units, lane 4i + t: row 4q + i of a block for quarter q), kept in acc_mem between chunks. The
+ * tile's units of the block `ahead` blocks on are fetched into L2. */
 static inline __attribute__((always_inline)) void q4_few_tile(
-    const int mr, const int nu, const float *af, int64_t len, const kt_packed *w, int64_t units,
-    int64_t rs, int64_t u0, int64_t b0, int64_t b1, int64_t nblocks, int prefetch, int first,
-    float *acc_mem) {
+    const int mr, const int nu, const float *af, int64_t ldm, int64_t rs, int64_t bb,
+    const kt_packed *w, int64_t units, int64_t u0, int64_t b0, int64_t b1, int64_t nblocks,
+    int64_t ahead, int first, float *acc_mem) {
   __m512 acc[2][16];
   for (int m = 0; m < mr; m++)
     for (int i = 0; i < 2 * nu; i++)
       acc[m][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_mem + (m * 16 + i) * 16);
   for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
-    if (prefetch && b + Q4_FEW_PREFETCH < nblocks)
+    if (ahead && b + ahead < nblocks)
       for (int l = 0; l < nu; l++)
-        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Q4_FEW_PREFETCH, u0 + l), _MM_HINT_T0);
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + ahead, u0 + l), _MM_HINT_T1);
     __m512 aq[2][Q4_RUNS][4];
     for (int m = 0; m < mr; m++)
       for (int s = 0; s < Q4_RUNS && 4 * s < nu; s++) {
-        const __m512 av = _mm512_loadu_ps(af + m * Q4_RUNS * len + s * rs + 16 * b);
+        const __m512 av = _mm512_loadu_ps(af + m * ldm + s * rs + 16 * (b - bb));
         for (int q = 0; q < 4; q++) /* lane 4i + t: row 4q + i */
           aq[m][s][q] = _mm512_permutexvar_ps(
               _mm512_set_epi32(4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 2, 4 * q + 2,
@@ -614,57 +617,92 @@ static inline __attribute__((always_inline)) void q4_few_tile(
     for (int i = 0; i < 2 * nu; i++) _mm512_storeu_ps(acc_mem + (m * 16 + i) * 16, acc[m][i]);
 }
 
-/* At most NN_FEW_M rows of A: each row folded with the runs' groups once, then the blocks of W in
- * chunks (one for a single row) that stay in L1 while every row, one or two at a time, runs over
- * them; the first pass prefetches ahead. The accumulators are summed across lanes at the end. */
+/* Blocks of W per chunk of a few-row int4 x W of n columns: about Q4_FEW_CHUNK_BYTES. */
+static int64_t q4_few_chunk(int64_t n) {
+  return kt_max_size(1, Q4_FEW_CHUNK_BYTES / (size_t)(((n + 63) / 64) * 8 * KT_Z_UNIT));
+}
+
+/* Scratch of z_nn_q4_few: the folded rows of a chunk [count][groups][rows] and 16 x 16
+ * accumulators per row and band of 64 columns. */
+static size_t q4_few_scratch_bytes(int64_t n) {
+  const int64_t groups = (n + 31) / 32 + 1, bands = (n + 63) / 64;
+  return (size_t)(NN_FEW_M * (groups * 16 * q4_few_chunk(n) + bands * 16 * 16)) * 4;
+}
+
+/* At most NN_FEW_M rows of A, n <= KT_WIDE_N columns: W in chunks of whole rows of the span
+ * (one run of memory each). Per chunk, each row of A is folded with every group's scales of its
+ * rows (the scales of a row of W are contiguous), then every band of 64 columns runs its register
+ * tile over the chunk, one or two rows of A at a time, the first of them fetching the next chunk
+ * into L2. The accumulators are summed across lanes at the end. */
 static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                         int64_t ldc, void *scratch) {
-  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
-  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), u0 = n0 / 8, nu = (n + 7) / 8;
-  const int64_t chunk = a->count > 2 ? Q4_FEW_CHUNK : nblocks;
-  /* af [count][Q4_RUNS][len], acc [count][16][16], sc [Q4_RUNS][len] */
-  float *af = scratch, *acc = af + a->count * Q4_RUNS * len, *sc = acc + a->count * 16 * 16;
-  int64_t g[Q4_RUNS];
-  q4_run_groups(w, n0, n, g);
-  const int64_t nf = g[1] != g[0] ? 2 : 1, rs = nf > 1 ? len : 0;
-  for (int64_t s = 0; s < nf; s++) q4_gather(w, 0, k, g[s], sc + s * len, len);
-  for (int64_t m = 0; m < a->count; m++)
-    q4_fold_rows(a, m, 1, 0, k, len, nf, sc, len, af + m * Q4_RUNS * len, len, 0);
+  const int64_t k = w->rows, nblocks = (k + 15) / 16, G = w->group;
+  const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), ng = kt_int4_groups(w->cols, G);
+  const int64_t chunk = q4_few_chunk(n), rows = 16 * chunk, bands = (n + 63) / 64;
+  const int64_t g0 = n0 / G, ngs = (n0 + n - 1) / G - g0 + 1, ldm = ngs * rows;
+  float *af = scratch, *acc = af + a->count * ldm; /* [count][ngs][rows], [bands][count][256] */
   for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
     const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
-    for (int64_t m = 0; m < a->count; m += 2) {
-      const float *am = af + m * Q4_RUNS * len;
-      float *accm = acc + m * 16 * 16;
-      const int pf = m == 0, first = b0 == 0;
-#define Q4_FEW_CALL(MR, NU) \
-  q4_few_tile(MR, NU, am, len, w, units, rs, u0, b0, b1, nblocks, pf, first, accm)
-      if (a->count - m > 1) {
-        if (nu > 4)
-          Q4_FEW_CALL(2, 8);
-        else
-          Q4_FEW_CALL(2, 4);
-      } else {
-        if (nu > 4)
-          Q4_FEW_CALL(1, 8);
-        else
-          Q4_FEW_CALL(1, 4);
+    const int64_t c0 = 16 * b0, cnt = (k < 16 * b1 ? k : 16 * b1) - c0;
+    for (int64_t m = 0; m < a->count; m++) {
+      const uint16_t *arow = kt_row(a, m) + c0;
+      float *am = af + m * ldm;
+      for (int64_t r = 0; r < cnt; r++) {
+        const float av = kt_bf16_to_f32(arow[r]);
+        const float *sr = w->scale + (c0 + r) * ng + g0;
+        for (int64_t g = 0; g < ngs; g++) am[g * rows + r] = av * sr[g];
       }
+      for (int64_t g = 0; g < ngs; g++)
+        for (int64_t r = cnt; r < 16 * (b1 - b0); r++) am[g * rows + r] = 0.0f;
+    }
+    /* the next chunk's scales, a contiguous run, fetched into L2 a slice per band */
+    const char *next = (const char *)(w->scale + (16 * b1) * ng);
+    const int64_t scale_lines =
+        16 * b1 < k
+            ? ((k < 16 * (2 * b1 - b0) ? k : 16 * (2 * b1 - b0)) - 16 * b1) * ng * 4 / KT_CACHE_LINE
+            : 0;
+    for (int64_t j = 0; j < bands; j++) {
+      const int64_t j0 = 64 * j, nu = (kt_block_len(n, j0) + 7) / 8;
+      for (int64_t l = j * scale_lines / bands; l < (j + 1) * scale_lines / bands; l++)
+        _mm_prefetch(next + l * KT_CACHE_LINE, _MM_HINT_T1);
+      const int64_t ga = (n0 + j0) / G - g0, gb = (n0 + j0 + 32) / G - g0;
+      const int64_t rs = nu > 4 && gb != ga ? (gb - ga) * rows : 0;
+      for (int64_t m = 0; m < a->count; m += 2) {
+        const float *am = af + m * ldm + ga * rows;
+        float *accm = acc + (j * a->count + m) * 256;
+        const int64_t ahead = m == 0 ? b1 - b0 : 0;
+#define Q4_FEW_CALL(MR, NU)                                                                      \
+  q4_few_tile(MR, NU, am, ldm, rs, b0, w, units, (n0 + j0) / 8, b0, b1, nblocks, ahead, b0 == 0, \
+              accm)
+        if (a->count - m > 1) {
+          if (nu > 4)
+            Q4_FEW_CALL(2, 8);
+          else
+            Q4_FEW_CALL(2, 4);
+        } else {
+          if (nu > 4)
+            Q4_FEW_CALL(1, 8);
+          else
+            Q4_FEW_CALL(1, 4);
+        }
 #undef Q4_FEW_CALL
+      }
     }
   }
   for (int64_t m = 0; m < a->count; m++)
-    for (int64_t u = 0; u < nu; u++)
-      for (int h = 0; h < 2; h++) { /* lanes t, 4 + t, 8 + t, 12 + t: column 8u + 4h + t */
-        const __m512 v = _mm512_loadu_ps(acc + (m * 16 + 2 * u + h) * 16);
-        const __m256 s8 =
-            _mm256_add_ps(_mm512_castps512_ps256(v),
-                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-        float four[4];
-        _mm_storeu_ps(four, s4);
-        for (int64_t t = 0; t < 4 && 8 * u + 4 * h + t < n; t++)
-          c[m * ldc + 8 * u + 4 * h + t] = four[t];
-      }
+    for (int64_t j = 0; j < bands; j++)
+      for (int64_t u = 0; u < 8 && 64 * j + 8 * u < n; u++)
+        for (int h = 0; h < 2; h++) { /* lanes t, 4 + t, 8 + t, 12 + t: column 8u + 4h + t */
+          const __m512 v = _mm512_loadu_ps(acc + ((j * a->count + m) * 16 + 2 * u + h) * 16);
+          const __m256 s8 =
+              _mm256_add_ps(_mm512_castps512_ps256(v),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+          const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+          float four[4];
+          _mm_storeu_ps(four, s4);
+          const int64_t col = 64 * j + 8 * u + 4 * h;
+          for (int64_t t = 0; t < 4 && col + t < n; t++) c[m * ldc + col + t] = four[t];
+        }
 }
 
 /* wt[cc, 0 .. 32 ns) = W[c0 + cc, n0 .. n0 + 32 ns) as fp32 (the blocks from c0, c0 a multiple

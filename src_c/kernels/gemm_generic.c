@@ -37,7 +37,8 @@ static void generic_unpack(void *dst, const void *packed, int64_t rows, int64_t 
 }
 
 size_t kt_generic_gemm_scratch_bytes(int64_t n, int64_t k) {
-  const int64_t nt = (n + ROWS_PER_CHUNK) * k, nn = n * k + k;
+  const int64_t nn_cols = n < KT_BLOCK_N ? n : KT_BLOCK_N; /* x W: bands of KT_BLOCK_N columns */
+  const int64_t nt = (n + ROWS_PER_CHUNK) * k, nn = nn_cols * k + k;
   return (size_t)(nt > nn ? nt : nn) * sizeof(float);
 }
 
@@ -81,8 +82,8 @@ static void generic_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t 
   }
 }
 
-static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
-                            int64_t ldc, void *scratch) {
+static void generic_gemm_nn_band(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                                 float *c, int64_t ldc, void *scratch) {
   const int64_t k = w->rows, cols = w->cols;
   float *wf = scratch;    /* W[:, n0:n0+n] as [k, n] (int8 and e4m3 values, exact) */
   float *af = wf + n * k; /* one row of A, times the row scales (int8, fp8 panels) */
@@ -113,6 +114,13 @@ static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, in
   }
 }
 
+/* x W in bands of at most KT_BLOCK_N columns (the scratch holds one band of W as fp32). */
+static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                            int64_t ldc, void *scratch) {
+  for (int64_t j = 0; j < n; j += KT_BLOCK_N)
+    generic_gemm_nn_band(a, w, n0 + j, kt_block_len(n, j), c + j, ldc, scratch);
+}
+
 /* int4 in the API layout: each row of W and group of columns summed in int32, the groups in
  * fp32 times their scales. */
 static void generic_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n,
@@ -139,8 +147,8 @@ static void generic_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t 
 
 /* x W on int4: W[:, n0:n0+n] as fp32 [k, n], then per row of A and of W the group scale of
  * each group the columns touch folded into the A value. */
-static void generic_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
-                               float *c, int64_t ldc, void *scratch) {
+static void generic_gemm_nn_q4_band(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                                    float *c, int64_t ldc, void *scratch) {
   const int64_t k = w->rows, G = w->group, ng = kt_int4_groups(w->cols, G);
   const int64_t row = (w->cols + 1) / 2;
   float *wf = scratch;
@@ -162,6 +170,12 @@ static void generic_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0,
       }
     }
   }
+}
+
+static void generic_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                               float *c, int64_t ldc, void *scratch) {
+  for (int64_t j = 0; j < n; j += KT_BLOCK_N)
+    generic_gemm_nn_q4_band(a, w, n0 + j, kt_block_len(n, j), c + j, ldc, scratch);
 }
 
 /* The packed layout is row-major: the panel is row-major bf16 [nr, nc]. */

@@ -173,9 +173,9 @@ static void nn_gemm_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
       for (int64_t j0 = 0; j0 < n; j0 += group) {
         const float *am = af + m0 * len;
         float *accm = acc + (m0 * ld_acc + j0 / slot_cols) * FEW_LANES;
-        const int64_t u0 = (n0 + j0) / per, pf = m0 == 0 && j0 == 0 ? lines : 0;
-#define FEW_CALL(MR, T)                                                                      \
-  nn_few_tile(MR, FEW_ACC / MR, T, am, len, w, units, b0, b1, u0, accm, ld_acc, b0 == 0, pf, \
+        const int64_t u0 = (n0 + j0) / per, ahead = m0 == 0 ? b1 - b0 : 0;
+#define FEW_CALL(MR, T)                                                                         \
+  nn_few_tile(MR, FEW_ACC / MR, T, am, len, w, units, b0, b1, u0, accm, ld_acc, b0 == 0, ahead, \
               nblocks)
         if (t == KT_WTYPE_INT8) {
           if (two)

@@ -194,8 +194,9 @@ static inline void kt_z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, i
 
 /* The table's int4 GEMMs in plain C on this layout (the contracts of gemm_nt_q4 and gemm_nn_q4),
  * for families without their own. x W^T: each row of W and group of columns summed in int32.
- * x W: the columns n0 .. n0 + n of W decoded to fp32 [k, n] in the scratch (the generic family's
- * scratch size), then each row of A, times the group scale of each column's group, added up. */
+ * x W: per band of KT_BLOCK_N columns, the columns of W decoded to fp32 [k, 64] in the scratch
+ * (the generic family's scratch size), then each row of A, times the group scale of each column's
+ * group, added up. */
 static inline void kt_z4_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n,
                                     float *c, int64_t ldc, void *scratch) {
   (void)scratch;
@@ -218,8 +219,8 @@ static inline void kt_z4_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int
   }
 }
 
-static inline void kt_z4_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
-                                    float *c, int64_t ldc, void *scratch) {
+static inline void kt_z4_gemm_nn_q4_band(const kt_rows *a, const kt_packed *w, int64_t n0,
+                                         int64_t n, float *c, int64_t ldc, void *scratch) {
   const int64_t k = w->rows, G = w->group, ng = kt_int4_groups(w->cols, G);
   const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4);
   float *wf = scratch;
@@ -239,6 +240,12 @@ static inline void kt_z4_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_
       }
     }
   }
+}
+
+static inline void kt_z4_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                                    float *c, int64_t ldc, void *scratch) {
+  for (int64_t j = 0; j < n; j += KT_BLOCK_N) /* bands of KT_BLOCK_N columns */
+    kt_z4_gemm_nn_q4_band(a, w, n0 + j, kt_block_len(n, j), c + j, ldc, scratch);
 }
 
 #endif /* KTSFT_VNNI_LAYOUT_H */
