@@ -1,7 +1,9 @@
-/* avx512_nt_dp.h - x W^T for bf16 W on the vdpbf16ps instruction: one source, compiled twice.
- * The including file defines KT_DPBF16(acc, a, b) (the instruction, or its software model) and
- * KT_NT_DP_NAME (the function's name). A's rows are copied, zero padded, into the scratch so
- * that every pair of A is broadcast whole; each W unit (16 rows x 2 columns) feeds 12 rows. */
+/* avx512_nt_dp.h - x W^T and x W for bf16 W on the vdpbf16ps instruction: one source, compiled
+ * twice. The including file defines KT_DPBF16(acc, a, b) (the instruction, or its software
+ * model) and KT_NT_DP_NAME, KT_NN_DP_NAME (the functions' names). A's rows are copied, zero
+ * padded, into the scratch so that every pair of A is broadcast whole; each W unit (16 rows x 2
+ * columns) feeds 12 rows. x W runs the same tile over the column-pair panel of its columns
+ * (kt_z_panel_bf16), whose units are 16 columns x 2 rows of W. */
 #include "avx512_layout.h"
 
 static inline __attribute__((always_inline)) void kt_nt_dp_tile(const int mr, const int nb,
@@ -46,6 +48,41 @@ void KT_NT_DP_NAME(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, 
     kt_z_copy_rows_bf16(a, m0, mr, k, ab, len);
     for (int64_t j0 = 0; j0 < n; j0 += 32) {
       const char *p0 = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
+      const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
+      float *cc = c + m0 * ldc + j0;
+      switch (mr) {
+        KT_NT_DP_CASE(1)
+        KT_NT_DP_CASE(2)
+        KT_NT_DP_CASE(3)
+        KT_NT_DP_CASE(4)
+        KT_NT_DP_CASE(5)
+        KT_NT_DP_CASE(6)
+        KT_NT_DP_CASE(7)
+        KT_NT_DP_CASE(8)
+        KT_NT_DP_CASE(9)
+        KT_NT_DP_CASE(10)
+        KT_NT_DP_CASE(11)
+        KT_NT_DP_CASE(12)
+      }
+    }
+  }
+}
+
+/* x W, W bf16 without row scales, n <= KT_BLOCK_N: C[m, j] = sum_c A[m, c] W[c, n0 + j], the
+ * pairs of rows c of W summed by the instruction. */
+void KT_NN_DP_NAME(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                   int64_t ldc, void *scratch) {
+  const int64_t k = w->rows, ncb = (k + 31) / 32, len = 32 * ncb, used = (k + 1) / 2;
+  const int64_t t_first = n0 / 16, t_last = (n0 + n - 1) / 16, bstride = ncb * KT_Z_PANEL_TILE;
+  const uintptr_t at = ((uintptr_t)scratch + KT_CACHE_LINE - 1) & ~(uintptr_t)(KT_CACHE_LINE - 1);
+  char *panel = (char *)at;
+  uint16_t *ab = (uint16_t *)(void *)(panel + (t_last - t_first + 1) * bstride);
+  kt_z_panel_bf16(w, t_first, t_last, ncb, panel);
+  for (int64_t m0 = 0; m0 < a->count; m0 += KT_Z_NT_MR) {
+    const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
+    kt_z_copy_rows_bf16(a, m0, mr, k, ab, len);
+    for (int64_t j0 = 0; j0 < n; j0 += 32) {
+      const char *p0 = panel + (j0 / 16) * bstride;
       const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
       float *cc = c + m0 * ldc + j0;
       switch (mr) {

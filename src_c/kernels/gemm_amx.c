@@ -34,7 +34,7 @@
 #include "amx_emu.h"
 #define thread_faults() kt_amx_emu_thread_faults()
 #else
-#include <immintrin.h>
+#include "avx512_layout.h"
 #define thread_faults() ((uint64_t)0)
 #endif
 
@@ -449,9 +449,9 @@ static void amx_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, 
 
 /* ---- "x W" --------------------------------------------------------------------------------- */
 /* Natively only for bf16 W and at least TILE_ROWS rows of A, with the panel built by AVX-512
- * shuffles (build_panel_bf16): an int8 or fp8 W takes three tile products per A value (split3
- * below), and the avx512 x W runs those, and fewer rows, instead. amx-emu keeps every x W on
- * tiles, with the panel built element by element, so the model covers all of them. */
+ * shuffles (kt_z_panel_bf16 of avx512_layout.h): an int8 or fp8 W takes three tile products per A
+ * value (split3 below), and the avx512 x W runs those, and fewer rows, instead. amx-emu keeps every
+ * x W on tiles, with the panel built element by element, so the model covers all of them. */
 
 #ifdef KT_AMX_EMULATE
 /* The VNNI tiles of W[:, t_first*16 : (t_last+1)*16]^T: for output tile column t and reduction
@@ -483,64 +483,6 @@ static void build_panel(const kt_packed *w, int64_t t_first, int64_t t_last, int
       }
     }
   }
-}
-
-#else
-/* Eight tile rows from the eight bf16 units of 16 columns of one 16-row block of W: unit v holds
- * W[row 2p + e, column 2v + j'] in qword p as words (e, j') = 00, 01, 10, 11, tile row p wants
- * the pairs (j', e) of every unit in unit order: an 8 x 8 transpose of qwords, the middle words
- * of each swapped on the way. Port 5 does the shuffles; the last stage is two half stores. */
-static inline void tile_rows_bf16(const char *src, char *dst) {
-  /* word 4 i + w of the result: qword 2 (i / 2) (even) or 2 (i / 2) + 1 (odd) of unit pair
-   * member i % 2, word (0, 2, 1, 3)[w] */
-  const __m512i even =
-      _mm512_setr_epi32(0x00020000, 0x00030001, 0x00220020, 0x00230021, 0x000a0008, 0x000b0009,
-                        0x002a0028, 0x002b0029, 0x00120010, 0x00130011, 0x00320030, 0x00330031,
-                        0x001a0018, 0x001b0019, 0x003a0038, 0x003b0039);
-  const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(4));
-  __m512i r[8];
-  for (int u = 0; u < 8; u++) r[u] = _mm512_loadu_si512((const void *)(src + u * KT_Z_UNIT));
-  /* qwords (0, 2, 4, 6) and (1, 3, 5, 7) of unit pairs, then of unit quadruples */
-  const __m512i t0 = _mm512_permutex2var_epi16(r[0], even, r[1]);
-  const __m512i t1 = _mm512_permutex2var_epi16(r[0], odd, r[1]);
-  const __m512i t2 = _mm512_permutex2var_epi16(r[2], even, r[3]);
-  const __m512i t3 = _mm512_permutex2var_epi16(r[2], odd, r[3]);
-  const __m512i t4 = _mm512_permutex2var_epi16(r[4], even, r[5]);
-  const __m512i t5 = _mm512_permutex2var_epi16(r[4], odd, r[5]);
-  const __m512i t6 = _mm512_permutex2var_epi16(r[6], even, r[7]);
-  const __m512i t7 = _mm512_permutex2var_epi16(r[6], odd, r[7]);
-  const __m512i lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
-  const __m512i hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-  const __m512i q[8] = {
-      _mm512_permutex2var_epi64(t0, lo, t2), _mm512_permutex2var_epi64(t1, lo, t3),
-      _mm512_permutex2var_epi64(t0, hi, t2), _mm512_permutex2var_epi64(t1, hi, t3),
-      _mm512_permutex2var_epi64(t4, lo, t6), _mm512_permutex2var_epi64(t5, lo, t7),
-      _mm512_permutex2var_epi64(t4, hi, t6), _mm512_permutex2var_epi64(t5, hi, t7)};
-  /* q[p] (units 0-3) and q[4 + p] (units 4-7) hold qwords p (low half) and p + 4 (high half) */
-  for (int p = 0; p < 4; p++) {
-    char *row = dst + p * TILE_COLSB, *row4 = row + 4 * TILE_COLSB;
-    _mm256_storeu_si256((__m256i *)(void *)row, _mm512_castsi512_si256(q[p]));
-    _mm256_storeu_si256((__m256i *)(void *)(row + 32), _mm512_castsi512_si256(q[4 + p]));
-    _mm256_storeu_si256((__m256i *)(void *)row4, _mm512_extracti64x4_epi64(q[p], 1));
-    _mm256_storeu_si256((__m256i *)(void *)(row4 + 32), _mm512_extracti64x4_epi64(q[4 + p], 1));
-  }
-}
-
-/* build_panel for a bf16 W, from whole units: the packed rows are padded to 16 and the units of
- * a block row to cover every tile column, with zeros; reduction blocks past the padded rows are
- * zero. Walks the source in its order (block, then unit). */
-static void build_panel_bf16(const kt_packed *w, int64_t t_first, int64_t t_last, int64_t ncb,
-                             char *panel) {
-  const int64_t units = kt_z_units(w->cols, KT_WTYPE_BF16);
-  const int64_t blocks = kt_z_rows_padded(w->rows) / TILE_ROWS;
-  for (int64_t b = 0; b < 2 * ncb; b++)
-    for (int64_t t = t_first; t <= t_last; t++) {
-      char *dst = panel + ((t - t_first) * ncb + b / 2) * TILE_BYTES + (b % 2) * 8 * TILE_COLSB;
-      if (b < blocks)
-        tile_rows_bf16(kt_z_unit_ptr(w->data, units, b, 8 * t), dst);
-      else
-        memset(dst, 0, 8 * TILE_COLSB);
-    }
 }
 #endif
 
@@ -610,7 +552,7 @@ static void amx_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
 #ifdef KT_AMX_EMULATE
   build_panel(w, t_first, t_last, ncb, (uint16_t *)(void *)panel);
 #else
-  build_panel_bf16(w, t_first, t_last, ncb, panel);
+  kt_z_panel_bf16(w, t_first, t_last, ncb, panel);
 #endif
   const a_nn_ctx x = {a, w->scale, w->rows, kp};
   const epilogue ep = {KIND_BF16, NULL, NULL, NULL};

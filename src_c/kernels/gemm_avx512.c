@@ -17,6 +17,10 @@
 
 void kt_avx512_nt_bf16_dp(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                           int64_t ldc, void *scratch);
+void kt_avx512_nn_bf16_dp(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                          int64_t ldc, void *scratch);
+void kt_avx512_nn_bf16_dp_model(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                                float *c, int64_t ldc, void *scratch);
 void kt_avx512_nt_bf16_dp_model(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
                                 float *c, int64_t ldc, void *scratch);
 void kt_avx512_nt_q8_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
@@ -58,7 +62,8 @@ static size_t z_scratch_bytes(int64_t n, int64_t k) {
   const size_t few = (size_t)NN_FEW_M * (size_t)(kp + ((n + 15) & ~(int64_t)15) * 16) * 4;
   const size_t few_q4 = q4_few_scratch_bytes(n);
   const size_t most = kt_max_size(kt_max_size(nt + nn, nn_q4), kt_max_size(few, few_q4));
-  return kt_max_size(most + KT_CACHE_LINE, kt_z4_nt_scratch_bytes(k));
+  const size_t nn_dp = kt_nn_dp_scratch_bytes(k) + nt; /* the variants with vdpbf16ps */
+  return kt_max_size(kt_max_size(most + KT_CACHE_LINE, nn_dp), kt_z4_nt_scratch_bytes(k));
 }
 
 /* ---- x W^T, bf16, fp32 FMA ------------------------------------------------------------------ */
@@ -930,42 +935,62 @@ static void z_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
 
 /* ---- the variants ---------------------------------------------------------------------------- */
 
-#define Z_TABLE(NAME, VARIANT, NT, NT_Q8, NT_Q4) \
-  static const kt_kernels NAME = {               \
-      .isa = KT_ISA_AVX512,                      \
-      .variant = VARIANT,                        \
-      .packed_bytes = kt_z_packed_bytes,         \
-      .pack = kt_z_pack,                         \
-      .unpack = kt_z_unpack,                     \
-      .gemm_scratch_bytes = z_scratch_bytes,     \
-      .gemm_nt = NT,                             \
-      .gemm_nt_fp8_few = z_gemm_nt_fp8_few,      \
-      .decode_fp8 = z_decode_fp8,                \
-      .gemm_nt_q8 = NT_Q8,                       \
-      .gemm_nn = gemm_nn,                        \
-      .gemm_nt_q4 = NT_Q4,                       \
-      .gemm_nn_q4 = z_gemm_nn_q4,                \
-      .sigmoid = kt_act_avx512_sigmoid,          \
-      .silu = kt_act_avx512_silu,                \
-      .lora_nt = z_lora_nt,                      \
-      .lora_nn = lora_nn,                        \
-      .lora_add_nt = z_lora_add_nt,              \
-      .lora_add_nn = lora_add_nn,                \
-      .outer_rn = outer_rn,                      \
-      .outer_nr = outer_nr,                      \
+/* x W of the vdpbf16ps variants: more than a few rows of A against a bf16 W without row scales
+ * on the instruction (over the column-pair panel), the rest as in the other variants. */
+static void z_gemm_nn_dp(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                         int64_t ldc, void *scratch) {
+  if (a->count > NN_FEW_M && w->wtype == KT_WTYPE_BF16 && !w->scale)
+    kt_avx512_nn_bf16_dp(a, w, n0, n, c, ldc, scratch);
+  else
+    gemm_nn(a, w, n0, n, c, ldc, scratch);
+}
+
+static void z_gemm_nn_dp_model(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
+                               float *c, int64_t ldc, void *scratch) {
+  if (a->count > NN_FEW_M && w->wtype == KT_WTYPE_BF16 && !w->scale)
+    kt_avx512_nn_bf16_dp_model(a, w, n0, n, c, ldc, scratch);
+  else
+    gemm_nn(a, w, n0, n, c, ldc, scratch);
+}
+
+#define Z_TABLE(NAME, VARIANT, NT, NN, NT_Q8, NT_Q4) \
+  static const kt_kernels NAME = {                   \
+      .isa = KT_ISA_AVX512,                          \
+      .variant = VARIANT,                            \
+      .packed_bytes = kt_z_packed_bytes,             \
+      .pack = kt_z_pack,                             \
+      .unpack = kt_z_unpack,                         \
+      .gemm_scratch_bytes = z_scratch_bytes,         \
+      .gemm_nt = NT,                                 \
+      .gemm_nt_fp8_few = z_gemm_nt_fp8_few,          \
+      .decode_fp8 = z_decode_fp8,                    \
+      .gemm_nt_q8 = NT_Q8,                           \
+      .gemm_nn = NN,                                 \
+      .gemm_nt_q4 = NT_Q4,                           \
+      .gemm_nn_q4 = z_gemm_nn_q4,                    \
+      .sigmoid = kt_act_avx512_sigmoid,              \
+      .silu = kt_act_avx512_silu,                    \
+      .lora_nt = z_lora_nt,                          \
+      .lora_nn = lora_nn,                            \
+      .lora_add_nt = z_lora_add_nt,                  \
+      .lora_add_nn = lora_add_nn,                    \
+      .outer_rn = outer_rn,                          \
+      .outer_nr = outer_nr,                          \
   };
 
 /* int4 x W^T: vpdpbusd where the CPU has it, vpmaddubsw elsewhere (the vpmaddwd variants). */
-Z_TABLE(fma_madd, "avx512-fma+vpmaddwd", z_gemm_nt_fma, z_gemm_nt_q8_madd, kt_avx512_nt_q4_madd)
-Z_TABLE(fma_vnni, "avx512-fma+vnni", z_gemm_nt_fma, kt_avx512_nt_q8_vnni, kt_avx512_nt_q4_vnni)
-Z_TABLE(bf16_madd, "avx512-bf16+vpmaddwd", kt_avx512_nt_bf16_dp, z_gemm_nt_q8_madd,
+Z_TABLE(fma_madd, "avx512-fma+vpmaddwd", z_gemm_nt_fma, gemm_nn, z_gemm_nt_q8_madd,
         kt_avx512_nt_q4_madd)
-Z_TABLE(bf16_vnni, "avx512-bf16+vnni", kt_avx512_nt_bf16_dp, kt_avx512_nt_q8_vnni,
+Z_TABLE(fma_vnni, "avx512-fma+vnni", z_gemm_nt_fma, gemm_nn, kt_avx512_nt_q8_vnni,
         kt_avx512_nt_q4_vnni)
-Z_TABLE(emu_madd, "avx512-bf16emu+vpmaddwd", kt_avx512_nt_bf16_dp_model, z_gemm_nt_q8_madd,
+Z_TABLE(bf16_madd, "avx512-bf16+vpmaddwd", kt_avx512_nt_bf16_dp, z_gemm_nn_dp, z_gemm_nt_q8_madd,
         kt_avx512_nt_q4_madd)
-Z_TABLE(emu_vnni, "avx512-bf16emu+vnni", kt_avx512_nt_bf16_dp_model, kt_avx512_nt_q8_vnni,
+Z_TABLE(bf16_vnni, "avx512-bf16+vnni", kt_avx512_nt_bf16_dp, z_gemm_nn_dp, kt_avx512_nt_q8_vnni,
         kt_avx512_nt_q4_vnni)
+Z_TABLE(emu_madd, "avx512-bf16emu+vpmaddwd", kt_avx512_nt_bf16_dp_model, z_gemm_nn_dp_model,
+        z_gemm_nt_q8_madd, kt_avx512_nt_q4_madd)
+Z_TABLE(emu_vnni, "avx512-bf16emu+vnni", kt_avx512_nt_bf16_dp_model, z_gemm_nn_dp_model,
+        kt_avx512_nt_q8_vnni, kt_avx512_nt_q4_vnni)
 
 const kt_kernels *kt_kernels_avx512(uint32_t f) {
   const int vnni = (f & KT_CPU_AVX512_VNNI) != 0;

@@ -27,4 +27,5 @@ static inline __m512 kt_dpbf16_model(__m512 acc, __m512i a, __m512i b) {
 
 #define KT_DPBF16(acc, a, b) kt_dpbf16_model((acc), (a), (b))
 #define KT_NT_DP_NAME kt_avx512_nt_bf16_dp_model
+#define KT_NN_DP_NAME kt_avx512_nn_bf16_dp_model
 #include "avx512_nt_dp.h"
