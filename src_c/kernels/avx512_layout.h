@@ -10,6 +10,7 @@
 enum {
   KT_Z_NT_MR = 12,        /* rows of A per x W^T register tile (12 x 32 outputs) */
   KT_Z_PANEL_TILE = 1024, /* bytes of one tile of a column-pair panel: 16 units */
+  KT_Z_PANEL_AHEAD = 8,   /* blocks of W a panel's reads are fetched ahead */
 };
 
 /* The first n lanes (all for n >= 16). */
@@ -109,7 +110,11 @@ static inline void kt_z_panel_bf16(const kt_packed *w, int64_t t_first, int64_t 
                                    char *panel) {
   const int64_t units = kt_z_units(w->cols, KT_WTYPE_BF16);
   const int64_t blocks = kt_z_rows_padded(w->rows) / 16;
-  for (int64_t b = 0; b < 2 * ncb; b++)
+  for (int64_t b = 0; b < 2 * ncb; b++) {
+    /* short runs far apart (the band of each block): fetch ahead into L2 */
+    if (b + KT_Z_PANEL_AHEAD < blocks)
+      for (int64_t l = 8 * t_first; l < 8 * (t_last + 1); l++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + KT_Z_PANEL_AHEAD, l), _MM_HINT_T1);
     for (int64_t t = t_first; t <= t_last; t++) {
       char *dst = panel + ((t - t_first) * ncb + b / 2) * KT_Z_PANEL_TILE + (b % 2) * 8 * KT_Z_UNIT;
       if (b < blocks)
@@ -117,6 +122,7 @@ static inline void kt_z_panel_bf16(const kt_packed *w, int64_t t_first, int64_t 
       else
         memset(dst, 0, 8 * KT_Z_UNIT);
     }
+  }
 }
 /* Scratch of x W on vdpbf16ps (avx512_nt_dp.h) for n <= KT_BLOCK_N columns and k rows of W:
  * the panel of the band (4 tile columns) and KT_Z_NT_MR rows of A, aligned. */
