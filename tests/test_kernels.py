@@ -119,13 +119,14 @@ def run(p, k, x, ids, w, go, alpha, pool, isa, quant):
     return out, g, eng.kernel_variant
 
 
-def compare(fast, gen, ref, tol, what, emus=None):
+def compare(fast, gen, ref, tol, what, emus=None, twin=True):
     """fast within TWIN_TOL of generic, and of the reference within tol where generic is
     comfortably inside it. With ``emus`` (this output under the roundings spec section 4
     allows, test_engine.emulate) the problem is too small for the twin check: one bf16 rounding
     of dg or du falling the other way under another fp32 summation order moves an output by
     more than TWIN_TOL there, so fast is held to the spec goal against the nearer emulation,
-    as test_engine does for ill-conditioned outputs."""
+    as test_engine does for ill-conditioned outputs. ``twin=False``: as small, in a quantized
+    mode the emulation does not model; only the check against the reference remains."""
     f, g = to_f64(fast), to_f64(gen)
     assert not np.isnan(f).any(), f"{what}: NaN in result"
     if not np.any(g):
@@ -135,15 +136,17 @@ def compare(fast, gen, ref, tol, what, emus=None):
         err = min(rel_err(f, em) for em in emus)
         assert err < tol, f"{what}: rel_err vs allowed-rounding emulation {err:.3g} >= {tol}"
         return
-    err = rel_err(f, g)
-    assert err < TWIN_TOL, f"{what}: rel_err vs generic {err:.3g} >= {TWIN_TOL}"
+    if twin:
+        err = rel_err(f, g)
+        assert err < TWIN_TOL, f"{what}: rel_err vs generic {err:.3g} >= {TWIN_TOL}"
     if ref is not None and rel_err(g, ref) < tol / 2:
         err = rel_err(f, ref)
         assert err < tol, f"{what}: rel_err vs reference {err:.3g} >= {tol}"
 
 
 # Fewer rounded backward intermediates (routes x I values of dg and du) than this: too few for
-# the twin check (see compare); measured: R I = 18 moved grad_input by 0.0027 between families.
+# the twin check (see compare); measured: R I = 18 moved grad_input by 0.0027 between families,
+# and in int8 R I = 29 (E 1, k 1, H 150, I 29, r 18, T 1) moved up_lora_a by 0.0030.
 MIN_ROUNDED = 128
 
 
@@ -155,11 +158,13 @@ def check(name, pool, p, k, x, ids, w, go, alpha, quant):
     fwd_tol, bwd_tol = SPEC_TOL[quant]
     compare(out, out0, ref_forward(p, x, ids, w, alpha), fwd_tol, f"{name}/{quant} forward")
     ref = ref_backward(p, go, x, ids, w, alpha)
-    small = quant == "bf16" and int((ids >= 0).sum()) * p["gate_proj"].shape[1] < MIN_ROUNDED
-    emus = [emulate(p, x, ids, w, go, alpha, rd)[1] for rd in (False, True)] if small else None
+    small = int((ids >= 0).sum()) * p["gate_proj"].shape[1] < MIN_ROUNDED
+    emulated = small and quant == "bf16"
+    emus = [emulate(p, x, ids, w, go, alpha, rd)[1] for rd in (False, True)] if emulated else None
     for n in GRAD_NAMES:
         em = None if emus is None else [getattr(e, n) for e in emus]
-        compare(g[n], g0[n], getattr(ref, n), bwd_tol, f"{name}/{quant} {n}", em)
+        what = f"{name}/{quant} {n}"
+        compare(g[n], g0[n], getattr(ref, n), bwd_tol, what, em, twin=not small)
         if n in LORA_NAMES:  # experts without routes: exactly zero
             for e in np.nonzero(~np.isin(np.arange(p[n].shape[0]), ids))[0]:
                 assert not np.any(to_f64(g[n][e])), f"{name} {n}[{e}] not zero"
