@@ -124,9 +124,17 @@ void kt_fp8_gemm_nt(const kt_kernels *kern, const kt_rows *a, const kt_packed *w
 void kt_fp8_gemm_nn(const kt_kernels *kern, const kt_rows *a, const kt_packed *w, int64_t n0,
                     int64_t n, float *c, int64_t ldc, void *scratch) {
   const int64_t K = w->rows, nbc = (w->cols + KT_FP8_BLOCK - 1) / KT_FP8_BLOCK;
-  const float *block_scale = w->scale + n0 / KT_FP8_BLOCK; /* column block n0 / 128 */
   float *fold = scratch;
-  for (int64_t r = 0; r < K; r++) fold[r] = block_scale[(r / KT_FP8_BLOCK) * nbc];
-  const kt_packed rows = {w->data, w->rows, w->cols, KT_WTYPE_FP8, fold, 0};
-  kern->gemm_nn(a, &rows, n0, n, c, ldc, (char *)scratch + kt_align_up((size_t)K * sizeof(float)));
+  /* each 128-column block of the call (a wide span of a few rows has several) with its scales */
+  for (int64_t j0 = n0; j0 < n0 + n;) {
+    const int64_t j1 = (j0 / KT_FP8_BLOCK + 1) * KT_FP8_BLOCK < n0 + n
+                           ? (j0 / KT_FP8_BLOCK + 1) * KT_FP8_BLOCK
+                           : n0 + n;
+    const float *block_scale = w->scale + j0 / KT_FP8_BLOCK; /* column block j0 / 128 */
+    for (int64_t r = 0; r < K; r++) fold[r] = block_scale[(r / KT_FP8_BLOCK) * nbc];
+    const kt_packed rows = {w->data, w->rows, w->cols, KT_WTYPE_FP8, fold, 0};
+    kern->gemm_nn(a, &rows, j0, j1 - j0, c + (j0 - n0), ldc,
+                  (char *)scratch + kt_align_up((size_t)K * sizeof(float)));
+    j0 = j1;
+  }
 }

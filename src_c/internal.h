@@ -341,7 +341,8 @@ void kt_quantize_fp8_bf16(const uint16_t *w, int64_t rows, int64_t cols, uint8_t
  * kt_fp8_scratch_bytes(kern, n, k) bytes:
  *   x W^T  per 128-column block: the fp32 partial sum of the block times its scale; a few rows
  *          of A on the family's gemm_nt_fp8_few, more on its bf16 gemm_nt over decoded panels
- *   x W    the family's gemm_nn with the block scales of each row folded into A in fp32 */
+ *   x W    the family's gemm_nn with the block scales of each row folded into A in fp32, per
+ *          128-column block of the call */
 size_t kt_fp8_scratch_bytes(const kt_kernels *kern, int64_t n, int64_t k);
 void kt_fp8_gemm_nt(const kt_kernels *kern, const kt_rows *a, const kt_packed *w, int64_t n0,
                     int64_t n, float *c, int64_t ldc, void *scratch);

@@ -214,18 +214,24 @@ def test_kernel_gemm_nt_fp8(isa, m, rows, cols, n0, n):
     assert_fp32_sum(c, terms, cols + blocks(rows, cols)[1] + 2, f"nt {isa}")
 
 
+# x W of at most 4 rows takes up to 1024 columns in one call (the engine's wide spans of a few
+# routes per expert), across several 128-column blocks of scales
+FP8_NN_WIDE_CASES = [(1, 300, 400, 64, 300), (4, 130, 1030, 0, 1024), (2, 45, 260, 128, 131)]
+
+
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m, rows, cols, n0, n", FP8_GEMM_CASES)
+@pytest.mark.parametrize("m, rows, cols, n0, n", FP8_GEMM_CASES + FP8_NN_WIDE_CASES)
 def test_kernel_gemm_nn_fp8(isa, m, rows, cols, n0, n):
-    """x W: the block scale folded into A in fp32 (no rounding beyond fp32 summation; 3 bf16
-    parts per product on AMX)."""
+    """x W: the block scale of each output column's block folded into A in fp32 (no rounding
+    beyond fp32 summation; 3 bf16 parts per product on AMX)."""
     rng = np.random.default_rng(m * rows + cols)
     a, (q, scale) = bf16_rows(rng, (m, rows)), random_fp8(rng, rows, cols)
     c = fp8_gemm(isa, "nn", a, q, scale, n0, n)
-    row_scale = np.repeat(scale[:, n0 // 128], 128)[:rows].astype(np.float32)
-    af = (a.astype(np.float32) * row_scale[None, :]).astype(np.float64)  # the fp32 operand
+    cols_block = np.arange(n0, n0 + n) // 128
+    col_scale = np.repeat(scale[:, cols_block], 128, axis=0)[:rows].astype(np.float32)  # [rows, n]
+    af = a.astype(np.float32)[:, :, None] * col_scale[None, :, :]  # the fp32 operand [m, rows, n]
     wv = reference.dequantize_fp8(q, np.ones_like(scale))[:, n0 : n0 + n]  # e4m3 values
-    terms = af[:, None, :] * wv.T[None, :, :]
+    terms = np.swapaxes(af.astype(np.float64) * wv[None, :, :], 1, 2)
     assert_fp32_sum(c, terms, 3 * rows + blocks(rows, cols)[0] + 1, f"nn {isa}")
 
 
