@@ -38,6 +38,31 @@ static inline __attribute__((always_inline)) void kt_nt_dp_tile(const int mr, co
       kt_nt_dp_tile(MR, 1, ab, len, p0, bstride, used, cc, ldc, ncols); \
     break;
 
+/* c[0 .. mr, 0 .. n) for the rows of A in ab: the 16-row blocks of the packed operand from p,
+ * bstride bytes apart, two at a time. */
+static void kt_dp_rows(int64_t mr, const uint16_t *ab, int64_t len, const char *p, int64_t bstride,
+                       int64_t used, int64_t n, float *c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < n; j0 += 32) {
+    const char *p0 = p + (j0 / 16) * bstride;
+    const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
+    float *cc = c + j0;
+    switch (mr) {
+      KT_NT_DP_CASE(1)
+      KT_NT_DP_CASE(2)
+      KT_NT_DP_CASE(3)
+      KT_NT_DP_CASE(4)
+      KT_NT_DP_CASE(5)
+      KT_NT_DP_CASE(6)
+      KT_NT_DP_CASE(7)
+      KT_NT_DP_CASE(8)
+      KT_NT_DP_CASE(9)
+      KT_NT_DP_CASE(10)
+      KT_NT_DP_CASE(11)
+      KT_NT_DP_CASE(12)
+    }
+  }
+}
+
 void KT_NT_DP_NAME(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                    int64_t ldc, void *scratch) {
   const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_BF16), len = 2 * units;
@@ -46,25 +71,8 @@ void KT_NT_DP_NAME(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, 
   for (int64_t m0 = 0; m0 < a->count; m0 += KT_Z_NT_MR) {
     const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
     kt_z_copy_rows_bf16(a, m0, mr, k, ab, len);
-    for (int64_t j0 = 0; j0 < n; j0 += 32) {
-      const char *p0 = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
-      const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
-      float *cc = c + m0 * ldc + j0;
-      switch (mr) {
-        KT_NT_DP_CASE(1)
-        KT_NT_DP_CASE(2)
-        KT_NT_DP_CASE(3)
-        KT_NT_DP_CASE(4)
-        KT_NT_DP_CASE(5)
-        KT_NT_DP_CASE(6)
-        KT_NT_DP_CASE(7)
-        KT_NT_DP_CASE(8)
-        KT_NT_DP_CASE(9)
-        KT_NT_DP_CASE(10)
-        KT_NT_DP_CASE(11)
-        KT_NT_DP_CASE(12)
-      }
-    }
+    kt_dp_rows(mr, ab, len, kt_z_unit_ptr(w->data, units, n0 / 16, 0), bstride, used, n,
+               c + m0 * ldc, ldc);
   }
 }
 
@@ -81,24 +89,6 @@ void KT_NN_DP_NAME(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, 
   for (int64_t m0 = 0; m0 < a->count; m0 += KT_Z_NT_MR) {
     const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
     kt_z_copy_rows_bf16(a, m0, mr, k, ab, len);
-    for (int64_t j0 = 0; j0 < n; j0 += 32) {
-      const char *p0 = panel + (j0 / 16) * bstride;
-      const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
-      float *cc = c + m0 * ldc + j0;
-      switch (mr) {
-        KT_NT_DP_CASE(1)
-        KT_NT_DP_CASE(2)
-        KT_NT_DP_CASE(3)
-        KT_NT_DP_CASE(4)
-        KT_NT_DP_CASE(5)
-        KT_NT_DP_CASE(6)
-        KT_NT_DP_CASE(7)
-        KT_NT_DP_CASE(8)
-        KT_NT_DP_CASE(9)
-        KT_NT_DP_CASE(10)
-        KT_NT_DP_CASE(11)
-        KT_NT_DP_CASE(12)
-      }
-    }
+    kt_dp_rows(mr, ab, len, panel, bstride, used, n, c + m0 * ldc, ldc);
   }
 }

@@ -502,6 +502,15 @@ static inline __attribute__((always_inline)) void nn_few_tile(
       _mm512_storeu_ps(acc_mem + (m * ld_acc + j) * 16, acc[m * slots + j]);
 }
 
+/* c[t] = v[t] + v[4 + t] + v[8 + t] + v[12 + t] (its 128-bit quarters added) for t < min(4, n). */
+static inline void z_store_quarter_sums(__m512 v, float *c, int64_t n) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  float four[4];
+  _mm_storeu_ps(four, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  for (int64_t t = 0; t < 4 && t < n; t++) c[t] = four[t];
+}
+
 /* c[0 .. n) = one row's accumulators summed across their lanes (the x W driver of nn_drive.h
  * calls it at the end). */
 static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float *c) {
@@ -509,23 +518,16 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
     for (int64_t j = 0; j < n; j++) c[j] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc + j * 16));
     return;
   }
-  for (int64_t u = 0; 4 * u < n; u++) { /* the 4 quarters of a unit's accumulator are 4 rows */
-    const __m512 v = _mm512_loadu_ps(acc + u * 16);
-    const __m256 h =
-        _mm256_add_ps(_mm512_castps512_ps256(v),
-                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    float four[4];
-    _mm_storeu_ps(four, q);
-    for (int64_t j = 4 * u; j < n && j < 4 * u + 4; j++) c[j] = four[j - 4 * u];
-  }
+  for (int64_t u = 0; 4 * u < n; u++) /* the 4 quarters of a unit's accumulator are 4 rows */
+    z_store_quarter_sums(_mm512_loadu_ps(acc + u * 16), c + 4 * u, n - 4 * u);
 }
 
 #include "nn_drive.h"
 
 /* ---- int4 x W ------------------------------------------------------------------------------
- * The group scale of each output column's group folds into A in fp32. The columns n0 .. n0 + n
- * (n <= 64, n0 a multiple of 64) are one or two runs of 32 columns, each inside one group: with
+ * The group scale of each output column's group folds into A in fp32. A band of 64 columns (a
+ * call of more than a few rows; the few-row path takes a wide span band by band, see
+ * z_nn_q4_few) is one or two runs of 32 columns, each inside one group: with
  * G = 32 the two runs take the rows of A folded with two groups, otherwise both the same. The
  * scales of a run are one per row of W, strided by the groups of a row: they are gathered once
  * per call (a few rows) or per chunk of rows of W (many), and A folded with them once per run
@@ -698,15 +700,9 @@ static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
     for (int64_t j = 0; j < bands; j++)
       for (int64_t u = 0; u < 8 && 64 * j + 8 * u < n; u++)
         for (int h = 0; h < 2; h++) { /* lanes t, 4 + t, 8 + t, 12 + t: column 8u + 4h + t */
-          const __m512 v = _mm512_loadu_ps(acc + ((j * a->count + m) * 16 + 2 * u + h) * 16);
-          const __m256 s8 =
-              _mm256_add_ps(_mm512_castps512_ps256(v),
-                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-          const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-          float four[4];
-          _mm_storeu_ps(four, s4);
           const int64_t col = 64 * j + 8 * u + 4 * h;
-          for (int64_t t = 0; t < 4 && col + t < n; t++) c[m * ldc + col + t] = four[t];
+          z_store_quarter_sums(_mm512_loadu_ps(acc + ((j * a->count + m) * 16 + 2 * u + h) * 16),
+                               c + m * ldc + col, n - col);
         }
 }
 
