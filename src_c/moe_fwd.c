@@ -73,6 +73,7 @@ static void f1_gate_up(void *vc, int64_t item, int32_t worker) {
   float *gt = worker_scratch(c, worker), *ut = gt + M * nb, *ht = ut + M * nb;
   void *gemm_scratch = ht + M * nb;
   const kt_packed wg = kt_moe_weight(m, KT_GATE, e), wu = kt_moe_weight(m, KT_UP, e);
+  kt_moe_prefetch_scales(m, KT_UP, e, i0, nb); /* while the gate GEMM runs */
   if (c->xq) {
     const kt_rows_q8 xq = {c->xq, H, rt->token + off, M, c->xs};
     kt_base_gemm_nt_q8(m->kern, &xq, &wg, i0, nb, gt, nb, gemm_scratch);
@@ -162,6 +163,8 @@ static void f3_down(void *vc, int64_t item, int32_t worker) {
   for (int32_t a = 0; a < rt->n_active; a++) {
     const int32_t e = rt->active[a];
     const int64_t off = rt->offset[e], M = rt->offset[e + 1] - off;
+    if (a + 1 < rt->n_active) /* the next expert's, while this one's GEMM runs */
+      kt_moe_prefetch_scales(c->m, KT_DOWN, rt->active[a + 1], h0, nb);
     f3_expert_block(c, e, h0, nb, yt, nb, gemm_scratch);
     for (int64_t mm = 0; mm < M; mm++) {
       float *dst = acc + (int64_t)rt->token[off + mm] * nb;

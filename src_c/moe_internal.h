@@ -83,6 +83,17 @@ static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
   return w;
 }
 
+/* int4: the group scales of rows r0 .. r0 + n of expert e's matrix p, fetched ahead of the x W^T
+ * that reads them (its kernels transpose a call's scales before streaming the nibbles, and those
+ * lines would otherwise arrive in one burst, 16 KB per 64 rows, while nothing else runs). */
+static inline void kt_moe_prefetch_scales(const kt_moe *m, int p, int32_t e, int64_t r0,
+                                          int64_t n) {
+  if (m->wtype != KT_WTYPE_INT4) return;
+  const kt_packed w = kt_moe_weight(m, p, e);
+  const int64_t ng = kt_int4_groups(w.cols, w.group);
+  kt_prefetch_range(w.scale + r0 * ng, (size_t)(n * ng) * sizeof(float));
+}
+
 kt_status kt_lora_check(const kt_lora *l, kt_error *err);
 
 /* Seconds of a monotonic clock. */
