@@ -90,8 +90,8 @@ static inline void kt_moe_prefetch_scales(const kt_moe *m, int p, int32_t e, int
                                           int64_t n) {
   if (m->wtype != KT_WTYPE_INT4) return;
   const kt_packed w = kt_moe_weight(m, p, e);
-  const int64_t ng = kt_int4_groups(w.cols, w.group);
-  kt_prefetch_range(w.scale + r0 * ng, (size_t)(n * ng) * sizeof(float));
+  const int64_t ng = kt_int4_groups(w.cols, w.group), rows = w.rows - r0 < n ? w.rows - r0 : n;
+  kt_prefetch_range(w.scale + r0 * ng, (size_t)(rows * ng) * sizeof(float));
 }
 
 kt_status kt_lora_check(const kt_lora *l, kt_error *err);
