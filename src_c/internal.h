@@ -181,6 +181,17 @@ static inline kt_packed kt_bf16_matrix(const uint16_t *data, int64_t rows, int64
   return w;
 }
 
+/* A GEMM with bf16 activations, as in the kernel table below. */
+typedef void (*kt_gemm_fn)(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                           int64_t ldc, void *scratch);
+
+/* A wide x W call (up to KT_WIDE_N columns) on a kernel that takes bands of KT_BLOCK_N. */
+static inline void kt_gemm_in_bands(kt_gemm_fn band, const kt_rows *a, const kt_packed *w,
+                                    int64_t n0, int64_t n, float *c, int64_t ldc, void *scratch) {
+  for (int64_t j = 0; j < n; j += KT_BLOCK_N)
+    band(a, w, n0 + j, kt_block_len(n, j), c + j, ldc, scratch);
+}
+
 /* The direction in which a GEMM walks the panels of an fp8 matrix (see decode_fp8). */
 typedef enum kt_sweep { KT_SWEEP_COLS = 0, KT_SWEEP_ROWS = 1 } kt_sweep;
 

@@ -781,8 +781,7 @@ static void q4_transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int6
 static void y_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                          int64_t ldc, void *scratch) {
   if (a->count <= NN_FEW_M) {
-    for (int64_t j = 0; j < n; j += KT_BLOCK_N)
-      q4_nn_few_band(a, w, n0 + j, kt_block_len(n, j), c + j, ldc, scratch);
+    kt_gemm_in_bands(q4_nn_few_band, a, w, n0, n, c, ldc, scratch);
     return;
   }
   const int64_t k = w->rows, ns = (n + Q4_RUN - 1) / Q4_RUN;

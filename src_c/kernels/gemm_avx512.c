@@ -62,7 +62,7 @@ static size_t z_scratch_bytes(int64_t n, int64_t k) {
   const size_t few = (size_t)NN_FEW_M * (size_t)(kp + ((n + 15) & ~(int64_t)15) * 16) * 4;
   const size_t few_q4 = q4_few_scratch_bytes(n);
   const size_t most = kt_max_size(kt_max_size(nt + nn, nn_q4), kt_max_size(few, few_q4));
-  const size_t nn_dp = kt_nn_dp_scratch_bytes(k) + nt; /* the variants with vdpbf16ps */
+  const size_t nn_dp = kt_nn_dp_scratch_bytes(k); /* the variants with vdpbf16ps */
   return kt_max_size(kt_max_size(most + KT_CACHE_LINE, nn_dp), kt_z4_nt_scratch_bytes(k));
 }
 

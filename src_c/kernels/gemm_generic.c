@@ -117,8 +117,7 @@ static void generic_gemm_nn_band(const kt_rows *a, const kt_packed *w, int64_t n
 /* x W in bands of at most KT_BLOCK_N columns (the scratch holds one band of W as fp32). */
 static void generic_gemm_nn(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                             int64_t ldc, void *scratch) {
-  for (int64_t j = 0; j < n; j += KT_BLOCK_N)
-    generic_gemm_nn_band(a, w, n0 + j, kt_block_len(n, j), c + j, ldc, scratch);
+  kt_gemm_in_bands(generic_gemm_nn_band, a, w, n0, n, c, ldc, scratch);
 }
 
 /* int4 in the API layout: each row of W and group of columns summed in int32, the groups in
@@ -174,8 +173,7 @@ static void generic_gemm_nn_q4_band(const kt_rows *a, const kt_packed *w, int64_
 
 static void generic_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
                                float *c, int64_t ldc, void *scratch) {
-  for (int64_t j = 0; j < n; j += KT_BLOCK_N)
-    generic_gemm_nn_q4_band(a, w, n0 + j, kt_block_len(n, j), c + j, ldc, scratch);
+  kt_gemm_in_bands(generic_gemm_nn_q4_band, a, w, n0, n, c, ldc, scratch);
 }
 
 /* The packed layout is row-major: the panel is row-major bf16 [nr, nc]. */

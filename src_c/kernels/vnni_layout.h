@@ -244,8 +244,7 @@ static inline void kt_z4_gemm_nn_q4_band(const kt_rows *a, const kt_packed *w, i
 
 static inline void kt_z4_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n,
                                     float *c, int64_t ldc, void *scratch) {
-  for (int64_t j = 0; j < n; j += KT_BLOCK_N) /* bands of KT_BLOCK_N columns */
-    kt_z4_gemm_nn_q4_band(a, w, n0 + j, kt_block_len(n, j), c + j, ldc, scratch);
+  kt_gemm_in_bands(kt_z4_gemm_nn_q4_band, a, w, n0, n, c, ldc, scratch);
 }
 
 #endif /* KTSFT_VNNI_LAYOUT_H */
