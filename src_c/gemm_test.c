@@ -34,13 +34,18 @@ static kt_status run(kt_isa isa, kt_gemm_op op, const void *a, const float *a_sc
   void *packed = kt_alloc(kern->packed_bytes(rows, cols, wt));
   void *scratch = kt_alloc(
       kt_max_size(kern->gemm_scratch_bytes(n, k), kt_base_gemm_scratch_bytes(kern, wt, n, k)));
-  if (!packed || !scratch) {
+  const int64_t ng = wt == KT_WTYPE_INT4 ? kt_int4_groups(cols, group) : 0;
+  float *blocks = ng ? kt_alloc((size_t)kt_int4_scales_stored(rows, ng) * sizeof(float)) : NULL;
+  if (!packed || !scratch || (ng && !blocks)) {
     kt_free(packed);
     kt_free(scratch);
+    kt_free(blocks);
     return kt_fail(err, KT_ERR_OUT_OF_MEMORY, "out of memory");
   }
   kern->pack(packed, w, rows, cols, wt);
-  const kt_packed pw = {packed, rows, cols, wt, wt == KT_WTYPE_BF16 ? NULL : w_scale, group};
+  if (blocks) kt_int4_scales_to_blocks(w_scale, rows, ng, blocks); /* as the engine holds them */
+  const kt_packed pw = {
+      packed, rows, cols, wt, blocks ? blocks : wt == KT_WTYPE_BF16 ? NULL : w_scale, group};
   if (op == KT_GEMM_NT_Q8) {
     const kt_rows_q8 aq = {a, k, NULL, m, a_scale};
     kt_base_gemm_nt_q8(kern, &aq, &pw, n0, n, c, n, scratch);
@@ -50,6 +55,7 @@ static kt_status run(kt_isa isa, kt_gemm_op op, const void *a, const float *a_sc
   }
   kt_free(packed);
   kt_free(scratch);
+  kt_free(blocks);
   return KT_OK;
 }
 

@@ -31,6 +31,18 @@ void kt_quantize_int4_bf16(const uint16_t *w, int64_t rows, int64_t cols, int64_
   }
 }
 
+void kt_int4_scales_to_blocks(const float *src, int64_t rows, int64_t ng, float *dst) {
+  const int64_t stored = kt_int4_scales_stored(rows, ng);
+  for (int64_t i = 0; i < stored; i++) dst[i] = 0.0f;
+  for (int64_t n = 0; n < rows; n++)
+    for (int64_t g = 0; g < ng; g++) dst[kt_int4_scale_index(n, g, ng)] = src[n * ng + g];
+}
+
+void kt_int4_scales_from_blocks(const float *src, int64_t rows, int64_t ng, float *dst) {
+  for (int64_t n = 0; n < rows; n++)
+    for (int64_t g = 0; g < ng; g++) dst[n * ng + g] = src[kt_int4_scale_index(n, g, ng)];
+}
+
 void kt_int4_quantize(const uint16_t *w, int64_t rows, int64_t cols, int64_t group, uint8_t *q,
                       float *scale) {
   kt_quantize_int4_bf16(w, rows, cols, group, q, scale);

@@ -143,6 +143,16 @@ static inline int kt_int4_group_valid(int64_t g) { return g == 32 || g == 64 || 
 static inline int64_t kt_int4_groups(int64_t cols, int64_t group) {
   return (cols + group - 1) / group;
 }
+/* The engine holds int4 group scales in blocks of 16 rows of W: the scales of group g of rows
+ * 16b .. 16b + 15 are 16 consecutive floats (0 past the last row), so a kernel reads a 16-row
+ * block's scales as vectors, in the order it streams the block's nibbles, and the scales of
+ * consecutive blocks are one run of memory. kt_int4_scale_index gives scale[n, g]'s place. */
+static inline int64_t kt_int4_scale_index(int64_t n, int64_t g, int64_t ng) {
+  return ((n >> 4) * ng + g) * 16 + (n & 15);
+}
+static inline int64_t kt_int4_scales_stored(int64_t rows, int64_t ng) {
+  return (rows + 15) / 16 * 16 * ng;
+}
 /* The signed value of the nibble of column c in a row of the API int4 layout. */
 static inline int32_t kt_int4_at(const uint8_t *row, int64_t c) {
   const int32_t v = (row[c / 2] >> (4 * (c & 1))) & 15;
@@ -163,9 +173,10 @@ static inline int32_t kt_int4_at(const uint8_t *row, int64_t c) {
  *         block instead (scale[n]: folded into A as for int8), and for x W^T either the block
  *         scales (gemm_nt_fp8_few) or bf16 panels of it (decode_fp8).
  *   INT4  signed 4-bit q in [-8, 7] with one fp32 scale per row and group of `group` columns:
- *         W[n, c] = q[n, c] * scale[n * ceil(cols/group) + c / group] (spec section 5.2).
- *         pack takes, and unpack gives, the API layout of kt_wtype_matrix_bytes; only the
- *         gemm_*_q4 kernels read it. `group` is 0 for the other types. */
+ *         W[n, c] = q[n, c] * scale[kt_int4_scale_index(n, c / group, ceil(cols/group))]
+ *         (spec section 5.2: the scales in blocks of 16 rows). pack takes, and unpack gives, the
+ * API layout of kt_wtype_matrix_bytes; only the gemm_*_q4 kernels read it. `group` is 0 for the
+ * other types. */
 typedef struct kt_packed {
   const void *data;
   int64_t rows, cols;
@@ -331,6 +342,10 @@ static inline float kt_dequantize_value(float v, float scale) {
  * [rows, ceil(cols/2)] bytes; scale [rows, ceil(cols/group)]. */
 void kt_quantize_int4_bf16(const uint16_t *w, int64_t rows, int64_t cols, int64_t group, uint8_t *q,
                            float *scale);
+/* Group scales [rows, ng] (the API layout) to the engine's blocks of 16 rows
+ * (kt_int4_scales_stored(rows, ng) floats), and back. */
+void kt_int4_scales_to_blocks(const float *src, int64_t rows, int64_t ng, float *dst);
+void kt_int4_scales_from_blocks(const float *src, int64_t rows, int64_t ng, float *dst);
 
 /* ---- fp8 e4m3 (spec section 5.1) ----------------------------------------------------------- */
 

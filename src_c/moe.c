@@ -91,6 +91,10 @@ static const char *const scale_inv_name[3] = {"gate_scale_inv", "up_scale_inv", 
 static size_t proj_scales(const kt_moe *m, int p) {
   return (size_t)kt_scale_count(m->wtype, proj_rows(m, p), proj_cols(m, p), m->group);
 }
+/* Floats the engine keeps for them (int4: in blocks of 16 rows). */
+static size_t proj_scales_stored(const kt_moe *m, int p) {
+  return (size_t)kt_scale_stored(m->wtype, proj_rows(m, p), proj_cols(m, p), m->group);
+}
 
 /* The packed storage of all E experts, made at the first load. */
 static kt_status alloc_packed(kt_moe *m, kt_error *err) {
@@ -102,8 +106,8 @@ static kt_status alloc_packed(kt_moe *m, kt_error *err) {
     m->packed[p] = kt_alloc_huge(m->packed_stride[p] * E);
     total += m->packed_stride[p] * E;
     if (proj_scales(m, p)) {
-      m->scales[p] = kt_alloc(E * proj_scales(m, p) * sizeof(float));
-      total += E * proj_scales(m, p) * sizeof(float);
+      m->scales[p] = kt_alloc(E * proj_scales_stored(m, p) * sizeof(float));
+      total += E * proj_scales_stored(m, p) * sizeof(float);
     }
   }
   m->expert_loaded = calloc(E, 1);
@@ -154,10 +158,14 @@ static void pack_one(void *vctx, int64_t item, int32_t worker) {
     return;
   }
   const size_t ns = proj_scales(m, p);
-  float *scale = m->scales[p] + (size_t)e * ns;
+  const int64_t ng = m->wtype == KT_WTYPE_INT4 ? kt_int4_groups(cols, m->group) : 0;
+  float *scale = m->scales[p] + (size_t)e * proj_scales_stored(m, p);
   if (ctx->w->dtype != KT_DTYPE_BF16) { /* int8, e4m3 or int4 bytes with their scales */
     const float *s[3] = {ctx->w->gate_scale, ctx->w->up_scale, ctx->w->down_scale};
-    memcpy(scale, s[p] + (size_t)i * ns, ns * sizeof(float));
+    if (m->wtype == KT_WTYPE_INT4)
+      kt_int4_scales_to_blocks(s[p] + (size_t)i * ns, rows, ng, scale);
+    else
+      memcpy(scale, s[p] + (size_t)i * ns, ns * sizeof(float));
     const size_t bytes = kt_wtype_matrix_bytes(m->wtype, rows, cols);
     m->kern->pack(dst, (const char *)src[p] + (size_t)i * bytes, rows, cols, m->wtype);
     return;
@@ -166,9 +174,11 @@ static void pack_one(void *vctx, int64_t item, int32_t worker) {
   const uint16_t *w = (const uint16_t *)src[p] + (size_t)i * n;
   if (m->wtype == KT_WTYPE_FP8)
     kt_quantize_fp8_bf16(w, rows, cols, (uint8_t *)q, scale);
-  else if (m->wtype == KT_WTYPE_INT4)
-    kt_quantize_int4_bf16(w, rows, cols, m->group, (uint8_t *)q, scale);
-  else
+  else if (m->wtype == KT_WTYPE_INT4) { /* the scales in API layout after the nibbles */
+    float *api = (float *)(void *)(q + kt_align_up(kt_wtype_matrix_bytes(m->wtype, rows, cols)));
+    kt_quantize_int4_bf16(w, rows, cols, m->group, (uint8_t *)q, api);
+    kt_int4_scales_to_blocks(api, rows, ng, scale);
+  } else
     for (int64_t r = 0; r < rows; r++)
       scale[r] = kt_quantize_row_bf16(w + r * cols, cols, (int8_t *)q + r * cols);
   m->kern->pack(dst, q, rows, cols, m->wtype);
@@ -220,6 +230,9 @@ kt_status kt_moe_load_experts(kt_moe *m, int32_t first, int32_t count, const kt_
   if (m->wtype != KT_WTYPE_BF16 && w->dtype == KT_DTYPE_BF16) {
     const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
     ctx.q8_each = kt_align_up((size_t)(H * I));
+    if (m->wtype == KT_WTYPE_INT4) /* and the API layout's group scales */
+      ctx.q8_each += sizeof(float) * kt_max_size((size_t)(I * kt_int4_groups(H, m->group)),
+                                                 (size_t)(H * kt_int4_groups(I, m->group)));
     ctx.q8 = kt_alloc(ctx.q8_each * (size_t)kt_pool_num_threads(m->pool));
     if (!ctx.q8)
       return kt_fail(err, KT_ERR_OUT_OF_MEMORY, "out of memory quantizing the base weights");
@@ -271,7 +284,11 @@ kt_status kt_moe_read_experts(kt_moe *m, int32_t first, int32_t count, const kt_
       m->kern->unpack((char *)dst[p] + (size_t)i * bytes,
                       (const char *)m->packed[p] + e * m->packed_stride[p], rows, cols, m->wtype);
       const size_t ns = proj_scales(m, p);
-      if (ns) memcpy(sc[p] + (size_t)i * ns, m->scales[p] + e * ns, ns * sizeof(float));
+      const float *held = m->scales[p] + e * proj_scales_stored(m, p);
+      if (m->wtype == KT_WTYPE_INT4)
+        kt_int4_scales_from_blocks(held, rows, kt_int4_groups(cols, m->group), sc[p] + i * ns);
+      else if (ns)
+        memcpy(sc[p] + (size_t)i * ns, held, ns * sizeof(float));
     }
   }
   pthread_mutex_unlock(&m->lock);
@@ -288,7 +305,7 @@ size_t kt_moe_packed_bytes(const kt_moe *m) {
   size_t bytes = 0;
   for (int p = 0; p < 3; p++) {
     bytes += m->packed_stride[p] * E;
-    if (m->scales[p]) bytes += E * proj_scales(m, p) * sizeof(float);
+    if (m->scales[p]) bytes += E * proj_scales_stored(m, p) * sizeof(float);
   }
   return bytes;
 }

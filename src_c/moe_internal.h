@@ -68,6 +68,11 @@ static inline int64_t kt_scale_count(kt_wtype t, int64_t rows, int64_t cols, int
          : t == KT_WTYPE_INT4 ? rows * kt_int4_groups(cols, group)
                               : 0;
 }
+/* Floats the engine stores for them: int4's in blocks of 16 rows (kt_int4_scale_index). */
+static inline int64_t kt_scale_stored(kt_wtype t, int64_t rows, int64_t cols, int64_t group) {
+  return t == KT_WTYPE_INT4 ? kt_int4_scales_stored(rows, kt_int4_groups(cols, group))
+                            : kt_scale_count(t, rows, cols, group);
+}
 
 /* Expert e's matrix of projection p (KT_GATE, KT_UP: [I, H]; KT_DOWN: [H, I]). */
 static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
@@ -79,19 +84,21 @@ static inline kt_packed kt_moe_weight(const kt_moe *m, int p, int32_t e) {
     w.cols = I;
   }
   if (m->scales[p])
-    w.scale = m->scales[p] + (size_t)e * (size_t)kt_scale_count(m->wtype, w.rows, w.cols, m->group);
+    w.scale =
+        m->scales[p] + (size_t)e * (size_t)kt_scale_stored(m->wtype, w.rows, w.cols, m->group);
   return w;
 }
 
-/* int4: the group scales of rows r0 .. r0 + n of expert e's matrix p, fetched ahead of the x W^T
- * that reads them (its kernels transpose a call's scales before streaming the nibbles, and those
- * lines would otherwise arrive in one burst, 16 KB per 64 rows, while nothing else runs). */
+/* int4: the group scales of rows r0 .. r0 + n (r0 a multiple of 16) of expert e's matrix p, one
+ * run of memory, fetched ahead of the x W^T that reads them with its nibbles (those lines would
+ * otherwise arrive on demand, one per 16 rows and group). */
 static inline void kt_moe_prefetch_scales(const kt_moe *m, int p, int32_t e, int64_t r0,
                                           int64_t n) {
   if (m->wtype != KT_WTYPE_INT4) return;
   const kt_packed w = kt_moe_weight(m, p, e);
   const int64_t ng = kt_int4_groups(w.cols, w.group), rows = w.rows - r0 < n ? w.rows - r0 : n;
-  kt_prefetch_range(w.scale + r0 * ng, (size_t)(rows * ng) * sizeof(float));
+  kt_prefetch_range(w.scale + kt_int4_scale_index(r0, 0, ng),
+                    (size_t)kt_int4_scales_stored(rows, ng) * sizeof(float));
 }
 
 kt_status kt_lora_check(const kt_lora *l, kt_error *err);

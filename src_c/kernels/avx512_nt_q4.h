@@ -9,27 +9,26 @@
  * unit gives the int8 unit of its first 4 columns, shifting by 4 first the next 4, and the
  * broadcast quads of A are 4 consecutive int8 columns. Each group's int32 sum starts at
  * -8 sum(a) over the group (which takes the + 8 back out, exactly), then is converted and
- * multiplied by the group scales of its 16 rows into an fp32 sum. Per call, A's rows are copied
- * and their group sums taken once per tile of KT_Q4_MR rows (vpsadbw), and the group scales of
- * the n rows of W transposed once (in registers): the tile then streams each 16-row block of W
- * once per tile of A, prefetching 4 KB ahead (the hardware prefetchers restart at every page). */
+ * multiplied by the group scales of its 16 rows (one vector of the engine's blocked scales,
+ * kt_int4_scale_index) into an fp32 sum. Per call, A's rows are copied and their group sums taken
+ * once per tile of KT_Q4_MR rows (vpsadbw): the tile then streams each 16-row block of W and its
+ * scales once per tile of A, prefetching 4 KB of nibbles and 16 groups of scales ahead (the
+ * hardware prefetchers restart at every page). */
 #include "avx512_layout.h"
 
 #ifndef KTSFT_AVX512_NT_Q4_H
 #define KTSFT_AVX512_NT_Q4_H
 
 enum {
-  KT_Z4_NT_MR = 6,     /* the largest KT_Q4_MR */
-  KT_Z4_PREFETCH = 64, /* units ahead of the loads */
-  KT_Z4_SCT_LD = 64,   /* columns of the transposed group scales: KT_BLOCK_N rows of W */
+  KT_Z4_NT_MR = 6,         /* the largest KT_Q4_MR */
+  KT_Z4_PREFETCH = 64,     /* units ahead of the loads */
+  KT_Z4_SCALES_AHEAD = 16, /* groups ahead of the scale loads */
 };
 
-/* The int8 rows of A (zero padded to len, a multiple of 64) and the group sums, and the
- * transposed group scales of W. */
+/* The int8 rows of A (zero padded to len, a multiple of 64) and the group sums. */
 static inline size_t kt_z4_nt_scratch_bytes(int64_t k) {
   const int64_t len = kt_z_units(k, KT_WTYPE_INT4) * 8, ng = (k + 31) / 32;
-  return (size_t)(KT_Z4_NT_MR * len + KT_Z4_NT_MR * ng * 4 + KT_Z4_SCT_LD * ng * 4) +
-         2 * KT_CACHE_LINE;
+  return (size_t)(KT_Z4_NT_MR * len + KT_Z4_NT_MR * ng * 4) + 2 * KT_CACHE_LINE;
 }
 
 static inline __mmask64 kt_z4_mask64(int64_t n) {
@@ -59,29 +58,12 @@ static inline void kt_z4_rows(const kt_rows_q8 *a, int64_t m0, int64_t mr, int64
   }
 }
 
-/* sct[g * KT_Z4_SCT_LD + j] = scale[n0 + j, g] for j < n rounded up to 16 (0 past W's rows):
- * 16 rows x 16 groups at a time, transposed in registers. */
-static inline void kt_z4_scales_t(const kt_packed *w, int64_t n0, int64_t n, float *sct) {
-  const int64_t ng = kt_int4_groups(w->cols, w->group);
-  for (int64_t j0 = 0; j0 < n; j0 += 16)
-    for (int64_t g0 = 0; g0 < ng; g0 += 16) {
-      const __mmask16 m = kt_z_mask(ng - g0);
-      __m512i r[16];
-      for (int j = 0; j < 16; j++)
-        r[j] = n0 + j0 + j < w->rows
-                   ? _mm512_maskz_loadu_epi32(m, w->scale + (n0 + j0 + j) * ng + g0)
-                   : _mm512_setzero_si512();
-      kt_z_transpose16(r);
-      for (int g = 0; g < 16 && g0 + g < ng; g++)
-        _mm512_storeu_si512(sct + (g0 + g) * KT_Z4_SCT_LD + j0, r[g]);
-    }
-}
-
 #endif /* KTSFT_AVX512_NT_Q4_H */
 
 #ifdef KT_NT_Q4_NAME
 
-/* mr rows of A x 16 nb rows of W: c[m, 0 .. ncols) = sa[m] * sum over the groups. */
+/* mr rows of A x 16 nb rows of W: c[m, 0 .. ncols) = sa[m] * sum over the groups. sct: the
+ * first block's scales (the second's follow at 16 ng). */
 static inline __attribute__((always_inline)) void q4_nt_tile(
     const int mr, const int nb, const int8_t *ab, int64_t len, const int32_t *nsum, int64_t ng,
     int64_t G, int64_t used, const char *p0, int64_t bstride, const float *sct, const float *sa,
@@ -110,8 +92,10 @@ static inline __attribute__((always_inline)) void q4_nt_tile(
         if (nb > 1) acc[m][1] = KT_Q4_DOT(acc[m][1], l1, h1, alo, ahi);
       }
     }
-    const __m512 s0 = _mm512_loadu_ps(sct + g * KT_Z4_SCT_LD);
-    const __m512 s1 = _mm512_loadu_ps(sct + g * KT_Z4_SCT_LD + 16);
+    _mm_prefetch((const char *)(sct + (g + KT_Z4_SCALES_AHEAD) * 16), _MM_HINT_T0);
+    if (nb > 1) _mm_prefetch((const char *)(sct + (ng + g + KT_Z4_SCALES_AHEAD) * 16), _MM_HINT_T0);
+    const __m512 s0 = _mm512_loadu_ps(sct + g * 16);
+    const __m512 s1 = nb > 1 ? _mm512_loadu_ps(sct + (ng + g) * 16) : s0;
     for (int m = 0; m < mr; m++) {
       tot[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), s0, tot[m][0]);
       if (nb > 1) tot[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][1]), s1, tot[m][1]);
@@ -130,9 +114,7 @@ void KT_NT_Q4_NAME(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t 
   const int64_t bstride = units * KT_Z_UNIT;
   int8_t *ab = scratch;                                     /* [KT_Q4_MR, len] */
   int32_t *nsum = (int32_t *)(void *)(ab + KT_Q4_MR * len); /* [KT_Q4_MR, ng] */
-  float *sct = (float *)(void *)(nsum + KT_Q4_MR * ng);     /* [ng, KT_Z4_SCT_LD] */
   float sa[KT_Q4_MR];
-  kt_z4_scales_t(w, n0, n, sct);
   for (int64_t m0 = 0; m0 < a->count; m0 += KT_Q4_MR) {
     const int64_t mr = a->count - m0 < KT_Q4_MR ? a->count - m0 : KT_Q4_MR;
     kt_z4_rows(a, m0, mr, k, G, ng, ab, len, nsum);
@@ -141,7 +123,7 @@ void KT_NT_Q4_NAME(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t 
     for (int64_t j0 = 0; j0 < n; j0 += 32) {
       const char *p0 = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
       const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
-      const float *st = sct + j0;
+      const float *st = w->scale + kt_int4_scale_index(n0 + j0, 0, ng);
       float *cc = c + m0 * ldc + j0;
 #define KT_Q4_CASE(MR)                                                                    \
   case MR:                                                                                \

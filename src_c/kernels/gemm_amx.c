@@ -330,17 +330,7 @@ static int64_t q4_tiles_per_group(int64_t group) { return group == 32 ? 1 : grou
 static void q4_group_tiles(const kt_packed *w, int64_t t, int64_t g, int8_t *tiles, float *scale) {
   const int64_t G = w->group, tpg = q4_tiles_per_group(G), ng = kt_int4_groups(w->cols, G);
   const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), r0 = t * TILE_ROWS;
-  const int64_t nr = w->rows - r0 < TILE_ROWS ? w->rows - r0 : TILE_ROWS;
-#ifdef KT_AMX_EMULATE
-  for (int64_t j = 0; j < TILE_ROWS; j++) scale[j] = j < nr ? w->scale[(r0 + j) * ng + g] : 0.0f;
-#else
-  const __m512i at =
-      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                         _mm512_set1_epi32((int)ng));
-  _mm512_storeu_ps(scale,
-                   _mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)((1u << nr) - 1u), at,
-                                            w->scale + r0 * ng + g, 4));
-#endif
+  memcpy(scale, w->scale + kt_int4_scale_index(r0, g, ng), TILE_ROWS * sizeof(float));
   for (int64_t s = 0; s < tpg; s++) {
     const int64_t kb = G == 32 ? g / 2 : g * tpg + s; /* the K block of this tile */
     int8_t *tile = tiles + s * TILE_BYTES;

@@ -469,7 +469,8 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
  * per int16 lane) stay below 2^15, so each run of 32 columns is summed in int16, widened by
  * vpmaddwd and added to its group's int32 sum, which starts at -8 sum(a) over the group: the
  * + 8 comes back out exactly. The group's sum, converted, times the group scales of its 8 rows
- * of W (the scales transposed once per call), adds to an fp32 total in ascending groups. */
+ * of W (one vector of the engine's blocked scales, kt_int4_scale_index), adds to an fp32 total in
+ * ascending groups. */
 
 enum {
   Q4_MR = 4,   /* x W^T: rows of A per register tile (x 8 rows of W: one half unit) */
@@ -512,25 +513,6 @@ static inline __attribute__((always_inline)) void q4_nt_tile(const int mr, const
   }
 }
 
-/* sct[(jb ng + g) 16 + i] = the scale of row n0 + 16 jb + i of W in group g (0 past n): 8 x 8
- * transposes of the API layout [rows, ng]. */
-static void q4_scales_t(const kt_packed *w, int64_t n0, int64_t n, int64_t ng, float *sct) {
-  for (int64_t r0 = 0; r0 < n; r0 += 8) {
-    float *d = sct + (r0 / 16) * ng * 16 + r0 % 16;
-    const float *s = w->scale + (n0 + r0) * ng;
-    int64_t g0 = 0;
-    if (n - r0 >= 8)
-      for (; g0 + 8 <= ng; g0 += 8) {
-        __m256i v[8];
-        for (int i = 0; i < 8; i++) v[i] = _mm256_loadu_si256((const __m256i *)(s + i * ng + g0));
-        transpose8(v);
-        for (int q = 0; q < 8; q++) _mm256_storeu_si256((__m256i *)(d + (g0 + q) * 16), v[q]);
-      }
-    for (; g0 < ng; g0++)
-      for (int64_t i = 0; i < 8; i++) d[g0 * 16 + i] = r0 + i < n ? s[i * ng + g0] : 0.0f;
-  }
-}
-
 /* Rows m0 .. m0 + mr of A zero padded to len bytes, and their sums per group (vpsadbw of
  * a + 128 over 32 bytes at a time; the padding adds 128 each, taken back out). */
 static void q4_rows_q8(const kt_rows_q8 *a, int64_t m0, int64_t mr, int64_t k, int64_t G,
@@ -557,7 +539,8 @@ static void q4_rows_q8(const kt_rows_q8 *a, int64_t m0, int64_t mr, int64_t k, i
 
 static size_t q4_nt_scratch_bytes(int64_t n, int64_t k) {
   const int64_t len = kt_z_units(k, KT_WTYPE_INT4) * 8, ng = (k + 31) / 32;
-  return (size_t)(Q4_MR * len + Q4_MR * ng * 4 + (n + 15) / 16 * ng * 16 * 4) + KT_CACHE_LINE;
+  (void)n;
+  return (size_t)(Q4_MR * len + Q4_MR * ng * 4) + KT_CACHE_LINE;
 }
 
 #define Q4_NT_CASE(MR)                                       \
@@ -575,10 +558,9 @@ static void y_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, in
                          int64_t ldc, void *scratch) {
   const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_INT4), len = 8 * units;
   const int64_t G = w->group, ng = kt_int4_groups(k, G), used = (k + 7) / 8, sub = G / Q4_RUN;
-  int8_t *ab = scratch;                                  /* [Q4_MR, len] */
-  int32_t *asum = (int32_t *)(void *)(ab + Q4_MR * len); /* [Q4_MR, ng] */
-  float *sct = (float *)(void *)(asum + Q4_MR * ng);     /* [n / 16, ng, 16] */
-  q4_scales_t(w, n0, n, ng, sct);
+  int8_t *ab = scratch;                                         /* [Q4_MR, len] */
+  int32_t *asum = (int32_t *)(void *)(ab + Q4_MR * len);        /* [Q4_MR, ng] */
+  const float *sct = w->scale + kt_int4_scale_index(n0, 0, ng); /* [n / 16, ng, 16] */
   for (int64_t m0 = 0; m0 < a->count; m0 += Q4_MR) {
     const int64_t mr = a->count - m0 < Q4_MR ? a->count - m0 : Q4_MR;
     q4_rows_q8(a, m0, mr, k, G, ng, ab, len, asum);
@@ -675,17 +657,18 @@ static inline __attribute__((always_inline)) void q4_few_tile(
 }
 
 /* dst[s ld + r] = the scale of row r0 + r of W in the group of run s (ns <= 2 runs from column
- * n0), r < k: one pass over the rows (the runs' groups share a line of the scales), the lines
- * fetched Q4_SCALES_AHEAD rows ahead (each row's are far apart). */
+ * n0), r < k: a line of 16 rows' scales per block and run, fetched Q4_SCALES_AHEAD rows ahead. */
 static void q4_run_scales(const kt_packed *w, int64_t r0, int64_t k, int64_t n0, int64_t ns,
                           float *dst, int64_t ld) {
   const int64_t ng = kt_int4_groups(w->cols, w->group), g0 = n0 / w->group;
   const int64_t g1 = (n0 + Q4_RUN * (ns - 1)) / w->group;
-  const float *s = w->scale + r0 * ng;
   for (int64_t r = 0; r < k; r++) {
-    _mm_prefetch((const char *)(s + (r + Q4_SCALES_AHEAD) * ng + g0), _MM_HINT_T0);
-    dst[r] = s[r * ng + g0];
-    if (ns > 1) dst[ld + r] = s[r * ng + g1];
+    const int64_t row = r0 + r;
+    if (row % 16 == 0 && row + Q4_SCALES_AHEAD < w->rows)
+      _mm_prefetch((const char *)(w->scale + kt_int4_scale_index(row + Q4_SCALES_AHEAD, g0, ng)),
+                   _MM_HINT_T0);
+    dst[r] = w->scale[kt_int4_scale_index(row, g0, ng)];
+    if (ns > 1) dst[ld + r] = w->scale[kt_int4_scale_index(row, g1, ng)];
   }
 }
 

@@ -529,9 +529,9 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
  * call of more than a few rows; the few-row path takes a wide span band by band, see
  * z_nn_q4_few) is one or two runs of 32 columns, each inside one group: with
  * G = 32 the two runs take the rows of A folded with two groups, otherwise both the same. The
- * scales of a run are one per row of W, strided by the groups of a row: they are gathered once
- * per call (a few rows) or per chunk of rows of W (many), and A folded with them once per run
- * and row, never in the inner loops. A 16-byte quarter of a unit (4 rows x 8 columns), widened
+ * scales of a run are one per row of W, a vector per 16 rows in the engine's blocked layout
+ * (kt_int4_scale_index): A is folded with them once per chunk of rows of W, run and row, never in
+ * the inner loops. A 16-byte quarter of a unit (4 rows x 8 columns), widened
  * to 16 int32 lanes (lane 4i + t: row i, byte t), holds column t in the low nibble and column
  * 4 + t in the high one; vpermps with the table -8 .. 7 gives a nibble's value (it reads only the
  * low 4 bits of each lane). */
@@ -556,19 +556,11 @@ static inline void q4_run_groups(const kt_packed *w, int64_t n0, int64_t n, int6
   g[1] = n > 32 ? (n0 + 32) / w->group : g[0];
 }
 
-/* sc[r] = scale[c0 + r, g] for r < len (zero past cnt): 16 at a time, ng apart. */
-static void q4_gather(const kt_packed *w, int64_t c0, int64_t cnt, int64_t g, float *sc,
-                      int64_t len) {
+/* sc[r] = scale[c0 + r, g] for r < len (c0 and len multiples of 16; zero past W's rows). */
+static void q4_group_scales(const kt_packed *w, int64_t c0, int64_t g, float *sc, int64_t len) {
   const int64_t ng = kt_int4_groups(w->cols, w->group);
-  const float *base = w->scale + c0 * ng + g;
-  const __m512i step =
-      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                         _mm512_set1_epi32((int)ng));
-  for (int64_t r = 0; r < len; r += 16) {
-    const __mmask16 m = kt_z_mask(cnt - r > 0 ? cnt - r : 0);
-    _mm512_storeu_ps(sc + r,
-                     _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, step, base + r * ng, 4));
-  }
+  for (int64_t r = 0; r < len; r += 16)
+    _mm512_storeu_ps(sc + r, _mm512_loadu_ps(w->scale + kt_int4_scale_index(c0 + r, g, ng)));
 }
 
 /* The rows m0 .. m0 + mr of A (columns c0 .. c0 + cnt) folded with the scales of the runs'
@@ -638,7 +630,7 @@ static size_t q4_few_scratch_bytes(int64_t n) {
 
 /* At most NN_FEW_M rows of A, n <= KT_WIDE_N columns: W in chunks of whole rows of the span
  * (one run of memory each). Per chunk, each row of A is folded with every group's scales of its
- * rows (the scales of a row of W are contiguous), then every band of 64 columns runs its register
+ * rows (a vector per 16 rows and group), then every band of 64 columns runs its register
  * tile over the chunk, one or two rows of A at a time, the first of them fetching the next chunk
  * into L2. The accumulators are summed across lanes at the end. */
 static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
@@ -651,27 +643,26 @@ static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
   for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
     const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
     const int64_t c0 = 16 * b0, cnt = (k < 16 * b1 ? k : 16 * b1) - c0;
-    for (int64_t m = 0; m < a->count; m++) {
+    for (int64_t m = 0; m < a->count; m++) { /* a vector of 16 rows times each group's */
       const uint16_t *arow = kt_row(a, m) + c0;
       float *am = af + m * ldm;
-      for (int64_t r = 0; r < cnt; r++) {
-        const float av = kt_bf16_to_f32(arow[r]);
-        const float *sr = w->scale + (c0 + r) * ng + g0;
-        for (int64_t g = 0; g < ngs; g++) am[g * rows + r] = av * sr[g];
+      for (int64_t r = 0; r < 16 * (b1 - b0); r += 16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(kt_z_mask(cnt - r), arow + r);
+        const __m512 av = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        const float *sr = w->scale + kt_int4_scale_index(c0 + r, g0, ng);
+        for (int64_t g = 0; g < ngs; g++)
+          _mm512_storeu_ps(am + g * rows + r, _mm512_mul_ps(av, _mm512_loadu_ps(sr + 16 * g)));
       }
-      for (int64_t g = 0; g < ngs; g++)
-        for (int64_t r = cnt; r < 16 * (b1 - b0); r++) am[g * rows + r] = 0.0f;
     }
-    /* the next chunk's scales, a contiguous run, fetched into L2 a slice per band */
-    const char *next = (const char *)(w->scale + (16 * b1) * ng);
-    const int64_t scale_lines =
-        16 * b1 < k
-            ? ((k < 16 * (2 * b1 - b0) ? k : 16 * (2 * b1 - b0)) - 16 * b1) * ng * 4 / KT_CACHE_LINE
-            : 0;
+    /* the next chunk's scales of the span's groups (a line per block and group), fetched into L2
+     * a slice per band */
+    const int64_t b2 = nblocks < 2 * b1 - b0 ? nblocks : 2 * b1 - b0, scale_lines = (b2 - b1) * ngs;
     for (int64_t j = 0; j < bands; j++) {
       const int64_t j0 = 64 * j, nu = (kt_block_len(n, j0) + 7) / 8;
       for (int64_t l = j * scale_lines / bands; l < (j + 1) * scale_lines / bands; l++)
-        _mm_prefetch(next + l * KT_CACHE_LINE, _MM_HINT_T1);
+        _mm_prefetch(
+            (const char *)(w->scale + kt_int4_scale_index(16 * (b1 + l / ngs), g0 + l % ngs, ng)),
+            _MM_HINT_T1);
       const int64_t ga = (n0 + j0) / G - g0, gb = (n0 + j0 + 32) / G - g0;
       const int64_t rs = nu > 4 && gb != ga ? (gb - ga) * rows : 0;
       for (int64_t m = 0; m < a->count; m += 2) {
@@ -773,7 +764,7 @@ static inline __attribute__((always_inline)) void nn_q4_tile(const int mr, const
 
 /* The table's gemm_nn_q4: a few rows on z_nn_q4_few; more through the transposed fp32 block of
  * NN_CH rows of W and the register tile, each tile of rows of A folded with the runs' groups
- * once per block (the scales of the block gathered once for all rows). */
+ * once per block (the scales of the block copied once for all rows). */
 static void z_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                          int64_t ldc, void *scratch) {
   if (a->count <= NN_FEW_M) {
@@ -789,7 +780,7 @@ static void z_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64
   for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
     const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH, len = (cnt + 15) & ~(int64_t)15;
     q4_transpose_block(w, c0, cnt, n0, ns, wt);
-    for (int64_t s = 0; s < nf; s++) q4_gather(w, c0, cnt, g[s], sc + s * NN_CH, len);
+    for (int64_t s = 0; s < nf; s++) q4_group_scales(w, c0, g[s], sc + s * NN_CH, len);
     for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
       const int mr = (int)(a->count - m0 < NN_MR ? a->count - m0 : NN_MR);
       q4_fold_rows(a, m0, mr, c0, cnt, len, nf, sc, NN_CH, af, NN_MR * ldaf, ldaf);

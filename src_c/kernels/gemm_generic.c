@@ -133,11 +133,11 @@ static void generic_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t 
     const int64_t i = a->index ? (int64_t)a->index[m] : m;
     const int8_t *arow = a->base + i * a->ld;
     for (int64_t j = 0; j < n; j++) {
-      const float *sw = w->scale + (n0 + j) * ng;
       float total = 0.0f;
       for (int64_t g = 0; g < ng; g++) {
         const int64_t len = k - g * G < G ? k - g * G : G;
-        total += sw[g] * (float)dot_i8(arow + g * G, wq + j * k + g * G, len);
+        total += w->scale[kt_int4_scale_index(n0 + j, g, ng)] *
+                 (float)dot_i8(arow + g * G, wq + j * k + g * G, len);
       }
       c[m * ldc + j] = a->scale[i] * total;
     }
@@ -163,7 +163,7 @@ static void generic_gemm_nn_q4_band(const kt_rows *a, const kt_packed *w, int64_
       const float *wrow = wf + r * n;
       for (int64_t j0 = 0; j0 < n;) {
         const int64_t g = (n0 + j0) / G, j1 = (g + 1) * G - n0 < n ? (g + 1) * G - n0 : n;
-        const float f = af[r] * w->scale[r * ng + g];
+        const float f = af[r] * w->scale[kt_int4_scale_index(r, g, ng)];
         for (int64_t j = j0; j < j1; j++) crow[j] += f * wrow[j];
         j0 = j1;
       }

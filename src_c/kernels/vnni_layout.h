@@ -206,13 +206,12 @@ static inline void kt_z4_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int
     const int64_t i = a->index ? (int64_t)a->index[m] : m;
     const int8_t *arow = a->base + i * a->ld;
     for (int64_t j = 0; j < n; j++) {
-      const float *sw = w->scale + (n0 + j) * ng;
       float total = 0.0f;
       for (int64_t g = 0; g < ng; g++) {
         int32_t acc = 0;
         for (int64_t q = g * G; q < k && q < (g + 1) * G; q++)
           acc += (int32_t)arow[q] * kt_z4_at(w->data, units, n0 + j, q);
-        total += sw[g] * (float)acc;
+        total += w->scale[kt_int4_scale_index(n0 + j, g, ng)] * (float)acc;
       }
       c[m * ldc + j] = a->scale[i] * total;
     }
@@ -234,7 +233,7 @@ static inline void kt_z4_gemm_nn_q4_band(const kt_rows *a, const kt_packed *w, i
       const float av = kt_bf16_to_f32(arow[r]);
       for (int64_t j0 = 0; j0 < n;) { /* the groups the columns n0 .. n0 + n touch */
         const int64_t g = (n0 + j0) / G, j1 = (g + 1) * G - n0 < n ? (g + 1) * G - n0 : n;
-        const float f = av * w->scale[r * ng + g];
+        const float f = av * w->scale[kt_int4_scale_index(r, g, ng)];
         for (int64_t j = j0; j < j1; j++) crow[j] += f * wf[r * n + j];
         j0 = j1;
       }
