@@ -12,23 +12,21 @@
  * multiplied by the group scales of its 16 rows (one vector of the engine's blocked scales,
  * kt_int4_scale_index) into an fp32 sum. Per call, A's rows are copied and their group sums taken
  * once per tile of KT_Q4_MR rows (vpsadbw): the tile then streams each 16-row block of W and its
- * scales once per tile of A, prefetching 4 KB of nibbles and 16 groups of scales ahead (the
- * hardware prefetchers restart at every page). */
+ * scales once per tile of A, 4 blocks side by side for 1 or 2 rows of A (more lines in flight
+ * per instruction: one thread read 1.5x the bytes per second so), A's quads broadcast from
+ * memory. Software prefetches only slowed it down: the hardware's follow these streams. */
 #include "avx512_layout.h"
 
 #ifndef KTSFT_AVX512_NT_Q4_H
 #define KTSFT_AVX512_NT_Q4_H
 
-enum {
-  KT_Z4_NT_MR = 6,         /* the largest KT_Q4_MR */
-  KT_Z4_PREFETCH = 64,     /* units ahead of the loads */
-  KT_Z4_SCALES_AHEAD = 16, /* groups ahead of the scale loads */
-};
+enum { KT_Z4_NT_MR = 6 /* the largest KT_Q4_MR */ };
 
-/* The int8 rows of A (zero padded to len, a multiple of 64) and the group sums. */
+/* The int8 rows of A (zero padded to len, a multiple of 64), the group sums and the 8-byte sums
+ * of a row. */
 static inline size_t kt_z4_nt_scratch_bytes(int64_t k) {
   const int64_t len = kt_z_units(k, KT_WTYPE_INT4) * 8, ng = (k + 31) / 32;
-  return (size_t)(KT_Z4_NT_MR * len + KT_Z4_NT_MR * ng * 4) + 2 * KT_CACHE_LINE;
+  return (size_t)(KT_Z4_NT_MR * len + KT_Z4_NT_MR * ng * 4 + len) + 3 * KT_CACHE_LINE;
 }
 
 static inline __mmask64 kt_z4_mask64(int64_t n) {
@@ -37,24 +35,24 @@ static inline __mmask64 kt_z4_mask64(int64_t n) {
 
 /* Rows m0 .. m0 + mr of A into ab (len bytes each, zeros past k) and nsum[i * ng + g] =
  * -8 * (the sum of row i over group g of G columns). vpsadbw sums 8 unsigned bytes: each byte
- * enters as a + 128, and each 8-byte sum gives 8 * 128 back. */
+ * enters as a + 128, and each 8-byte sum gives 8 * 128 back. part: len / 8 int64 of scratch. */
 static inline void kt_z4_rows(const kt_rows_q8 *a, int64_t m0, int64_t mr, int64_t k, int64_t G,
-                              int64_t ng, int8_t *ab, int64_t len, int32_t *nsum) {
+                              int64_t ng, int8_t *ab, int64_t len, int32_t *nsum, int64_t *part) {
   const __m512i flip = _mm512_set1_epi8((char)0x80);
   for (int64_t i = 0; i < mr; i++) {
     const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
     const int8_t *row = a->base + src * a->ld;
-    int32_t *sum = nsum + i * ng;
-    for (int64_t g = 0; g < ng; g++) sum[g] = 0;
     for (int64_t c = 0; c < len; c += 64) {
       const __m512i v = _mm512_maskz_loadu_epi8(kt_z4_mask64(k - c), row + c);
       _mm512_storeu_si512(ab + i * len + c, v);
-      int64_t part[8];
-      _mm512_storeu_si512(part, _mm512_sad_epu8(_mm512_xor_si512(v, flip), _mm512_setzero_si512()));
-      for (int64_t t = 0; t < 8 && (c + 8 * t) / G < ng; t++)
-        sum[(c + 8 * t) / G] += (int32_t)(part[t] - 8 * 128);
+      _mm512_storeu_si512(part + c / 8,
+                          _mm512_sad_epu8(_mm512_xor_si512(v, flip), _mm512_setzero_si512()));
     }
-    for (int64_t g = 0; g < ng; g++) sum[g] *= -8;
+    for (int64_t g = 0; g < ng; g++) { /* G / 8 parts per group; the padding's are 0 here */
+      int64_t sum = 0;
+      for (int64_t t = g * G / 8; t < (g + 1) * G / 8 && t < len / 8; t++) sum += part[t] - 8 * 128;
+      nsum[i * ng + g] = -8 * (int32_t)sum;
+    }
   }
 }
 
@@ -62,43 +60,42 @@ static inline void kt_z4_rows(const kt_rows_q8 *a, int64_t m0, int64_t mr, int64
 
 #ifdef KT_NT_Q4_NAME
 
-/* mr rows of A x 16 nb rows of W: c[m, 0 .. ncols) = sa[m] * sum over the groups. sct: the
- * first block's scales (the second's follow at 16 ng). */
+/* mr rows of A x 16 nb rows of W (nb <= 4 blocks, their streams side by side: more lines in
+ * flight per instruction): c[m, 0 .. ncols) = sa[m] * sum over the groups. sct: the first
+ * block's scales (the next block's follow at 16 ng). */
 static inline __attribute__((always_inline)) void q4_nt_tile(
     const int mr, const int nb, const int8_t *ab, int64_t len, const int32_t *nsum, int64_t ng,
     int64_t G, int64_t used, const char *p0, int64_t bstride, const float *sct, const float *sa,
     float *c, int64_t ldc, int64_t ncols) {
   const __m512i low = _mm512_set1_epi8(0x0f);
-  __m512 tot[KT_Q4_MR][2];
-  for (int m = 0; m < mr; m++) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
+  __m512 tot[KT_Q4_MR][4];
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nb; v++) tot[m][v] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; g++) {
     const int64_t u0 = g * G / 8, u1 = (g + 1) * G / 8 < used ? (g + 1) * G / 8 : used;
-    __m512i acc[KT_Q4_MR][2];
-    for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_set1_epi32(nsum[m * ng + g]);
+    __m512i acc[KT_Q4_MR][4];
+    for (int m = 0; m < mr; m++)
+      for (int v = 0; v < nb; v++) acc[m][v] = _mm512_set1_epi32(nsum[m * ng + g]);
     for (int64_t u = u0; u < u1; u++) {
-      _mm_prefetch(p0 + (u + KT_Z4_PREFETCH) * KT_Z_UNIT, _MM_HINT_T0);
-      if (nb > 1) _mm_prefetch(p0 + bstride + (u + KT_Z4_PREFETCH) * KT_Z_UNIT, _MM_HINT_T0);
-      const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
-      const __m512i w1 = nb > 1 ? _mm512_loadu_si512(p0 + bstride + u * KT_Z_UNIT) : w0;
-      const __m512i l0 = _mm512_and_si512(w0, low);
-      const __m512i h0 = _mm512_and_si512(_mm512_srli_epi32(w0, 4), low);
-      const __m512i l1 = _mm512_and_si512(w1, low);
-      const __m512i h1 = _mm512_and_si512(_mm512_srli_epi32(w1, 4), low);
+      __m512i lo[4], hi[4];
+      for (int v = 0; v < nb; v++) {
+        const char *unit = p0 + v * bstride + u * KT_Z_UNIT;
+        const __m512i x = _mm512_loadu_si512(unit);
+        lo[v] = _mm512_and_si512(x, low);
+        hi[v] = _mm512_and_si512(_mm512_srli_epi32(x, 4), low);
+      }
       for (int m = 0; m < mr; m++) {
-        int32_t quad[2];
-        memcpy(quad, ab + m * len + 8 * u, sizeof quad);
-        const __m512i alo = _mm512_set1_epi32(quad[0]), ahi = _mm512_set1_epi32(quad[1]);
-        acc[m][0] = KT_Q4_DOT(acc[m][0], l0, h0, alo, ahi);
-        if (nb > 1) acc[m][1] = KT_Q4_DOT(acc[m][1], l1, h1, alo, ahi);
+        /* broadcast from memory (a load-port operation, unlike from a general register) */
+        const __m512i alo = _mm512_broadcastd_epi32(_mm_loadu_si32(ab + m * len + 8 * u));
+        const __m512i ahi = _mm512_broadcastd_epi32(_mm_loadu_si32(ab + m * len + 8 * u + 4));
+        for (int v = 0; v < nb; v++) acc[m][v] = KT_Q4_DOT(acc[m][v], lo[v], hi[v], alo, ahi);
       }
     }
-    _mm_prefetch((const char *)(sct + (g + KT_Z4_SCALES_AHEAD) * 16), _MM_HINT_T0);
-    if (nb > 1) _mm_prefetch((const char *)(sct + (ng + g + KT_Z4_SCALES_AHEAD) * 16), _MM_HINT_T0);
-    const __m512 s0 = _mm512_loadu_ps(sct + g * 16);
-    const __m512 s1 = nb > 1 ? _mm512_loadu_ps(sct + (ng + g) * 16) : s0;
-    for (int m = 0; m < mr; m++) {
-      tot[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), s0, tot[m][0]);
-      if (nb > 1) tot[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][1]), s1, tot[m][1]);
+    for (int v = 0; v < nb; v++) {
+      const float *sv = sct + (v * ng + g) * 16;
+      const __m512 scale = _mm512_loadu_ps(sv);
+      for (int m = 0; m < mr; m++)
+        tot[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), scale, tot[m][v]);
     }
   }
   for (int m = 0; m < mr; m++)
@@ -114,27 +111,43 @@ void KT_NT_Q4_NAME(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t 
   const int64_t bstride = units * KT_Z_UNIT;
   int8_t *ab = scratch;                                     /* [KT_Q4_MR, len] */
   int32_t *nsum = (int32_t *)(void *)(ab + KT_Q4_MR * len); /* [KT_Q4_MR, ng] */
+  int64_t *part = (int64_t *)(void *)((char *)scratch +     /* [len / 8] */
+                                      kt_align_up((size_t)(KT_Q4_MR * len + KT_Q4_MR * ng * 4)));
   float sa[KT_Q4_MR];
   for (int64_t m0 = 0; m0 < a->count; m0 += KT_Q4_MR) {
     const int64_t mr = a->count - m0 < KT_Q4_MR ? a->count - m0 : KT_Q4_MR;
-    kt_z4_rows(a, m0, mr, k, G, ng, ab, len, nsum);
+    kt_z4_rows(a, m0, mr, k, G, ng, ab, len, nsum, part);
     for (int64_t i = 0; i < mr; i++)
       sa[i] = a->scale[a->index ? (int64_t)a->index[m0 + i] : m0 + i];
-    for (int64_t j0 = 0; j0 < n; j0 += 32) {
+    const int64_t span = mr <= 2 ? 64 : 32; /* columns per tile: 4 or 2 blocks */
+    for (int64_t j0 = 0; j0 < n; j0 += span) {
       const char *p0 = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
-      const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
+      const int64_t ncols = n - j0, nb = (span < ncols + 15 ? span : ncols + 15) / 16;
       const float *st = w->scale + kt_int4_scale_index(n0 + j0, 0, ng);
       float *cc = c + m0 * ldc + j0;
-#define KT_Q4_CASE(MR)                                                                    \
-  case MR:                                                                                \
-    if (nb > 1)                                                                           \
-      q4_nt_tile(MR, 2, ab, len, nsum, ng, G, used, p0, bstride, st, sa, cc, ldc, ncols); \
-    else                                                                                  \
-      q4_nt_tile(MR, 1, ab, len, nsum, ng, G, used, p0, bstride, st, sa, cc, ldc, ncols); \
+#define KT_Q4_TILE(MR, NB) \
+  q4_nt_tile(MR, NB, ab, len, nsum, ng, G, used, p0, bstride, st, sa, cc, ldc, ncols)
+#define KT_Q4_CASE(MR)   \
+  case MR:               \
+    if (nb > 1)          \
+      KT_Q4_TILE(MR, 2); \
+    else                 \
+      KT_Q4_TILE(MR, 1); \
+    break;
+#define KT_Q4_CASE_WIDE(MR) \
+  case MR:                  \
+    if (nb > 3)             \
+      KT_Q4_TILE(MR, 4);    \
+    else if (nb > 2)        \
+      KT_Q4_TILE(MR, 3);    \
+    else if (nb > 1)        \
+      KT_Q4_TILE(MR, 2);    \
+    else                    \
+      KT_Q4_TILE(MR, 1);    \
     break;
       switch (mr) {
-        KT_Q4_CASE(1)
-        KT_Q4_CASE(2)
+        KT_Q4_CASE_WIDE(1)
+        KT_Q4_CASE_WIDE(2)
         KT_Q4_CASE(3)
         KT_Q4_CASE(4)
 #if KT_Q4_MR > 4
@@ -142,6 +155,8 @@ void KT_NT_Q4_NAME(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t 
         KT_Q4_CASE(6)
 #endif
       }
+#undef KT_Q4_CASE_WIDE
+#undef KT_Q4_TILE
 #undef KT_Q4_CASE
     }
   }
