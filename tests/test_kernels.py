@@ -32,7 +32,7 @@ from conftest import (
     rel_err,
     to_f64,
 )
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from test_amx_emu import _assert_fp32_sum, _bf16, _f64, gemm
 from test_engine import emulate
@@ -188,6 +188,9 @@ def problem(rng, E, k, H, I, r, T, pad):  # noqa: E741
     pad=st.sampled_from([0.0, 0.3]),
     seed=st.integers(0, 2**32 - 1),
 )
+# int4, 2 threads: a B4 item narrower than the span its scratch was sized for (H 66 in spans of
+# 64) once took a larger chunk of folded rows than the scratch held, into the other thread's
+@example(E=5, k=4, H=66, I=20, r=20, T=5, pad=0.0, seed=1906)
 def test_variant_matches_generic_property(variant, pool, quant, E, k, H, I, r, T, pad, seed):  # noqa: E741
     rng = np.random.default_rng(seed)
     p, x, ids, w, go = problem(rng, E, k, H, I, r, T, pad)

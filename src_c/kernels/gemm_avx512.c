@@ -49,15 +49,15 @@ enum {
 static size_t q4_few_scratch_bytes(int64_t n);
 
 /* x W^T: A rows as fp32 (or int16 pairs), 12 rows x (cols rounded up to 64); int4: A's int8 rows
- * with their group sums and the transposed group scales (avx512_nt_q4.h);
+ * with their group sums (avx512_nt_q4.h);
  * x W: the transposed block and a 6-row slice of A; int4: the slice folded with two groups and
  * their scales. */
 static size_t z_scratch_bytes(int64_t n, int64_t k) {
   const size_t nt = (size_t)KT_Z_NT_MR * (size_t)(kt_z_units(k, KT_WTYPE_BF16) * 2) * 4;
   const size_t nn = (size_t)(NN_CH * WT_LD + NN_MR * NN_CH) * 4;
   const size_t nn_q4 = (size_t)(NN_CH * WT_LD + Q4_RUNS * (NN_MR + 1) * NN_CH) * 4;
-  /* x W of a few rows: the rows (k padded to 16) and 16 lanes per output; int4: the rows folded
-   * twice, 16 accumulators per row and two runs of scales */
+  /* x W of a few rows: the rows (k padded to 16) and 16 lanes per output; int4: a chunk of the
+   * rows folded with each group's scales, and 16 lanes per output */
   const int64_t kp = (k + 15) & ~(int64_t)15;
   const size_t few = (size_t)NN_FEW_M * (size_t)(kp + ((n + 15) & ~(int64_t)15) * 16) * 4;
   const size_t few_q4 = q4_few_scratch_bytes(n);
@@ -573,73 +573,79 @@ static void q4_fold_rows(const kt_rows *a, int64_t m0, int64_t mr, int64_t c0, i
       row_to_f32(kt_row(a, m0 + i) + c0, cnt, af + s * ldrun + i * ldaf, len, sc + s * ldsc);
 }
 
-/* One row of A (or two) folded with the groups of a band's two runs of 32 columns (row m's run s
- * at af + m ldm + s rs, rs 0 where both runs have one group; block b at 16 (b - bb)) over the
- * blocks b0 .. b1 of the nu units from u0: 16 accumulators per row (the low and high halves of 8
- * units, lane 4i + t: row 4q + i of a block for quarter q), kept in acc_mem between chunks. The
+/* The few-row tile reads a unit as 16 lanes, one row of W each: the lane's 4 bytes hold the
+ * row's 8 columns, column t (t < 4) at bit 8 t and column 4 + t at bit 8 t + 4, so column t of
+ * all 16 rows is one shift and one vpermps (q4_values reads the low 4 bits) away, and A's 16
+ * folded values of the block multiply it as they are. Each column's accumulator sums its rows
+ * lane by lane (row 16 b + i in lane i); the lanes are added at the end. */
+static inline __m512 q4_column(__m512i x, int t) {
+  const int shift = t < 4 ? 8 * t : 8 * (t - 4) + 4;
+  return q4_values(shift ? _mm512_srli_epi32(x, shift) : x);
+}
+
+/* mr rows of A (folded with the group of these columns: row m's block b at am + m ldm +
+ * 16 (b - bb)) x the nu units from u0 (8 nu columns) over the blocks b0 .. b1: 8 nu accumulators
+ * per row, kept in acc_mem (row m's at m ld_acc, 16 floats per column) between chunks. The
  * tile's units of the block `ahead` blocks on are fetched into L2. */
 static inline __attribute__((always_inline)) void q4_few_tile(
-    const int mr, const int nu, const float *af, int64_t ldm, int64_t rs, int64_t bb,
-    const kt_packed *w, int64_t units, int64_t u0, int64_t b0, int64_t b1, int64_t nblocks,
-    int64_t ahead, int first, float *acc_mem) {
+    const int mr, const int nu, const float *am, int64_t ldm, int64_t bb, const kt_packed *w,
+    int64_t units, int64_t u0, int64_t b0, int64_t b1, int64_t nblocks, int64_t ahead, int first,
+    float *acc_mem, int64_t ld_acc) {
   __m512 acc[2][16];
   for (int m = 0; m < mr; m++)
-    for (int i = 0; i < 2 * nu; i++)
-      acc[m][i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_mem + (m * 16 + i) * 16);
+    for (int j = 0; j < 8 * nu; j++)
+      acc[m][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_mem + m * ld_acc + 16 * j);
   for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
     if (ahead && b + ahead < nblocks)
-      for (int l = 0; l < nu; l++)
-        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + ahead, u0 + l), _MM_HINT_T1);
-    __m512 aq[2][Q4_RUNS][4];
-    for (int m = 0; m < mr; m++)
-      for (int s = 0; s < Q4_RUNS && 4 * s < nu; s++) {
-        const __m512 av = _mm512_loadu_ps(af + m * ldm + s * rs + 16 * (b - bb));
-        for (int q = 0; q < 4; q++) /* lane 4i + t: row 4q + i */
-          aq[m][s][q] = _mm512_permutexvar_ps(
-              _mm512_set_epi32(4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 2, 4 * q + 2,
-                               4 * q + 2, 4 * q + 2, 4 * q + 1, 4 * q + 1, 4 * q + 1, 4 * q + 1,
-                               4 * q, 4 * q, 4 * q, 4 * q),
-              av);
+      for (int v = 0; v < nu; v++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + ahead, u0 + v), _MM_HINT_T1);
+    __m512 av[2];
+    for (int m = 0; m < mr; m++) av[m] = _mm512_loadu_ps(am + m * ldm + 16 * (b - bb));
+    for (int v = 0; v < nu; v++) {
+      const __m512i x = _mm512_loadu_si512(p + v * KT_Z_UNIT);
+      for (int t = 0; t < 8; t++) {
+        const __m512 q = q4_column(x, t);
+        for (int m = 0; m < mr; m++)
+          acc[m][8 * v + t] = _mm512_fmadd_ps(av[m], q, acc[m][8 * v + t]);
       }
-    for (int u = 0; u < nu; u++)
-      for (int q = 0; q < 4; q++) {
-        __m512 lo, hi;
-        q4_quarter(p + u * KT_Z_UNIT, q, &lo, &hi);
-        for (int m = 0; m < mr; m++) {
-          acc[m][2 * u] = _mm512_fmadd_ps(aq[m][u / 4][q], lo, acc[m][2 * u]);
-          acc[m][2 * u + 1] = _mm512_fmadd_ps(aq[m][u / 4][q], hi, acc[m][2 * u + 1]);
-        }
-      }
+    }
   }
   for (int m = 0; m < mr; m++)
-    for (int i = 0; i < 2 * nu; i++) _mm512_storeu_ps(acc_mem + (m * 16 + i) * 16, acc[m][i]);
+    for (int j = 0; j < 8 * nu; j++) _mm512_storeu_ps(acc_mem + m * ld_acc + 16 * j, acc[m][j]);
 }
 
-/* Blocks of W per chunk of a few-row int4 x W of n columns: about Q4_FEW_CHUNK_BYTES. */
+/* Blocks of W per chunk of a few-row int4 x W of n columns: about Q4_FEW_CHUNK_BYTES of its
+ * bands of 64 columns. */
 static int64_t q4_few_chunk(int64_t n) {
   return kt_max_size(1, Q4_FEW_CHUNK_BYTES / (size_t)(((n + 63) / 64) * 8 * KT_Z_UNIT));
 }
 
-/* Scratch of z_nn_q4_few: the folded rows of a chunk [count][groups][rows] and 16 x 16
- * accumulators per row and band of 64 columns. */
+/* Scratch of z_nn_q4_few for calls of up to n columns: the folded rows of a chunk
+ * [count][groups][rows] (the chunk grows as n shrinks: the most over the narrower calls) and 16
+ * lanes per row of A and column. */
 static size_t q4_few_scratch_bytes(int64_t n) {
-  const int64_t groups = (n + 31) / 32 + 1, bands = (n + 63) / 64;
-  return (size_t)(NN_FEW_M * (groups * 16 * q4_few_chunk(n) + bands * 16 * 16)) * 4;
+  int64_t folded = 0;
+  for (int64_t w = 64; w < n + 64; w += 64) {
+    const int64_t f = (w / 32 + 1) * 16 * q4_few_chunk(w);
+    folded = f > folded ? f : folded;
+  }
+  return (size_t)(NN_FEW_M * (folded + (n + 15) / 16 * 16 * 16)) * 4;
 }
 
 /* At most NN_FEW_M rows of A, n <= KT_WIDE_N columns: W in chunks of whole rows of the span
  * (one run of memory each). Per chunk, each row of A is folded with every group's scales of its
- * rows (a vector per 16 rows and group), then every band of 64 columns runs its register
- * tile over the chunk, one or two rows of A at a time, the first of them fetching the next chunk
- * into L2. The accumulators are summed across lanes at the end. */
+ * rows (a vector per 16 rows and group), then the tile runs over the chunk 16 columns (one row
+ * of A) or 8 (two rows) at a time, the first rows' tiles fetching the next chunk into L2. Each
+ * column's lanes are summed at the end, in the same order in any span and chunk. */
 static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                         int64_t ldc, void *scratch) {
   const int64_t k = w->rows, nblocks = (k + 15) / 16, G = w->group;
   const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), ng = kt_int4_groups(w->cols, G);
-  const int64_t chunk = q4_few_chunk(n), rows = 16 * chunk, bands = (n + 63) / 64;
+  const int64_t chunk = q4_few_chunk(n), rows = 16 * chunk, nu = (n + 7) / 8;
   const int64_t g0 = n0 / G, ngs = (n0 + n - 1) / G - g0 + 1, ldm = ngs * rows;
-  float *af = scratch, *acc = af + a->count * ldm; /* [count][ngs][rows], [bands][count][256] */
+  const int64_t ld_acc = (n + 15) / 16 * 16 * 16;
+  float *af = scratch, *acc = af + a->count * ldm; /* [count][ngs][rows], [count][cols][16] */
   for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
     const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
     const int64_t c0 = 16 * b0, cnt = (k < 16 * b1 ? k : 16 * b1) - c0;
@@ -655,46 +661,42 @@ static void z_nn_q4_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_
       }
     }
     /* the next chunk's scales of the span's groups (a line per block and group), fetched into L2
-     * a slice per band */
+     * a slice per pair of units */
     const int64_t b2 = nblocks < 2 * b1 - b0 ? nblocks : 2 * b1 - b0, scale_lines = (b2 - b1) * ngs;
-    for (int64_t j = 0; j < bands; j++) {
-      const int64_t j0 = 64 * j, nu = (kt_block_len(n, j0) + 7) / 8;
-      for (int64_t l = j * scale_lines / bands; l < (j + 1) * scale_lines / bands; l++)
+    const int64_t pairs = (nu + 1) / 2;
+    for (int64_t u = 0; u < nu; u += 2) {
+      for (int64_t l = u / 2 * scale_lines / pairs; l < (u / 2 + 1) * scale_lines / pairs; l++)
         _mm_prefetch(
             (const char *)(w->scale + kt_int4_scale_index(16 * (b1 + l / ngs), g0 + l % ngs, ng)),
             _MM_HINT_T1);
-      const int64_t ga = (n0 + j0) / G - g0, gb = (n0 + j0 + 32) / G - g0;
-      const int64_t rs = nu > 4 && gb != ga ? (gb - ga) * rows : 0;
-      for (int64_t m = 0; m < a->count; m += 2) {
-        const float *am = af + m * ldm + ga * rows;
-        float *accm = acc + (j * a->count + m) * 256;
-        const int64_t ahead = m == 0 ? b1 - b0 : 0;
-#define Q4_FEW_CALL(MR, NU)                                                                      \
-  q4_few_tile(MR, NU, am, ldm, rs, b0, w, units, (n0 + j0) / 8, b0, b1, nblocks, ahead, b0 == 0, \
-              accm)
-        if (a->count - m > 1) {
-          if (nu > 4)
-            Q4_FEW_CALL(2, 8);
-          else
-            Q4_FEW_CALL(2, 4);
-        } else {
-          if (nu > 4)
-            Q4_FEW_CALL(1, 8);
-          else
-            Q4_FEW_CALL(1, 4);
-        }
-#undef Q4_FEW_CALL
+      const int64_t g = (n0 + 8 * u) / G - g0, two = nu - u > 1; /* 16 columns: one group */
+      const float *am = af + g * rows;
+      float *accu = acc + 8 * u * 16;
+      const int64_t ahead = b1 - b0;
+#define Q4_FEW_CALL(MR, NU, M, UU, AHEAD)                                                   \
+  q4_few_tile(MR, NU, am + (M) * ldm, ldm, b0, w, units, (n0 + 8 * (u + (UU))) / 8, b0, b1, \
+              nblocks, AHEAD, b0 == 0, accu + (M) * ld_acc + 8 * (UU) * 16, ld_acc)
+      if (a->count == 1) {
+        if (two)
+          Q4_FEW_CALL(1, 2, 0, 0, ahead);
+        else
+          Q4_FEW_CALL(1, 1, 0, 0, ahead);
+      } else {
+        for (int64_t uu = 0; uu <= two; uu++)
+          for (int64_t m = 0; m < a->count; m += 2) {
+            const int64_t pre = m == 0 ? ahead : 0;
+            if (a->count - m > 1)
+              Q4_FEW_CALL(2, 1, m, uu, pre);
+            else
+              Q4_FEW_CALL(1, 1, m, uu, pre);
+          }
       }
+#undef Q4_FEW_CALL
     }
   }
   for (int64_t m = 0; m < a->count; m++)
-    for (int64_t j = 0; j < bands; j++)
-      for (int64_t u = 0; u < 8 && 64 * j + 8 * u < n; u++)
-        for (int h = 0; h < 2; h++) { /* lanes t, 4 + t, 8 + t, 12 + t: column 8u + 4h + t */
-          const int64_t col = 64 * j + 8 * u + 4 * h;
-          z_store_quarter_sums(_mm512_loadu_ps(acc + ((j * a->count + m) * 16 + 2 * u + h) * 16),
-                               c + m * ldc + col, n - col);
-        }
+    for (int64_t j = 0; j < n; j++)
+      c[m * ldc + j] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc + m * ld_acc + 16 * j));
 }
 
 /* wt[cc, 0 .. 32 ns) = W[c0 + cc, n0 .. n0 + 32 ns) as fp32 (the blocks from c0, c0 a multiple
