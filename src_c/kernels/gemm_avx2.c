@@ -475,41 +475,52 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
 enum {
   Q4_MR = 4,   /* x W^T: rows of A per register tile (x 8 rows of W: one half unit) */
   Q4_RUN = 32, /* columns of one int16 run (x W^T) or of one run of a group (x W) */
-  Q4_SCALES_AHEAD = 32,
 };
 
-static inline __attribute__((always_inline)) void q4_nt_tile(const int mr, const int sub,
-                                                             const int8_t *ab, int64_t len,
-                                                             const int32_t *asum, int64_t ng,
-                                                             const char *p, int64_t used,
-                                                             const float *sct, __m256 tot[]) {
+/* mr rows of A x nh half units of W (8 rows each, side by side: half h of block h / 2 from p,
+ * bstride between blocks; more lines in flight per instruction for 1 or 2 rows of A), all
+ * groups: tot[m nh + h] = the fp32 sum over the groups (sct: the first block's scales). A's
+ * quads are broadcast from memory (a load-port operation, unlike from a general register). */
+static inline __attribute__((always_inline)) void q4_nt_tile(
+    const int mr, const int sub, const int nh, const int8_t *ab, int64_t len, const int32_t *asum,
+    int64_t ng, const char *p, int64_t bstride, int64_t used, const float *sct, __m256 tot[]) {
   const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  for (int m = 0; m < mr; m++) tot[m] = _mm256_setzero_ps();
+  for (int m = 0; m < mr * nh; m++) tot[m] = _mm256_setzero_ps();
   int64_t u = 0;
   for (int64_t g = 0; g < ng; g++) {
-    __m256i grp[Q4_MR];
-    for (int m = 0; m < mr; m++) grp[m] = _mm256_set1_epi32(-8 * asum[m * ng + g]);
+    __m256i grp[Q4_MR * 2];
+    for (int m = 0; m < mr; m++)
+      for (int h = 0; h < nh; h++) grp[m * nh + h] = _mm256_set1_epi32(-8 * asum[m * ng + g]);
     for (int s = 0; s < sub && u < used; s++) { /* the group's runs (the last may be short) */
-      __m256i acc[Q4_MR];
-      for (int m = 0; m < mr; m++) acc[m] = _mm256_setzero_si256();
+      __m256i acc[Q4_MR * 2];
+      for (int m = 0; m < mr * nh; m++) acc[m] = _mm256_setzero_si256();
       for (int i = 0; i < Q4_RUN / 8; i++, u++) {
-        _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
-        const __m256i lo = _mm256_and_si256(v, low);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        __m256i lo[4], hi[4];
+        for (int h = 0; h < nh; h++) {
+          if (h % 2 == 0) /* a block's line, 4 KB ahead */
+            _mm_prefetch(p + (h / 2) * bstride + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+          const __m256i v = _mm256_loadu_si256(
+              (const __m256i *)(p + (h / 2) * bstride + 32 * (h % 2) + u * KT_Z_UNIT));
+          lo[h] = _mm256_and_si256(v, low);
+          hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        }
         for (int m = 0; m < mr; m++) {
-          int32_t quad[2];
-          memcpy(quad, ab + m * len + 8 * u, sizeof quad);
-          const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad[0]));
-          const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad[1]));
-          acc[m] = _mm256_add_epi16(acc[m], _mm256_add_epi16(pl, ph));
+          const __m256i al = _mm256_broadcastd_epi32(_mm_loadu_si32(ab + m * len + 8 * u));
+          const __m256i ah = _mm256_broadcastd_epi32(_mm_loadu_si32(ab + m * len + 8 * u + 4));
+          for (int h = 0; h < nh; h++)
+            acc[m * nh + h] = _mm256_add_epi16(
+                acc[m * nh + h],
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], al), _mm256_maddubs_epi16(hi[h], ah)));
         }
       }
-      for (int m = 0; m < mr; m++)
+      for (int m = 0; m < mr * nh; m++)
         grp[m] = _mm256_add_epi32(grp[m], _mm256_madd_epi16(acc[m], ones));
     }
-    const __m256 sc = _mm256_loadu_ps(sct + 16 * g);
-    for (int m = 0; m < mr; m++) tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(grp[m]), sc, tot[m]);
+    for (int h = 0; h < nh; h++) {
+      const __m256 sc = _mm256_loadu_ps(sct + ((h / 2) * ng + g) * 16 + 8 * (h % 2));
+      for (int m = 0; m < mr; m++)
+        tot[m * nh + h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(grp[m * nh + h]), sc, tot[m * nh + h]);
+    }
   }
 }
 
@@ -543,41 +554,55 @@ static size_t q4_nt_scratch_bytes(int64_t n, int64_t k) {
   return (size_t)(Q4_MR * len + Q4_MR * ng * 4) + KT_CACHE_LINE;
 }
 
-#define Q4_NT_CASE(MR)                                       \
-  case MR:                                                   \
-    if (sub == 1)                                            \
-      q4_nt_tile(MR, 1, ab, len, asum, ng, p, used, s, tot); \
-    else if (sub == 2)                                       \
-      q4_nt_tile(MR, 2, ab, len, asum, ng, p, used, s, tot); \
-    else                                                     \
-      q4_nt_tile(MR, 4, ab, len, asum, ng, p, used, s, tot); \
-    break;
+#define Q4_NT_TILE(MR, NH)                                                \
+  do {                                                                    \
+    if (sub == 1)                                                         \
+      q4_nt_tile(MR, 1, NH, ab, len, asum, ng, p, bstride, used, s, tot); \
+    else if (sub == 2)                                                    \
+      q4_nt_tile(MR, 2, NH, ab, len, asum, ng, p, bstride, used, s, tot); \
+    else                                                                  \
+      q4_nt_tile(MR, 4, NH, ab, len, asum, ng, p, bstride, used, s, tot); \
+  } while (0)
 
-/* The table's gemm_nt_q4: tiles of Q4_MR rows of A x 8 rows of W over all groups. */
+/* The table's gemm_nt_q4: tiles of 1 row of A x 32 rows of W, 2 x 16 or up to Q4_MR x 8. */
 static void y_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                          int64_t ldc, void *scratch) {
   const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_INT4), len = 8 * units;
   const int64_t G = w->group, ng = kt_int4_groups(k, G), used = (k + 7) / 8, sub = G / Q4_RUN;
+  const int64_t bstride = units * KT_Z_UNIT;
   int8_t *ab = scratch;                                         /* [Q4_MR, len] */
   int32_t *asum = (int32_t *)(void *)(ab + Q4_MR * len);        /* [Q4_MR, ng] */
   const float *sct = w->scale + kt_int4_scale_index(n0, 0, ng); /* [n / 16, ng, 16] */
   for (int64_t m0 = 0; m0 < a->count; m0 += Q4_MR) {
     const int64_t mr = a->count - m0 < Q4_MR ? a->count - m0 : Q4_MR;
     q4_rows_q8(a, m0, mr, k, G, ng, ab, len, asum);
-    for (int64_t j0 = 0; j0 < n; j0 += 8) { /* half (j0 / 8) % 2 of block (n0 + j0) / 16 */
+    int64_t nh = 1;
+    for (int64_t j0 = 0; j0 < n;
+         j0 += 8 * nh) {                     /* from half (j0 / 8) % 2 of block (n0 + j0) / 16 */
+      const int64_t left = (n - j0 + 7) / 8; /* half units: 4, then 2, then 1 (from even halves) */
+      nh = mr == 1 && left >= 4 ? 4 : mr <= 2 && left >= 2 ? 2 : 1;
       const char *p = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0) + 32 * ((j0 / 8) % 2);
       const float *s = sct + (j0 / 16) * ng * 16 + j0 % 16;
-      __m256 tot[Q4_MR];
-      switch (mr) {
-        Q4_NT_CASE(1)
-        Q4_NT_CASE(2)
-        Q4_NT_CASE(3)
-        default: Q4_NT_CASE(4)
-      }
+      __m256 tot[Q4_MR * 2];
+      if (nh == 4)
+        Q4_NT_TILE(1, 4);
+      else if (mr == 1 && nh == 2)
+        Q4_NT_TILE(1, 2);
+      else if (mr == 1)
+        Q4_NT_TILE(1, 1);
+      else if (mr == 2 && nh == 2)
+        Q4_NT_TILE(2, 2);
+      else if (mr == 2)
+        Q4_NT_TILE(2, 1);
+      else if (mr == 3)
+        Q4_NT_TILE(3, 1);
+      else
+        Q4_NT_TILE(4, 1);
       for (int64_t i = 0; i < mr; i++) {
         const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
-        store8(c + (m0 + i) * ldc + j0, _mm256_mul_ps(_mm256_set1_ps(a->scale[src]), tot[i]),
-               n - j0);
+        for (int64_t h = 0; h < nh && 8 * h < n - j0; h++)
+          store8(c + (m0 + i) * ldc + j0 + 8 * h,
+                 _mm256_mul_ps(_mm256_set1_ps(a->scale[src]), tot[i * nh + h]), n - j0 - 8 * h);
       }
     }
   }
@@ -657,18 +682,18 @@ static inline __attribute__((always_inline)) void q4_few_tile(
 }
 
 /* dst[s ld + r] = the scale of row r0 + r of W in the group of run s (ns <= 2 runs from column
- * n0), r < k: a line of 16 rows' scales per block and run, fetched Q4_SCALES_AHEAD rows ahead. */
+ * n0), r < k rounded up to 16 (r0 a multiple of 16; 0 past W's rows): a vector of the blocked
+ * scales per 16 rows and run. */
 static void q4_run_scales(const kt_packed *w, int64_t r0, int64_t k, int64_t n0, int64_t ns,
                           float *dst, int64_t ld) {
-  const int64_t ng = kt_int4_groups(w->cols, w->group), g0 = n0 / w->group;
-  const int64_t g1 = (n0 + Q4_RUN * (ns - 1)) / w->group;
-  for (int64_t r = 0; r < k; r++) {
-    const int64_t row = r0 + r;
-    if (row % 16 == 0 && row + Q4_SCALES_AHEAD < w->rows)
-      _mm_prefetch((const char *)(w->scale + kt_int4_scale_index(row + Q4_SCALES_AHEAD, g0, ng)),
-                   _MM_HINT_T0);
-    dst[r] = w->scale[kt_int4_scale_index(row, g0, ng)];
-    if (ns > 1) dst[ld + r] = w->scale[kt_int4_scale_index(row, g1, ng)];
+  const int64_t ng = kt_int4_groups(w->cols, w->group);
+  for (int64_t s = 0; s < ns; s++) {
+    const int64_t g = (n0 + Q4_RUN * s) / w->group;
+    for (int64_t r = 0; r < k; r += 16) {
+      const float *src = w->scale + kt_int4_scale_index(r0 + r, g, ng);
+      _mm256_storeu_ps(dst + s * ld + r, _mm256_loadu_ps(src));
+      _mm256_storeu_ps(dst + s * ld + r + 8, _mm256_loadu_ps(src + 8));
+    }
   }
 }
 
