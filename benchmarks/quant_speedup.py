@@ -50,8 +50,10 @@ def main() -> int:
         f"threads {pool.num_threads}; kernels {ktsft.runtime_info()['kernels']}; "
         f"gradient buffers: {a.grads}; {a.rounds} rounds"
     )
+    width = max(10, len(base) + 4, len(mode) + 4)  # "int8@avx512 ms" needs more than 10
     print(
-        f"{'shape':<14}{'T':>5}{base + ' ms':>10}{mode + ' ms':>10}{'speedup':>9}{'(q25-q75)':>14}"
+        f"{'shape':<14}{'T':>5}{base + ' ms':>{width}}{mode + ' ms':>{width}}{'speedup':>9}"
+        f"{'(q25-q75)':>14}"
     )
     for shape in a.shapes.split(","):
         for T in (int(t) for t in a.tokens.split(",")):
@@ -78,8 +80,8 @@ def main() -> int:
             ratio = np.array(times[base]) / np.array(times[mode])
             q25, q75 = np.percentile(ratio, [25, 75])
             print(
-                f"{shape:<14}{T:>5}{np.median(times[base]) * 1e3:>10.1f}"
-                f"{np.median(times[mode]) * 1e3:>10.1f}{np.median(ratio):>8.2f}x"
+                f"{shape:<14}{T:>5}{np.median(times[base]) * 1e3:>{width}.1f}"
+                f"{np.median(times[mode]) * 1e3:>{width}.1f}{np.median(ratio):>8.2f}x"
                 f"{f'({q25:.2f}-{q75:.2f})':>14}"
             )
             del built, layers
