@@ -111,8 +111,9 @@ void KT_NT_Q4_NAME(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t 
   const int64_t bstride = units * KT_Z_UNIT;
   int8_t *ab = scratch;                                     /* [KT_Q4_MR, len] */
   int32_t *nsum = (int32_t *)(void *)(ab + KT_Q4_MR * len); /* [KT_Q4_MR, ng] */
-  int64_t *part = (int64_t *)(void *)((char *)scratch +     /* [len / 8] */
-                                      kt_align_up((size_t)(KT_Q4_MR * len + KT_Q4_MR * ng * 4)));
+  /* [len / 8], on its own line: the scratch itself may be only 4-byte aligned */
+  const uintptr_t after = (uintptr_t)(nsum + KT_Q4_MR * ng);
+  int64_t *part = (int64_t *)((after + KT_CACHE_LINE - 1) & ~(uintptr_t)(KT_CACHE_LINE - 1));
   float sa[KT_Q4_MR];
   for (int64_t m0 = 0; m0 < a->count; m0 += KT_Q4_MR) {
     const int64_t mr = a->count - m0 < KT_Q4_MR ? a->count - m0 : KT_Q4_MR;
