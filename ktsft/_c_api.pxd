@@ -197,6 +197,8 @@ cdef extern from "ktsft.h" nogil:
                                 int64_t m, const uint8_t *w, const float *w_scale, int64_t rows,
                                 int64_t cols, int64_t group, int64_t n0, int64_t n, float *c,
                                 kt_error *err)
+    kt_status kt_store_bf16_test(kt_isa isa, uint16_t *dst, const float *v, int64_t n,
+                                 int accumulate, kt_error *err)
     void kt_int4_quantize(const uint16_t *w, int64_t rows, int64_t cols, int64_t group,
                           uint8_t *q, float *scale)
 

@@ -17,6 +17,7 @@ from ktsft._c_api cimport (
     kt_amx_emu_tilestored, kt_amx_emu_tilezero, kt_amx_op, kt_backward_args, kt_cpu_amx_status,
     kt_cpu_feature_name, kt_cpu_features, kt_dtype, kt_error, kt_expert_buffers, kt_expert_weights,
     kt_forward_args, kt_fp8_decode, kt_fp8_quantize, kt_gemm_op, kt_gemm_test, kt_gemm_test_int4,
+    kt_store_bf16_test,
     kt_int4_quantize, kt_isa, kt_isa_available, kt_isa_best, kt_isa_compiled, kt_isa_name,
     kt_isa_resolve, kt_isa_variant, kt_kernels_testing_set, kt_lora, kt_moe, kt_moe_backward,
     kt_moe_cache_clear, kt_moe_cache_depth, kt_moe_cache_top_tokens, kt_moe_config, kt_moe_create,
@@ -146,6 +147,18 @@ def gemm_test(str isa, str op, uintptr_t a, uintptr_t a_scale, int64_t m, uintpt
             st = kt_gemm_test(family, g, <const void *>a, <const float *>a_scale, m,
                               <const void *>w, <const float *>w_scale, rows, cols, wt, n0, n,
                               <float *>c, &err)
+    if st != KT_OK:
+        _raise(st, &err)
+
+
+def store_bf16_test(str isa, uintptr_t dst, uintptr_t v, int64_t n, bint accumulate):
+    """dst[i] (bf16 bits) = v[i] (float32) rounded, or dst[i] + v[i] with accumulate, by the
+    family's store (for tests)."""
+    cdef kt_isa family = _resolve(isa)
+    cdef kt_error err
+    cdef kt_status st
+    with nogil:
+        st = kt_store_bf16_test(family, <uint16_t *>dst, <const float *>v, n, accumulate, &err)
     if st != KT_OK:
         _raise(st, &err)
 

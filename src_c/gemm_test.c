@@ -73,3 +73,14 @@ kt_status kt_gemm_test_int4(kt_isa isa, kt_gemm_op op, const void *a, const floa
                             kt_error *err) {
   return run(isa, op, a, a_scale, m, w, w_scale, rows, cols, KT_DTYPE_INT4, group, n0, n, c, err);
 }
+
+kt_status kt_store_bf16_test(kt_isa isa, uint16_t *dst, const float *v, int64_t n, int accumulate,
+                             kt_error *err) {
+  const kt_kernels *kern = kt_kernels_for(isa);
+  if (!kern)
+    return kt_fail(err, KT_ERR_ISA_UNAVAILABLE, "kernel family '%s' is not available here",
+                   kt_isa_name(isa));
+  if (n < 0) return kt_fail(err, KT_ERR_INVALID_ARGUMENT, "n must be >= 0, got %" PRId64, n);
+  kern->store_bf16(dst, v, n, accumulate);
+  return KT_OK;
+}

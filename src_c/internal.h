@@ -252,6 +252,10 @@ typedef struct kt_kernels {
                      int64_t ldc, void *scratch);
   void (*sigmoid)(const float *x, float *y, int64_t n);
   void (*silu)(const float *x, float *y, int64_t n);
+  /* dst[i] = bf16(v[i]) (or bf16(bf16 dst[i] + v[i]) when accumulating), rounded to nearest even
+   * as kt_f32_to_bf16 does, NaN kept quiet: the gradients' and outputs' stores, bit for bit the
+   * same in every family. */
+  void (*store_bf16)(uint16_t *dst, const float *v, int64_t n, int accumulate);
   /* The LoRA products: B is a row-major bf16 tensor in the caller's memory, one of the two
    * sizes is the rank r. lora_nt: C[m, q] = sum_c A[m, c] B[q, c] (B: [n, k]); lora_nn:
    * C[m, q] = sum_c A[m, c] B[c, q] (B: [k, n]); scratch: gemm_scratch_bytes(n, k). */
@@ -285,6 +289,8 @@ extern const kt_kernels kt_kernels_generic;
 const kt_kernels *kt_kernels_amx(void);
 extern const kt_kernels kt_kernels_amx_emu;
 void kt_act_generic_sigmoid(const float *x, float *y, int64_t n);
+/* The portable store_bf16 (lora.c). */
+void kt_store_bf16(uint16_t *dst, const float *v, int64_t n, int accumulate);
 void kt_act_generic_silu(const float *x, float *y, int64_t n);
 
 /* The generic family's LoRA products (lora.c, gemm_generic.c) and its scratch size, also used by

@@ -118,12 +118,13 @@ static void b2_block(const bwd_ctx *c, int32_t e, int64_t i0, int64_t nb, float 
   /* dA_d[e][:, block] = s sum_m w q^T h */
   m->kern->outer_rn(M, r, nb, q, rt->weight + off, h, nb, s, small);
   for (int64_t qq = 0; qq < r; qq++)
-    kt_store_bf16(a->grads.down_a + (e * r + qq) * I + i0, small + qq * nb, nb, a->accumulate);
+    m->kern->store_bf16(a->grads.down_a + (e * r + qq) * I + i0, small + qq * nb, nb,
+                        a->accumulate);
   /* dB_g[e][block, :] = s dg^T a_g, dB_u likewise: rows of the block are contiguous */
   m->kern->outer_nr(M, nb, r, g, nb, st->a_g + off * r, s, small);
-  kt_store_bf16(a->grads.gate_b + (e * I + i0) * r, small, nb * r, a->accumulate);
+  m->kern->store_bf16(a->grads.gate_b + (e * I + i0) * r, small, nb * r, a->accumulate);
   m->kern->outer_nr(M, nb, r, u, nb, st->a_u + off * r, s, small);
-  kt_store_bf16(a->grads.up_b + (e * I + i0) * r, small, nb * r, a->accumulate);
+  m->kern->store_bf16(a->grads.up_b + (e * I + i0) * r, small, nb * r, a->accumulate);
 }
 
 /* One expert and span of I: z = go W_d in one call, then each block of it. */
@@ -198,17 +199,18 @@ static void b4_expert_block(const bwd_ctx *c, int32_t e, int64_t h0, int64_t nb,
   kt_rows_to_f32(&x, h0, nb, xt, nb);
   m->kern->outer_rn(M, r, nb, bg, NULL, xt, nb, s, small);
   for (int64_t qq = 0; qq < r; qq++)
-    kt_store_bf16(a->grads.gate_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
+    m->kern->store_bf16(a->grads.gate_a + (e * r + qq) * H + h0, small + qq * nb, nb,
+                        a->accumulate);
   m->kern->outer_rn(M, r, nb, bu, NULL, xt, nb, s, small);
   for (int64_t qq = 0; qq < r; qq++)
-    kt_store_bf16(a->grads.up_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
+    m->kern->store_bf16(a->grads.up_a + (e * r + qq) * H + h0, small + qq * nb, nb, a->accumulate);
   /* dB_d[e][block, :] = s (w go)^T a_d */
   const kt_rows go = {c->go, H, rt->token + off, M};
   kt_rows_to_f32(&go, h0, nb, xt, nb);
   for (int64_t mm = 0; mm < M; mm++)
     for (int64_t j = 0; j < nb; j++) xt[mm * nb + j] *= rt->weight[off + mm];
   m->kern->outer_nr(M, nb, r, xt, nb, st->a_d + off * r, s, small);
-  kt_store_bf16(a->grads.down_b + (e * H + h0) * r, small, nb * r, a->accumulate);
+  m->kern->store_bf16(a->grads.down_b + (e * H + h0) * r, small, nb * r, a->accumulate);
 }
 
 /* One item per hspan consecutive H blocks (enough items for the threads): sums every expert's
@@ -238,7 +240,8 @@ static void b4_input(void *vc, int64_t item, int32_t worker) {
     }
   }
   for (int64_t t = 0; t < T; t++)
-    kt_store_bf16(c->args->grad_input + t * H + w0, acc + t * width, width, c->args->accumulate);
+    c->m->kern->store_bf16(c->args->grad_input + t * H + w0, acc + t * width, width,
+                           c->args->accumulate);
 }
 
 /* Too few H blocks for the threads, or a few routes per expert: one item per expert and span of
@@ -258,7 +261,7 @@ static void b5_sum_routes(void *vc, int64_t t, int32_t worker) {
   const int64_t H = c->m->cfg.hidden_size;
   float *acc = worker_scratch(c, worker);
   kt_sum_token_routes(&c->st->rt, t, c->y_route, H, acc);
-  kt_store_bf16(c->args->grad_input + t * H, acc, H, c->args->accumulate);
+  c->m->kern->store_bf16(c->args->grad_input + t * H, acc, H, c->args->accumulate);
 }
 
 /* Expert e's six LoRA gradient slices: address and bytes of each. */

@@ -147,7 +147,7 @@ static void f3_store(const fwd_ctx *c, int64_t t, int64_t h0, int64_t nb, const 
     float *o = (float *)c->out + t * H + h0;
     for (int64_t j = 0; j < nb; j++) o[j] = acc[j];
   } else {
-    kt_store_bf16((uint16_t *)c->out + t * H + h0, acc, nb, 0);
+    c->m->kern->store_bf16((uint16_t *)c->out + t * H + h0, acc, nb, 0);
   }
 }
 

@@ -121,8 +121,6 @@ static inline int kt_split_by_route(int64_t n_hblk, int32_t nthreads) {
 void kt_sum_token_routes(const kt_routing *rt, int64_t t, const float *y_route, int64_t H,
                          float *acc);
 
-/* dst[i] = bf16(v[i]) or bf16(dst[i] + v[i]) */
-void kt_store_bf16(uint16_t *dst, const float *v, int64_t n, int accumulate);
 /* Rows of bf16 to fp32: out[m, j] = A[m, c0 + j] */
 void kt_rows_to_f32(const kt_rows *a, int64_t c0, int64_t n, float *out, int64_t ldo);
 

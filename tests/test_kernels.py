@@ -290,3 +290,55 @@ def test_gemm_nn_wide_needs_few_rows():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="at most 64"):
         gemm("generic", "nn", _bf16(rng, (5, 40)), _bf16(rng, (40, 200)), 0, 128)
+
+
+# ---- the bf16 store of outputs and gradients --------------------------------------------------
+
+
+def _special_floats(rng, n):
+    """Random float32 with the cases rounding to bf16 can get wrong mixed in: NaNs (with
+    payloads, signalling ones too), infinities, zeros, subnormals, exact ties of the rounding,
+    the largest finite values (which round to infinity) and their neighbours."""
+    v = (rng.standard_normal(n) * np.exp2(rng.integers(-130, 128, n))).astype(np.float32)
+    bits = v.view(np.uint32)
+    special = np.array(
+        [0x7FC00000, 0xFFC00001, 0x7F800001, 0x7FA5A5A5, 0x7F800000, 0xFF800000, 0x0, 0x80000000,
+         0x00000001, 0x807FFFFF, 0x00008000, 0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF,
+         0x7F7F8000, 0x7F7F7FFF, 0xFF7FFFFF],
+        dtype=np.uint32,
+    )  # fmt: skip
+    where = rng.integers(0, n, special.size)
+    bits[where] = special
+    return v
+
+
+@pytest.mark.parametrize("isa", [i for i in AVAILABLE if i != "generic"])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy on the NaN, Inf and overflow cases
+def test_store_bf16_matches_portable_bit_for_bit(isa, accumulate):
+    """Each family's bf16 store gives the bits of the portable one (round to nearest even, a NaN
+    kept with its payload, quiet) at every length around its vector widths, into NaN-poisoned or
+    accumulated buffers; finite values also match ml_dtypes' rounding."""
+    rng = np.random.default_rng(7)
+    for n in [0, 1, 7, 8, 9, 15, 16, 17, 31, 33, 1000]:
+        v = _special_floats(rng, max(n, 1))[:n]
+        start = _special_floats(rng, max(n, 1))[:n].astype(BF16).view(np.uint16)
+        if not accumulate:
+            start = np.full(n, 0x7FC1, np.uint16)  # NaN poison: unwritten elements show
+        out = {}
+        for family in ("generic", isa):
+            dst = np.concatenate([start, [0x1234]]).astype(np.uint16)  # one guard past the end
+            _core.store_bf16_test(family, dst.ctypes.data, v.ctypes.data, n, accumulate)
+            assert dst[n] == 0x1234, f"{family}: wrote past n = {n}"
+            out[family] = dst[:n]
+        total = v + start.view(BF16).astype(np.float32) if accumulate else v
+        nan = np.isnan(total)
+        # a sum of two NaNs may keep either one's payload (the order of an addition's operands is
+        # the compiler's): there both must be NaN; everywhere else the same bits
+        exact = ~nan if accumulate else np.ones(n, bool)
+        np.testing.assert_array_equal(out[isa][exact], out["generic"][exact], err_msg=f"{isa}, {n}")
+        for family in out:
+            assert np.all(np.isnan(out[family][nan].view(BF16).astype(np.float32))), family
+        finite = np.isfinite(total)
+        want = total[finite].astype(BF16).view(np.uint16)
+        np.testing.assert_array_equal(out["generic"][finite], want, err_msg=f"generic, n {n}")

@@ -310,6 +310,11 @@ kt_status kt_gemm_test_int4(kt_isa isa, kt_gemm_op op, const void *a, const floa
                             int64_t cols, int64_t group, int64_t n0, int64_t n, float *c,
                             kt_error *err);
 
+/* dst[i] = bf16(v[i]), or bf16(bf16 dst[i] + v[i]) with accumulate, by the family's store (the
+ * engine's stores of outputs and gradients: every family's gives the bits of the portable one). */
+kt_status kt_store_bf16_test(kt_isa isa, uint16_t *dst, const float *v, int64_t n, int accumulate,
+                             kt_error *err);
+
 /* The quantizer of spec section 5.2 on a bf16 [rows, cols] matrix: q [rows, ceil(cols/2)] int4
  * bytes (as kt_expert_weights holds them) and scale [rows, ceil(cols/group)]. */
 void kt_int4_quantize(const uint16_t *w, int64_t rows, int64_t cols, int64_t group, uint8_t *q,

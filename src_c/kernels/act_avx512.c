@@ -1,4 +1,5 @@
-/* act_avx512.c - sigmoid and silu, 16 lanes at a time (spec 4: relative error <= 1e-6).
+/* act_avx512.c - sigmoid and silu, 16 lanes at a time (spec 4: relative error <= 1e-6), and the
+ * bf16 store of kt_f32_to_bf16.
  *
  * e = exp(-|x|) never overflows: n = round(y / ln 2), r = y - n ln 2 (two-part ln 2), e^r by its
  * degree-7 Taylor polynomial (truncation 5e-9 on |r| <= ln2 / 2), 2^n put into the exponent.
@@ -49,5 +50,30 @@ void kt_act_avx512_silu(const float *x, float *y, int64_t n) {
     const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
     const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
     _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(v, sigmoid16(v)));
+  }
+}
+
+/* kt_f32_to_bf16 on 16 lanes: (u + 0x7fff + bit 16 of u) >> 16, a NaN (|u| above the infinity)
+ * u >> 16 with the quiet bit set; the same bits as the scalar rule. */
+static inline __m256i f32_to_bf16x16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+
+void kt_store_bf16_avx512(uint16_t *dst, const float *v, int64_t n, int accumulate) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+    __m512 x = _mm512_maskz_loadu_ps(m, v + i);
+    if (accumulate) /* bf16 dst widened exactly, the sum in fp32 */
+      x = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+                            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, dst + i)), 16)),
+                        x);
+    _mm256_mask_storeu_epi16(dst + i, m, f32_to_bf16x16(x));
   }
 }

@@ -566,6 +566,7 @@ const kt_kernels kt_kernels_amx_emu = {
     .gemm_nn_q4 = kt_z4_gemm_nn_q4,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
+    .store_bf16 = kt_store_bf16,
     /* The rank-r LoRA products are too narrow for 16-row tiles: the generic ones. */
     .lora_nt = kt_lora_generic_nt,
     .lora_nn = kt_lora_generic_nn,

@@ -18,6 +18,7 @@
 
 void kt_act_avx2_sigmoid(const float *x, float *y, int64_t n);
 void kt_act_avx2_silu(const float *x, float *y, int64_t n);
+void kt_store_bf16_avx2(uint16_t *dst, const float *v, int64_t n, int accumulate);
 
 enum {
   NT_MR = 4,   /* rows of A per x W^T tile (4 x 16 outputs) */
@@ -879,6 +880,7 @@ static const kt_kernels y_table = {
     .gemm_nn_q4 = y_gemm_nn_q4,
     .sigmoid = kt_act_avx2_sigmoid,
     .silu = kt_act_avx2_silu,
+    .store_bf16 = kt_store_bf16_avx2,
     .lora_nt = lora_nt,
     .lora_nn = lora_nn,
     .lora_add_nt = lora_add_nt,

@@ -31,6 +31,7 @@ void kt_avx512_nt_q4_madd(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, i
                           int64_t ldc, void *scratch);
 void kt_act_avx512_sigmoid(const float *x, float *y, int64_t n);
 void kt_act_avx512_silu(const float *x, float *y, int64_t n);
+void kt_store_bf16_avx512(uint16_t *dst, const float *v, int64_t n, int accumulate);
 
 enum {
   NN_MR = 6,   /* rows of A per x W register tile */
@@ -959,6 +960,7 @@ static void z_gemm_nn_dp_model(const kt_rows *a, const kt_packed *w, int64_t n0,
       .gemm_nn_q4 = z_gemm_nn_q4,                    \
       .sigmoid = kt_act_avx512_sigmoid,              \
       .silu = kt_act_avx512_silu,                    \
+      .store_bf16 = kt_store_bf16_avx512,            \
       .lora_nt = z_lora_nt,                          \
       .lora_nn = lora_nn,                            \
       .lora_add_nt = z_lora_add_nt,                  \

@@ -215,6 +215,7 @@ const kt_kernels kt_kernels_generic = {
     .gemm_nn_q4 = generic_gemm_nn_q4,
     .sigmoid = kt_act_generic_sigmoid,
     .silu = kt_act_generic_silu,
+    .store_bf16 = kt_store_bf16,
     .lora_nt = kt_lora_generic_nt,
     .lora_nn = kt_lora_generic_nn,
     .lora_add_nt = kt_lora_add_nt,
