@@ -174,9 +174,9 @@ static inline int32_t kt_int4_at(const uint8_t *row, int64_t c) {
  *         scales (gemm_nt_fp8_few) or bf16 panels of it (decode_fp8).
  *   INT4  signed 4-bit q in [-8, 7] with one fp32 scale per row and group of `group` columns:
  *         W[n, c] = q[n, c] * scale[kt_int4_scale_index(n, c / group, ceil(cols/group))]
- *         (spec section 5.2: the scales in blocks of 16 rows). pack takes, and unpack gives, the
- * API layout of kt_wtype_matrix_bytes; only the gemm_*_q4 kernels read it. `group` is 0 for the
- * other types. */
+ *         (spec section 5.2: the scales in blocks of 16 rows). pack takes, and unpack gives,
+ *         the API layout of kt_wtype_matrix_bytes; only the gemm_*_q4 kernels read it.
+ *         `group` is 0 for the other types. */
 typedef struct kt_packed {
   const void *data;
   int64_t rows, cols;
@@ -289,9 +289,9 @@ extern const kt_kernels kt_kernels_generic;
 const kt_kernels *kt_kernels_amx(void);
 extern const kt_kernels kt_kernels_amx_emu;
 void kt_act_generic_sigmoid(const float *x, float *y, int64_t n);
+void kt_act_generic_silu(const float *x, float *y, int64_t n);
 /* The portable store_bf16 (lora.c). */
 void kt_store_bf16(uint16_t *dst, const float *v, int64_t n, int accumulate);
-void kt_act_generic_silu(const float *x, float *y, int64_t n);
 
 /* The generic family's LoRA products (lora.c, gemm_generic.c) and its scratch size, also used by
  * families that keep no LoRA kernels of their own; the kernel table says what each computes. */

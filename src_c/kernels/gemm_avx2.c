@@ -34,7 +34,7 @@ enum {
   FEW_PREFETCH_BLOCKS = 2,  /* ... int4: the blocks this far ahead fetched into L1 */
 };
 
-static size_t q4_nt_scratch_bytes(int64_t n, int64_t k);
+static size_t q4_nt_scratch_bytes(int64_t k);
 static size_t q4_nn_scratch_bytes(int64_t k);
 
 /* x W^T: A rows as fp32 (or int16 pairs); x W: the transposed block and a 6-row slice of A, or
@@ -46,7 +46,7 @@ static size_t y_scratch_bytes(int64_t n, int64_t k) {
       (size_t)NN_FEW_M *
       (size_t)(((k + 15) & ~(int64_t)15) + (n + FEW_ACC - 1) / FEW_ACC * FEW_ACC * 8) * 4;
   return kt_max_size(kt_max_size(nt + nn, few) + KT_CACHE_LINE,
-                     kt_max_size(q4_nt_scratch_bytes(n, k), q4_nn_scratch_bytes(k)));
+                     kt_max_size(q4_nt_scratch_bytes(k), q4_nn_scratch_bytes(k)));
 }
 
 static inline __m256 bf16x8_to_f32(__m128i h) {
@@ -549,9 +549,8 @@ static void q4_rows_q8(const kt_rows_q8 *a, int64_t m0, int64_t mr, int64_t k, i
   }
 }
 
-static size_t q4_nt_scratch_bytes(int64_t n, int64_t k) {
+static size_t q4_nt_scratch_bytes(int64_t k) {
   const int64_t len = kt_z_units(k, KT_WTYPE_INT4) * 8, ng = (k + 31) / 32;
-  (void)n;
   return (size_t)(Q4_MR * len + Q4_MR * ng * 4) + KT_CACHE_LINE;
 }
 
