@@ -36,16 +36,19 @@ static inline void kt_z_store_scaled(float *c, __m512i dot, float sa, const floa
 /* In-register transpose of 16 x 16 dwords: r[i] lane j becomes r[j] lane i. */
 static inline void kt_z_transpose16(__m512i r[16]) {
   __m512i t[16];
+  KT_UNROLL
   for (int i = 0; i < 8; i++) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
+  KT_UNROLL
   for (int i = 0; i < 4; i++) { /* s[4i + c]: rows 4i..4i+3, column c of each 128-bit lane */
     r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
     r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
     r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
     r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
+  KT_UNROLL
   for (int c = 0; c < 4; c++) { /* 4 x 4 transpose of the 128-bit lanes of s[c], s[4+c], ... */
     const __m512i u0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
     const __m512i u1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
@@ -56,6 +59,7 @@ static inline void kt_z_transpose16(__m512i r[16]) {
     t[8 + c] = _mm512_shuffle_i32x4(u1, u3, 0x88);
     t[12 + c] = _mm512_shuffle_i32x4(u1, u3, 0xdd);
   }
+  KT_UNROLL
   for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
@@ -72,6 +76,7 @@ static inline void kt_z_tile_rows_bf16(const char *src, char *dst) {
                         0x001a0018, 0x001b0019, 0x003a0038, 0x003b0039);
   const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(4));
   __m512i r[8];
+  KT_UNROLL
   for (int u = 0; u < 8; u++) r[u] = _mm512_loadu_si512((const void *)(src + u * KT_Z_UNIT));
   /* qwords (0, 2, 4, 6) and (1, 3, 5, 7) of unit pairs, then of unit quadruples */
   const __m512i t0 = _mm512_permutex2var_epi16(r[0], even, r[1]);
@@ -90,6 +95,7 @@ static inline void kt_z_tile_rows_bf16(const char *src, char *dst) {
       _mm512_permutex2var_epi64(t4, lo, t6), _mm512_permutex2var_epi64(t5, lo, t7),
       _mm512_permutex2var_epi64(t4, hi, t6), _mm512_permutex2var_epi64(t5, hi, t7)};
   /* q[p] (units 0-3) and q[4 + p] (units 4-7) hold qwords p (low half) and p + 4 (high half) */
+  KT_UNROLL
   for (int p = 0; p < 4; p++) {
     char *row = dst + p * KT_Z_UNIT, *row4 = row + 4 * KT_Z_UNIT;
     _mm256_storeu_si256((__m256i *)(void *)row, _mm512_castsi512_si256(q[p]));

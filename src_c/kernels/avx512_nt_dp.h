@@ -12,10 +12,12 @@ static inline __attribute__((always_inline)) void kt_nt_dp_tile(const int mr, co
                                                                 int64_t used, float *c, int64_t ldc,
                                                                 int64_t ncols) {
   __m512 acc[KT_Z_NT_MR][2];
+  KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t u = 0; u < used; u++) {
     const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
     const __m512i w1 = nb > 1 ? _mm512_loadu_si512(p0 + bstride + u * KT_Z_UNIT) : w0;
+    KT_UNROLL
     for (int m = 0; m < mr; m++) {
       int32_t pair;
       memcpy(&pair, ab + m * len + 2 * u, sizeof pair);
@@ -24,6 +26,7 @@ static inline __attribute__((always_inline)) void kt_nt_dp_tile(const int mr, co
       if (nb > 1) acc[m][1] = KT_DPBF16(acc[m][1], av, w1);
     }
   }
+  KT_UNROLL
   for (int m = 0; m < mr; m++) {
     kt_z_store(c + m * ldc, acc[m][0], ncols);
     if (nb > 1) kt_z_store(c + m * ldc + 16, acc[m][1], ncols - 16);

@@ -69,39 +69,53 @@ static inline __attribute__((always_inline)) void q4_nt_tile(
     float *c, int64_t ldc, int64_t ncols) {
   const __m512i low = _mm512_set1_epi8(0x0f);
   __m512 tot[KT_Q4_MR][4];
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int v = 0; v < nb; v++) tot[m][v] = _mm512_setzero_ps();
+  }
   for (int64_t g = 0; g < ng; g++) {
     const int64_t u0 = g * G / 8, u1 = (g + 1) * G / 8 < used ? (g + 1) * G / 8 : used;
     __m512i acc[KT_Q4_MR][4];
-    for (int m = 0; m < mr; m++)
+    KT_UNROLL
+    for (int m = 0; m < mr; m++) {
+      KT_UNROLL
       for (int v = 0; v < nb; v++) acc[m][v] = _mm512_set1_epi32(nsum[m * ng + g]);
+    }
     for (int64_t u = u0; u < u1; u++) {
       __m512i lo[4], hi[4];
+      KT_UNROLL
       for (int v = 0; v < nb; v++) {
         const char *unit = p0 + v * bstride + u * KT_Z_UNIT;
         const __m512i x = _mm512_loadu_si512(unit);
         lo[v] = _mm512_and_si512(x, low);
         hi[v] = _mm512_and_si512(_mm512_srli_epi32(x, 4), low);
       }
+      KT_UNROLL
       for (int m = 0; m < mr; m++) {
         /* broadcast from memory (a load-port operation, unlike from a general register) */
         const __m512i alo = _mm512_broadcastd_epi32(_mm_loadu_si32(ab + m * len + 8 * u));
         const __m512i ahi = _mm512_broadcastd_epi32(_mm_loadu_si32(ab + m * len + 8 * u + 4));
+        KT_UNROLL
         for (int v = 0; v < nb; v++) acc[m][v] = KT_Q4_DOT(acc[m][v], lo[v], hi[v], alo, ahi);
       }
     }
+    KT_UNROLL
     for (int v = 0; v < nb; v++) {
       const float *sv = sct + (v * ng + g) * 16;
       const __m512 scale = _mm512_loadu_ps(sv);
+      KT_UNROLL
       for (int m = 0; m < mr; m++)
         tot[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), scale, tot[m][v]);
     }
   }
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int v = 0; v < nb; v++)
       kt_z_store(c + m * ldc + 16 * v, _mm512_mul_ps(_mm512_set1_ps(sa[m]), tot[m][v]),
                  ncols - 16 * v);
+  }
 }
 
 void KT_NT_Q4_NAME(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,

@@ -145,6 +145,7 @@ static void tile_block(kind kd, const char *a, int64_t lda_bytes, int two_m, int
   for (int64_t kb = 0; kb < nkb; kb++) {
     _tile_loadd(6, b0 + kb * TILE_BYTES, TILE_COLSB);
     if (b1) _tile_loadd(7, b1 + kb * TILE_BYTES, TILE_COLSB);
+    KT_UNROLL
     for (int p = 0; p < parts; p++) {
       const char *ak = a + p * part_bytes + kb * TILE_COLSB;
       _tile_loadd(4, ak, lda_bytes);
@@ -228,6 +229,7 @@ static void run_gemm(kind kd, int64_t M, fill_a_fn fill_a, const void *actx, int
       const int two_n = t + 1 <= t_last;
       const char *b0 = b + (t - t_base) * b_col_bytes;
       tile_block(kd, abuf, lda_bytes, two_m, parts, b0, two_n ? b0 + b_col_bytes : NULL, nkb);
+      KT_UNROLL
       for (int q = 0; q < 4; q++) {
         const int mi = q / 2, ni = q % 2;
         if ((mi && !two_m) || (ni && !two_n)) continue;
@@ -341,6 +343,7 @@ static void q4_group_tiles(const kt_packed *w, int64_t t, int64_t g, int8_t *til
         continue;
       }
       const uint8_t *src = (const uint8_t *)kt_z_unit_ptr(w->data, units, t, 8 * kb + v);
+      KT_UNROLL
       for (int i = 0; i < TILE_COLSB; i++) {
         lo[i] = (int8_t)((src[i] & 15) - 8);
         hi[i] = (int8_t)((src[i] >> 4) - 8);
@@ -352,12 +355,15 @@ static void q4_group_tiles(const kt_packed *w, int64_t t, int64_t g, int8_t *til
 /* acc[i, j] += scale[j] * (float)sum[i, j] over a stored int32 tile (acc rows 2 tiles wide). */
 static inline void q4_accumulate(const char *sums, const float *scale, float *acc) {
 #ifdef KT_AMX_EMULATE
+  KT_UNROLL
   for (int i = 0; i < TILE_ROWS; i++) {
     const int32_t *sum = (const int32_t *)(const void *)(sums + i * TILE_COLSB);
+    KT_UNROLL
     for (int j = 0; j < TILE_ROWS; j++) acc[i * 2 * TILE_ROWS + j] += scale[j] * (float)sum[j];
   }
 #else
   const __m512 s = _mm512_loadu_ps(scale);
+  KT_UNROLL
   for (int i = 0; i < TILE_ROWS; i++) {
     const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(sums + i * TILE_COLSB)));
     float *row = acc + i * 2 * TILE_ROWS;
@@ -414,6 +420,7 @@ static void amx_gemm_nt_q4(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, 
           tile_block(KIND_I8, abuf + mb * BLOCK_M * kp + kb * TILE_COLSB, kp, two_m, 1,
                      (const char *)btiles, two_n ? (const char *)(btiles + tpg * TILE_BYTES) : NULL,
                      tpg);
+          KT_UNROLL
           for (int q = 0; q < 4; q++) {
             const int mi = q / 2, ni = q % 2;
             if ((mi && !two_m) || (ni && !two_n)) continue;

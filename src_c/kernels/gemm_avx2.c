@@ -106,24 +106,32 @@ static inline __attribute__((always_inline)) void nt_fp8_tile(const int mr, cons
   __m256 acc[2][4];
   for (int64_t u0 = 0; u0 < used; u0 += KT_FP8_BLOCK / 4) {
     const int64_t u1 = used - u0 < KT_FP8_BLOCK / 4 ? used : u0 + KT_FP8_BLOCK / 4;
-    for (int m = 0; m < mr; m++)
+    KT_UNROLL
+    for (int m = 0; m < mr; m++) {
+      KT_UNROLL
       for (int g = 0; g < 4; g++) acc[m][g] = _mm256_setzero_ps();
+    }
     for (int64_t u = u0; u < u1; u++) {
       _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
       __m256 wg[4];
       e4m3x16_to_f32(_mm_loadu_si128((const __m128i *)(p + u * KT_Z_UNIT)), 0, wg);
       e4m3x16_to_f32(_mm_loadu_si128((const __m128i *)(p + u * KT_Z_UNIT + 16)), 0, wg + 2);
+      KT_UNROLL
       for (int m = 0; m < mr; m++) {
         const __m256 ap = _mm256_broadcast_ps((const __m128 *)(af + m * len + 4 * u));
+        KT_UNROLL
         for (int g = 0; g < 4; g++) acc[m][g] = _mm256_fmadd_ps(ap, wg[g], acc[m][g]);
       }
     }
     const __m256 s = _mm256_set1_ps(256.0f * scale[u0 / (KT_FP8_BLOCK / 4)]);
-    for (int m = 0; m < mr; m++)
+    KT_UNROLL
+    for (int m = 0; m < mr; m++) {
+      KT_UNROLL
       for (int g = 0; g < 4; g++) {
         float *t = tot + (m * 4 + g) * 8;
         _mm256_storeu_ps(t, _mm256_fmadd_ps(s, acc[m][g], _mm256_loadu_ps(t)));
       }
+    }
   }
 }
 
@@ -143,6 +151,7 @@ static void y_gemm_nt_fp8_few(const kt_rows *a, const kt_packed *w, int64_t n0, 
         nt_fp8_tile(2, af + m0 * len, len, p, used, scale, tot);
       else
         nt_fp8_tile(1, af + m0 * len, len, p, used, scale, tot);
+      KT_UNROLL
       for (int m = 0; m < mr; m++)
         for (int64_t i = 0; i < 8 && j0 + i < n; i++) {
           const float *t = tot + (m * 4 + i / 2) * 8 + 4 * (i % 2);
@@ -160,6 +169,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
                                                               int64_t ncols) {
   const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
   __m256 acc[NT_MR][2];
+  KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t u = 0; u < used; u++) {
     const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
@@ -168,6 +178,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
     const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, hi));
     const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
     const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, hi));
+    KT_UNROLL
     for (int m = 0; m < mr; m++) {
       const __m256 ae = _mm256_broadcast_ss(af + m * len + 2 * u);
       const __m256 ao = _mm256_broadcast_ss(af + m * len + 2 * u + 1);
@@ -175,6 +186,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
       acc[m][1] = _mm256_fmadd_ps(ao, o1, _mm256_fmadd_ps(ae, e1, acc[m][1]));
     }
   }
+  KT_UNROLL
   for (int m = 0; m < mr; m++) {
     store8(c + m * ldc, acc[m][0], ncols);
     if (ncols > 8) store8(c + m * ldc + 8, acc[m][1], ncols - 8);
@@ -206,7 +218,9 @@ static void y_gemm_nt_fma(const kt_rows *a, const kt_packed *w, int64_t n0, int6
 
 static inline __attribute__((always_inline)) void q8_tile(const int mr, const int32_t *ap,
                                                           int64_t len, const char *p, int64_t used,
-                                                          __m256i acc[][2]) {
+                                                          __m256i out[][2]) {
+  __m256i acc[NT_MR][2]; /* in registers; copied out once, at the end */
+  KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   for (int64_t u = 0; u < used; u++) {
     const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
@@ -215,6 +229,7 @@ static inline __attribute__((always_inline)) void q8_tile(const int mr, const in
                   h0 = _mm256_srai_epi16(w0, 8);
     const __m256i l1 = _mm256_srai_epi16(_mm256_slli_epi16(w1, 8), 8),
                   h1 = _mm256_srai_epi16(w1, 8);
+    KT_UNROLL
     for (int m = 0; m < mr; m++) {
       const __m256i al = _mm256_set1_epi32(ap[m * len + 2 * u]);
       const __m256i ah = _mm256_set1_epi32(ap[m * len + 2 * u + 1]);
@@ -224,6 +239,8 @@ static inline __attribute__((always_inline)) void q8_tile(const int mr, const in
           acc[m][1], _mm256_add_epi32(_mm256_madd_epi16(l1, al), _mm256_madd_epi16(h1, ah)));
     }
   }
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) out[m][0] = acc[m][0], out[m][1] = acc[m][1];
 }
 
 static void y_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
@@ -262,9 +279,11 @@ static inline __attribute__((always_inline)) void nn_tile(const int mr, const fl
                                                           int64_t cnt, float *c, int64_t ldc,
                                                           int64_t ncols, int add, float s) {
   __m256 acc[NN_MR][2];
+  KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t cc = 0; cc < cnt; cc++) {
     const __m256 w0 = _mm256_loadu_ps(wt + cc * WT_LD), w1 = _mm256_loadu_ps(wt + cc * WT_LD + 8);
+    KT_UNROLL
     for (int m = 0; m < mr; m++) {
       const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
       acc[m][0] = _mm256_fmadd_ps(av, w0, acc[m][0]);
@@ -272,14 +291,24 @@ static inline __attribute__((always_inline)) void nn_tile(const int mr, const fl
     }
   }
   const __m256 sv = _mm256_set1_ps(s);
-  for (int m = 0; m < mr; m++)
-    for (int v = 0; v < 2 && 8 * v < ncols; v++) {
-      float *p = c + m * ldc + 8 * v;
-      const int64_t nv = ncols - 8 * v < 8 ? ncols - 8 * v : 8;
-      float r[8];
-      _mm256_storeu_ps(r, _mm256_mul_ps(sv, acc[m][v]));
-      for (int64_t j = 0; j < nv; j++) p[j] = add ? p[j] + r[j] : r[j];
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    float *p = c + m * ldc;
+    __m256 r0 = _mm256_mul_ps(sv, acc[m][0]), r1 = _mm256_mul_ps(sv, acc[m][1]);
+    if (ncols >= 16) {
+      if (add) {
+        r0 = _mm256_add_ps(_mm256_loadu_ps(p), r0);
+        r1 = _mm256_add_ps(_mm256_loadu_ps(p + 8), r1);
+      }
+      _mm256_storeu_ps(p, r0);
+      _mm256_storeu_ps(p + 8, r1);
+    } else {
+      float r[16];
+      _mm256_storeu_ps(r, r0);
+      _mm256_storeu_ps(r + 8, r1);
+      for (int64_t j = 0; j < ncols; j++) p[j] = add ? p[j] + r[j] : r[j];
     }
+  }
 }
 
 static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *wt, int64_t cnt,
@@ -303,20 +332,24 @@ static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *w
 /* In-register transpose of 8 x 8 dwords. */
 static inline void transpose8(__m256i r[8]) {
   __m256i t[8];
+  KT_UNROLL
   for (int i = 0; i < 4; i++) {
     t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
   }
+  KT_UNROLL
   for (int i = 0; i < 2; i++) { /* r[4i + c]: rows 4i..4i+3, column c of each 128-bit lane */
     r[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
     r[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
     r[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
     r[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
+  KT_UNROLL
   for (int c = 0; c < 4; c++) {
     t[c] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x20);
     t[4 + c] = _mm256_permute2x128_si256(r[c], r[4 + c], 0x31);
   }
+  KT_UNROLL
   for (int i = 0; i < 8; i++) r[i] = t[i];
 }
 
@@ -333,10 +366,12 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
       float *dst = wt + (b * 16 + 8 * half - c0) * WT_LD;
       for (int64_t g = 0; g * 8 < lines; g++) { /* 8 units: 16 bf16 or 32 int8 columns */
         __m256i r[8];
+        KT_UNROLL
         for (int i = 0; i < 8; i++)
           r[i] = _mm256_loadu_si256(
               (const __m256i *)(kt_z_unit_ptr(w->data, units, b, u0 + 8 * g + i) + 32 * half));
         transpose8(r);
+        KT_UNROLL
         for (int i = 0; i < 8; i++) {
           float *d = dst + i * WT_LD + 8 * per * g;
           const __m128i lo = _mm256_castsi256_si128(r[i]), hi = _mm256_extracti128_si256(r[i], 1);
@@ -344,6 +379,7 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
             __m256 v[4];
             e4m3x16_to_f32(lo, 1, v);
             e4m3x16_to_f32(hi, 1, v + 2);
+            KT_UNROLL
             for (int j = 0; j < 4; j++) _mm256_storeu_ps(d + 8 * j, v[j]);
           } else if (w->wtype == KT_WTYPE_INT8) {
             _mm256_storeu_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
@@ -384,27 +420,36 @@ static inline __attribute__((always_inline)) void nn_few_tile(
     int64_t ahead, int64_t nblocks) {
   const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
   __m256 acc[FEW_ACC];
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int j = 0; j < slots; j++)
       acc[m * slots + j] =
           first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_mem + (m * ld_acc + j) * 8);
+  }
   for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
     if (ahead && b + ahead < nblocks) /* this tile's units of the block `ahead` blocks on */
       for (int l = 0; l < (t == KT_WTYPE_BF16 ? slots / 2 : slots); l++)
         _mm_prefetch(kt_z_unit_ptr(w->data, units, b + ahead, u0 + l), _MM_HINT_T1);
+    KT_UNROLL
     for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7 of the block */
       __m256 av[2];
+      KT_UNROLL
       for (int m = 0; m < mr; m++) av[m] = _mm256_loadu_ps(af + m * ldaf + 16 * b + 8 * h);
       if (t != KT_WTYPE_BF16) {
+        KT_UNROLL
         for (int g = 0; g < 4; g += 2) { /* lane 4i + q of group g: row 8h + 2g + i, column q */
           __m256 ag[2][2];
+          KT_UNROLL
           for (int d = 0; d < 2; d++) {
             const int gg = g + d;
             const __m256i spread = _mm256_setr_epi32(2 * gg, 2 * gg, 2 * gg, 2 * gg, 2 * gg + 1,
                                                      2 * gg + 1, 2 * gg + 1, 2 * gg + 1);
+            KT_UNROLL
             for (int m = 0; m < mr; m++) ag[m][d] = _mm256_permutevar8x32_ps(av[m], spread);
           }
+          KT_UNROLL
           for (int i = 0; i < slots; i++) {
             const char *q = p + i * KT_Z_UNIT + 32 * h + 8 * g; /* groups g and g + 1 */
             __m256 wg[2];
@@ -415,16 +460,21 @@ static inline __attribute__((always_inline)) void nn_few_tile(
               wg[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
               wg[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
             }
-            for (int d = 0; d < 2; d++)
+            KT_UNROLL
+            for (int d = 0; d < 2; d++) {
+              KT_UNROLL
               for (int m = 0; m < mr; m++)
                 acc[m * slots + i] = _mm256_fmadd_ps(ag[m][d], wg[d], acc[m * slots + i]);
+            }
           }
         }
       } else {
+        KT_UNROLL
         for (int i = 0; i < slots / 2; i++) {
           const __m256i v = _mm256_loadu_si256((const __m256i *)(p + i * KT_Z_UNIT + 32 * h));
           const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
           const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+          KT_UNROLL
           for (int m = 0; m < mr; m++) {
             acc[m * slots + 2 * i] = _mm256_fmadd_ps(av[m], even, acc[m * slots + 2 * i]);
             acc[m * slots + 2 * i + 1] = _mm256_fmadd_ps(av[m], odd, acc[m * slots + 2 * i + 1]);
@@ -433,9 +483,12 @@ static inline __attribute__((always_inline)) void nn_few_tile(
       }
     }
   }
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int j = 0; j < slots; j++)
       _mm256_storeu_ps(acc_mem + (m * ld_acc + j) * 8, acc[m * slots + j]);
+  }
 }
 
 /* The two 128-bit halves of v added: lanes i and 4 + i. */
@@ -484,19 +537,28 @@ enum {
  * quads are broadcast from memory (a load-port operation, unlike from a general register). */
 static inline __attribute__((always_inline)) void q4_nt_tile(
     const int mr, const int sub, const int nh, const int8_t *ab, int64_t len, const int32_t *asum,
-    int64_t ng, const char *p, int64_t bstride, int64_t used, const float *sct, __m256 tot[]) {
+    int64_t ng, const char *p, int64_t bstride, int64_t used, const float *sct, __m256 out[]) {
+  __m256 tot[Q4_MR * 2]; /* in registers; copied out once, at the end */
   const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  KT_UNROLL
   for (int m = 0; m < mr * nh; m++) tot[m] = _mm256_setzero_ps();
   int64_t u = 0;
   for (int64_t g = 0; g < ng; g++) {
     __m256i grp[Q4_MR * 2];
-    for (int m = 0; m < mr; m++)
+    KT_UNROLL
+    for (int m = 0; m < mr; m++) {
+      KT_UNROLL
       for (int h = 0; h < nh; h++) grp[m * nh + h] = _mm256_set1_epi32(-8 * asum[m * ng + g]);
+    }
+    KT_UNROLL
     for (int s = 0; s < sub && u < used; s++) { /* the group's runs (the last may be short) */
       __m256i acc[Q4_MR * 2];
+      KT_UNROLL
       for (int m = 0; m < mr * nh; m++) acc[m] = _mm256_setzero_si256();
+      KT_UNROLL
       for (int i = 0; i < Q4_RUN / 8; i++, u++) {
         __m256i lo[4], hi[4];
+        KT_UNROLL
         for (int h = 0; h < nh; h++) {
           if (h % 2 == 0) /* a block's line, 4 KB ahead */
             _mm_prefetch(p + (h / 2) * bstride + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
@@ -505,24 +567,31 @@ static inline __attribute__((always_inline)) void q4_nt_tile(
           lo[h] = _mm256_and_si256(v, low);
           hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         }
+        KT_UNROLL
         for (int m = 0; m < mr; m++) {
           const __m256i al = _mm256_broadcastd_epi32(_mm_loadu_si32(ab + m * len + 8 * u));
           const __m256i ah = _mm256_broadcastd_epi32(_mm_loadu_si32(ab + m * len + 8 * u + 4));
+          KT_UNROLL
           for (int h = 0; h < nh; h++)
             acc[m * nh + h] = _mm256_add_epi16(
                 acc[m * nh + h],
                 _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], al), _mm256_maddubs_epi16(hi[h], ah)));
         }
       }
+      KT_UNROLL
       for (int m = 0; m < mr * nh; m++)
         grp[m] = _mm256_add_epi32(grp[m], _mm256_madd_epi16(acc[m], ones));
     }
+    KT_UNROLL
     for (int h = 0; h < nh; h++) {
       const __m256 sc = _mm256_loadu_ps(sct + ((h / 2) * ng + g) * 16 + 8 * (h % 2));
+      KT_UNROLL
       for (int m = 0; m < mr; m++)
         tot[m * nh + h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(grp[m * nh + h]), sc, tot[m * nh + h]);
     }
   }
+  KT_UNROLL
+  for (int m = 0; m < mr * nh; m++) out[m] = tot[m];
 }
 
 /* Rows m0 .. m0 + mr of A zero padded to len bytes, and their sums per group (vpsadbw of
@@ -650,22 +719,29 @@ static inline __attribute__((always_inline)) void q4_few_tile(
     int64_t units, int64_t b0, int64_t b1, int64_t u0, float *acc_mem, int64_t ld_acc, int first,
     int64_t prefetch_lines, int64_t nblocks) {
   __m256 acc[FEW_ACC];
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int j = 0; j < 2 * slots; j++)
       acc[m * 2 * slots + j] =
           first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_mem + m * ld_acc + 8 * j);
+  }
   for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
     if (b + FEW_PREFETCH_BLOCKS < nblocks)
       for (int64_t l = 0; l < prefetch_lines; l++)
         _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+    KT_UNROLL
     for (int h = 0; h < 2; h++) {
       const float *sp = spread + (b * 2 + h) * 32;
+      KT_UNROLL
       for (int i = 0; i < slots; i++) {
         __m256i v[4];
         q4_half_words(p + i * KT_Z_UNIT + 32 * h, v);
+        KT_UNROLL
         for (int r = 0; r < 4; r++) {
           const __m256 lo = q4_lo(v[r]), hi = q4_hi16(v[r]);
+          KT_UNROLL
           for (int m = 0; m < mr; m++) {
             const __m256 av = _mm256_loadu_ps(sp + m * ld_spread + 8 * r);
             __m256 *x = acc + m * 2 * slots + 2 * i;
@@ -676,9 +752,12 @@ static inline __attribute__((always_inline)) void q4_few_tile(
       }
     }
   }
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int j = 0; j < 2 * slots; j++)
       _mm256_storeu_ps(acc_mem + m * ld_acc + 8 * j, acc[m * 2 * slots + j]);
+  }
 }
 
 /* dst[s ld + r] = the scale of row r0 + r of W in the group of run s (ns <= 2 runs from column
@@ -722,6 +801,7 @@ static void q4_nn_few_band(const kt_rows *a, const kt_packed *w, int64_t n0, int
       float *d = spread + m * ld_spread + s * 4 * len;
       for (int64_t hb = 0; hb < 2 * nblocks; hb++) { /* rows r, r + 4 of each half, 4 times */
         const __m256 v = _mm256_loadu_ps(fold + 8 * hb);
+        KT_UNROLL
         for (int r = 0; r < 4; r++)
           _mm256_storeu_ps(d + (hb * 4 + r) * 8,
                            _mm256_permutevar8x32_ps(
@@ -767,11 +847,13 @@ static void q4_transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int6
       for (int64_t l = 0; l < lines; l++)
         _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Y_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
+    KT_UNROLL
     for (int h = 0; h < 2; h++) {
       float *dst = wt + (b * 16 + 8 * h - c0) * WT_LD;
       for (int64_t u = 0; u < lines; u++) {
         __m256i v[4];
         q4_half_words(p + u * KT_Z_UNIT + 32 * h, v);
+        KT_UNROLL
         for (int r = 0; r < 4; r++) {
           const __m256 lo = q4_lo(v[r]), hi = _mm256_mul_ps(q4_hi16(v[r]), _mm256_set1_ps(0.0625f));
           _mm256_storeu_ps(dst + r * WT_LD + 8 * u, _mm256_permute2f128_ps(lo, hi, 0x20));
@@ -852,6 +934,7 @@ static void y_decode_fp8(const kt_packed *w, int64_t r0, int64_t nr, int64_t c0,
       /* the source runs are short (2 KB or 1 KB): fetch the next panel's while this one decodes */
       const char *next = kt_z_fp8_next_unit(w, r0, nr, c0, nc, sweep, b, u);
       if (next) _mm_prefetch(next, _MM_HINT_T0);
+      KT_UNROLL
       for (int half = 0; half < 2; half++) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)(s + u * KT_Z_UNIT + 32 * half));
         _mm256_storeu_si256((__m256i *)(d + 2 * u * KT_Z_UNIT + 32 * half),

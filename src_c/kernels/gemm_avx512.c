@@ -88,6 +88,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
                                                               int64_t ncols) {
   const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
   __m512 acc[KT_Z_NT_MR][2];
+  KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t u = 0; u < used; u++) {
     /* The hardware prefetchers restart at every 4 KB page: keep DRAM busy from here. */
@@ -102,6 +103,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
       e1 = _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16));
       o1 = _mm512_castsi512_ps(_mm512_and_si512(w1, hi));
     }
+    KT_UNROLL
     for (int m = 0; m < mr; m++) {
       const __m512 ae = _mm512_set1_ps(af[m * len + 2 * u]);
       const __m512 ao = _mm512_set1_ps(af[m * len + 2 * u + 1]);
@@ -109,6 +111,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
       if (nb > 1) acc[m][1] = _mm512_fmadd_ps(ao, o1, _mm512_fmadd_ps(ae, e1, acc[m][1]));
     }
   }
+  KT_UNROLL
   for (int m = 0; m < mr; m++) {
     kt_z_store(c + m * ldc, acc[m][0], ncols);
     if (nb > 1) kt_z_store(c + m * ldc + 16, acc[m][1], ncols - 16);
@@ -160,7 +163,9 @@ static void z_gemm_nt_fma(const kt_rows *a, const kt_packed *w, int64_t n0, int6
 static inline __attribute__((always_inline)) void q8_madd_tile(const int mr, const int nb,
                                                                const int32_t *ap, int64_t len,
                                                                const char *p0, int64_t bstride,
-                                                               int64_t used, __m512i acc[][2]) {
+                                                               int64_t used, __m512i out[][2]) {
+  __m512i acc[KT_Z_NT_MR][2]; /* in registers; copied out once, at the end */
+  KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   for (int64_t u = 0; u < used; u++) {
     const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
@@ -172,6 +177,7 @@ static inline __attribute__((always_inline)) void q8_madd_tile(const int mr, con
       l1 = _mm512_srai_epi16(_mm512_slli_epi16(w1, 8), 8);
       h1 = _mm512_srai_epi16(w1, 8);
     }
+    KT_UNROLL
     for (int m = 0; m < mr; m++) {
       const __m512i al = _mm512_set1_epi32(ap[m * len + 2 * u]);
       const __m512i ah = _mm512_set1_epi32(ap[m * len + 2 * u + 1]);
@@ -182,6 +188,8 @@ static inline __attribute__((always_inline)) void q8_madd_tile(const int mr, con
             acc[m][1], _mm512_add_epi32(_mm512_madd_epi16(l1, al), _mm512_madd_epi16(h1, ah)));
     }
   }
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) out[m][0] = acc[m][0], out[m][1] = acc[m][1];
 }
 
 #define Q8_MADD_CASE(MR)                                    \
@@ -221,6 +229,7 @@ static void z_gemm_nt_q8_madd(const kt_rows_q8 *a, const kt_packed *w, int64_t n
       for (int64_t i = 0; i < mr; i++) {
         const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
         const float sa = a->scale[src];
+        KT_UNROLL
         for (int v = 0; v < nb; v++) {
           kt_z_store_scaled(c + (m0 + i) * ldc + j0 + 16 * v, acc[i][v], sa,
                             w->scale + n0 + j0 + 16 * v, ncols - 16 * v);
@@ -274,27 +283,40 @@ static inline __attribute__((always_inline)) void nt_fp8_tile(const int mr, cons
                                                               float *c, int64_t ldc,
                                                               int64_t nrows) {
   __m512 tot[2][4], acc[2][4];
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int q = 0; q < 4; q++) tot[m][q] = _mm512_setzero_ps();
+  }
   for (int64_t u0 = 0; u0 < used; u0 += KT_FP8_BLOCK / 4) {
     const int64_t u1 = used - u0 < KT_FP8_BLOCK / 4 ? used : u0 + KT_FP8_BLOCK / 4;
-    for (int m = 0; m < mr; m++)
+    KT_UNROLL
+    for (int m = 0; m < mr; m++) {
+      KT_UNROLL
       for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
+    }
     for (int64_t u = u0; u < u1; u++) {
       _mm_prefetch(p + (u + Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
       __m512 wq[4];
       e4m3x32_to_f32(_mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT)), 0, wq);
       e4m3x32_to_f32(_mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT + 32)), 0, wq + 2);
+      KT_UNROLL
       for (int m = 0; m < mr; m++) {
         const __m512 ap = _mm512_broadcast_f32x4(_mm_loadu_ps(af + m * len + 4 * u));
+        KT_UNROLL
         for (int q = 0; q < 4; q++) acc[m][q] = _mm512_fmadd_ps(ap, wq[q], acc[m][q]);
       }
     }
     const __m512 s = _mm512_set1_ps(256.0f * scale[u0 / (KT_FP8_BLOCK / 4)]);
-    for (int m = 0; m < mr; m++)
+    KT_UNROLL
+    for (int m = 0; m < mr; m++) {
+      KT_UNROLL
       for (int q = 0; q < 4; q++) tot[m][q] = _mm512_fmadd_ps(s, acc[m][q], tot[m][q]);
+    }
   }
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int q = 0; q < 4; q++) {
       float lanes[16];
       _mm512_storeu_ps(lanes, tot[m][q]);
@@ -302,6 +324,7 @@ static inline __attribute__((always_inline)) void nt_fp8_tile(const int mr, cons
         c[m * ldc + 4 * q + i] =
             (lanes[4 * i] + lanes[4 * i + 1]) + (lanes[4 * i + 2] + lanes[4 * i + 3]);
     }
+  }
 }
 
 static void z_gemm_nt_fp8_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
@@ -333,18 +356,26 @@ static inline __attribute__((always_inline)) void nn_tile(const int mr, const in
                                                           int64_t ldc, int64_t ncols, int add,
                                                           float s) {
   __m512 acc[NN_MR][4];
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int v = 0; v < nv; v++) acc[m][v] = _mm512_setzero_ps();
+  }
   for (int64_t cc = 0; cc < cnt; cc++) {
     __m512 wv[4];
+    KT_UNROLL
     for (int v = 0; v < nv; v++) wv[v] = _mm512_loadu_ps(wt + cc * WT_LD + 16 * v);
+    KT_UNROLL
     for (int m = 0; m < mr; m++) {
       const __m512 av = _mm512_set1_ps(af[m * ldaf + cc]);
+      KT_UNROLL
       for (int v = 0; v < nv; v++) acc[m][v] = _mm512_fmadd_ps(av, wv[v], acc[m][v]);
     }
   }
   const __m512 sv = _mm512_set1_ps(s);
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int v = 0; v < nv; v++) {
       const __mmask16 k = kt_z_mask(ncols - 16 * v);
       float *p = c + m * ldc + 16 * v;
@@ -352,6 +383,7 @@ static inline __attribute__((always_inline)) void nn_tile(const int mr, const in
       if (add) r = _mm512_add_ps(_mm512_maskz_loadu_ps(k, p), r);
       _mm512_mask_storeu_ps(p, k, r);
     }
+  }
 }
 
 #define NN_CASE(MR, NV) \
@@ -393,30 +425,36 @@ static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t
       for (int64_t l = 0; l < lines; l++)
         _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Z_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
     if (w->wtype != KT_WTYPE_BF16) {
+      KT_UNROLL
       for (int i = 0; i < 16; i++)
         r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 4 + i));
       kt_z_transpose16(r);
+      KT_UNROLL
       for (int i = 0; i < 16; i++) {
         float *d = dst + i * WT_LD;
         if (w->wtype == KT_WTYPE_FP8) {
           __m512 v[4];
           e4m3x32_to_f32(_mm512_castsi512_si256(r[i]), 1, v);
           e4m3x32_to_f32(_mm512_extracti64x4_epi64(r[i], 1), 1, v + 2);
+          KT_UNROLL
           for (int j = 0; j < 4; j++) _mm512_storeu_ps(d + 16 * j, v[j]);
           continue;
         }
         const __m128i q[4] = {
             _mm512_extracti32x4_epi32(r[i], 0), _mm512_extracti32x4_epi32(r[i], 1),
             _mm512_extracti32x4_epi32(r[i], 2), _mm512_extracti32x4_epi32(r[i], 3)};
+        KT_UNROLL
         for (int j = 0; j < 4; j++)
           _mm512_storeu_ps(d + 16 * j, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q[j])));
       }
       continue;
     }
     for (int64_t g = 0; g * 32 < n; g++) {
+      KT_UNROLL
       for (int i = 0; i < 16; i++)
         r[i] = _mm512_loadu_si512(kt_z_unit_ptr(w->data, units, b, n0 / 2 + 16 * g + i));
       kt_z_transpose16(r);
+      KT_UNROLL
       for (int i = 0; i < 16; i++) {
         float *d = dst + i * WT_LD + 32 * g;
         const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(r[i]));
@@ -449,10 +487,13 @@ static inline __attribute__((always_inline)) void nn_few_tile(
     int64_t ahead, int64_t nblocks) {
   const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
   __m512 acc[FEW_ACC];
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int j = 0; j < slots; j++)
       acc[m * slots + j] =
           first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_mem + (m * ld_acc + j) * 16);
+  }
   for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
     if (ahead && b + ahead < nblocks) /* this tile's units of the block `ahead` blocks on */
@@ -461,8 +502,10 @@ static inline __attribute__((always_inline)) void nn_few_tile(
     if (t != KT_WTYPE_BF16) {
       /* lane 4i + q of quarter p is row 4p + i, column q of the unit */
       __m512 aq[2][4];
+      KT_UNROLL
       for (int m = 0; m < mr; m++) {
         const __m512 av = _mm512_loadu_ps(af + m * ldaf + 16 * b);
+        KT_UNROLL
         for (int q = 0; q < 4; q++)
           aq[m][q] = _mm512_permutexvar_ps(
               _mm512_set_epi32(4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 3, 4 * q + 2, 4 * q + 2,
@@ -470,27 +513,35 @@ static inline __attribute__((always_inline)) void nn_few_tile(
                                4 * q, 4 * q, 4 * q, 4 * q),
               av);
       }
+      KT_UNROLL
       for (int i = 0; i < slots; i++) {
         __m512 wq[4];
         if (t == KT_WTYPE_FP8) { /* / 256: nn_gemm_few folded the 256 into A */
           e4m3x32_to_f32(_mm256_loadu_si256((const __m256i *)(p + i * KT_Z_UNIT)), 0, wq);
           e4m3x32_to_f32(_mm256_loadu_si256((const __m256i *)(p + i * KT_Z_UNIT + 32)), 0, wq + 2);
         } else {
+          KT_UNROLL
           for (int q = 0; q < 4; q++)
             wq[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                 _mm_loadu_si128((const __m128i *)(p + i * KT_Z_UNIT + 16 * q))));
         }
-        for (int q = 0; q < 4; q++)
+        KT_UNROLL
+        for (int q = 0; q < 4; q++) {
+          KT_UNROLL
           for (int m = 0; m < mr; m++)
             acc[m * slots + i] = _mm512_fmadd_ps(aq[m][q], wq[q], acc[m * slots + i]);
+        }
       }
     } else {
       __m512 av[2];
+      KT_UNROLL
       for (int m = 0; m < mr; m++) av[m] = _mm512_loadu_ps(af + m * ldaf + 16 * b);
+      KT_UNROLL
       for (int i = 0; i < slots / 2; i++) {
         const __m512i v = _mm512_loadu_si512(p + i * KT_Z_UNIT);
         const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
         const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+        KT_UNROLL
         for (int m = 0; m < mr; m++) {
           acc[m * slots + 2 * i] = _mm512_fmadd_ps(av[m], even, acc[m * slots + 2 * i]);
           acc[m * slots + 2 * i + 1] = _mm512_fmadd_ps(av[m], odd, acc[m * slots + 2 * i + 1]);
@@ -498,9 +549,12 @@ static inline __attribute__((always_inline)) void nn_few_tile(
       }
     }
   }
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int j = 0; j < slots; j++)
       _mm512_storeu_ps(acc_mem + (m * ld_acc + j) * 16, acc[m * slots + j]);
+  }
 }
 
 /* c[t] = v[t] + v[4 + t] + v[8 + t] + v[12 + t] (its 128-bit quarters added) for t < min(4, n). */
@@ -593,27 +647,37 @@ static inline __attribute__((always_inline)) void q4_few_tile(
     int64_t units, int64_t u0, int64_t b0, int64_t b1, int64_t nblocks, int64_t ahead, int first,
     float *acc_mem, int64_t ld_acc) {
   __m512 acc[2][16];
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int j = 0; j < 8 * nu; j++)
       acc[m][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_mem + m * ld_acc + 16 * j);
+  }
   for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
     if (ahead && b + ahead < nblocks)
       for (int v = 0; v < nu; v++)
         _mm_prefetch(kt_z_unit_ptr(w->data, units, b + ahead, u0 + v), _MM_HINT_T1);
     __m512 av[2];
+    KT_UNROLL
     for (int m = 0; m < mr; m++) av[m] = _mm512_loadu_ps(am + m * ldm + 16 * (b - bb));
+    KT_UNROLL
     for (int v = 0; v < nu; v++) {
       const __m512i x = _mm512_loadu_si512(p + v * KT_Z_UNIT);
+      KT_UNROLL
       for (int t = 0; t < 8; t++) {
         const __m512 q = q4_column(x, t);
+        KT_UNROLL
         for (int m = 0; m < mr; m++)
           acc[m][8 * v + t] = _mm512_fmadd_ps(av[m], q, acc[m][8 * v + t]);
       }
     }
   }
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int j = 0; j < 8 * nu; j++) _mm512_storeu_ps(acc_mem + m * ld_acc + 16 * j, acc[m][j]);
+  }
 }
 
 /* Blocks of W per chunk of a few-row int4 x W of n columns: about Q4_FEW_CHUNK_BYTES of its
@@ -715,7 +779,8 @@ static void q4_transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int6
         _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Z_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
     float *dst = wt + (b * 16 - c0) * WT_LD;
-    for (int64_t u = 0; u < 4 * ns; u++)
+    for (int64_t u = 0; u < 4 * ns; u++) {
+      KT_UNROLL
       for (int q = 0; q < 4; q++) {
         __m512 lo, hi;
         q4_quarter(p + u * KT_Z_UNIT, q, &lo, &hi);
@@ -729,6 +794,7 @@ static void q4_transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int6
         _mm256_storeu_ps(d + 3 * WT_LD,
                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r23), 1)));
       }
+    }
   }
 }
 
@@ -740,18 +806,26 @@ static inline __attribute__((always_inline)) void nn_q4_tile(const int mr, const
                                                              int64_t cnt, float *c, int64_t ldc,
                                                              int64_t ncols, int add) {
   __m512 acc[NN_MR][4];
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int v = 0; v < nv; v++) acc[m][v] = _mm512_setzero_ps();
+  }
   for (int64_t cc = 0; cc < cnt; cc++) {
     __m512 wv[4];
+    KT_UNROLL
     for (int v = 0; v < nv; v++) wv[v] = _mm512_loadu_ps(wt + cc * WT_LD + 16 * v);
+    KT_UNROLL
     for (int m = 0; m < mr; m++) {
       const __m512 a0 = _mm512_set1_ps(af0[m * ldaf + cc]);
       const __m512 a1 = nv > 2 ? _mm512_set1_ps(af1[m * ldaf + cc]) : a0;
+      KT_UNROLL
       for (int v = 0; v < nv; v++) acc[m][v] = _mm512_fmadd_ps(v < 2 ? a0 : a1, wv[v], acc[m][v]);
     }
   }
-  for (int m = 0; m < mr; m++)
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
     for (int v = 0; v < nv; v++) {
       const __mmask16 k = kt_z_mask(ncols - 16 * v);
       float *p = c + m * ldc + 16 * v;
@@ -759,6 +833,7 @@ static inline __attribute__((always_inline)) void nn_q4_tile(const int mr, const
       if (add) r = _mm512_add_ps(_mm512_maskz_loadu_ps(k, p), r);
       _mm512_mask_storeu_ps(p, k, r);
     }
+  }
 }
 
 #define NN_Q4_CASE(MR, NV) \
@@ -825,25 +900,32 @@ static void z_lora_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k,
   for (int64_t q0 = 0; q0 < n; q0 += 4) {
     const int nq = (int)(n - q0 < 4 ? n - q0 : 4);
     __m512 acc[NN_FEW_M][4];
-    for (int64_t m = 0; m < M; m++)
+    for (int64_t m = 0; m < M; m++) {
+      KT_UNROLL
       for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
+    }
     for (int64_t c0 = 0; c0 < k; c0 += 16) {
+      KT_UNROLL
       for (int q = 0; q < nq; q++) {
         const __m512 bv = load_bf16x16(b + (q0 + q) * k + c0, k - c0);
         for (int64_t m = 0; m < M; m++)
           acc[m][q] = _mm512_fmadd_ps(_mm512_loadu_ps(af + m * len + c0), bv, acc[m][q]);
       }
     }
-    for (int64_t m = 0; m < M; m++)
+    for (int64_t m = 0; m < M; m++) {
+      KT_UNROLL
       for (int q = 0; q < nq; q++) c[m * ldc + q0 + q] = _mm512_reduce_add_ps(acc[m][q]);
+    }
   }
 }
 
 /* In-register transpose of 16 x 16 floats. */
 static inline void transpose16_ps(__m512 v[16]) {
   __m512i r[16];
+  KT_UNROLL
   for (int i = 0; i < 16; i++) r[i] = _mm512_castps_si512(v[i]);
   kt_z_transpose16(r);
+  KT_UNROLL
   for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(r[i]);
 }
 
@@ -865,6 +947,7 @@ static void z_lora_add_nt(int64_t M, int64_t n, int64_t r, const float *a, const
     const __mmask16 mask = kt_z_mask(nj);
     for (int64_t q0 = 0; q0 < r; q0 += 16) {
       __m512 *t = bt + q0;
+      KT_UNROLL
       for (int j = 0; j < 16; j++)
         t[j] = j < nj ? load_bf16x16(b + (n0 + j0 + j) * r + q0, r - q0) : _mm512_setzero_ps();
       transpose16_ps(t);

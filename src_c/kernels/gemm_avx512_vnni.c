@@ -6,11 +6,14 @@
 static inline __attribute__((always_inline)) void q8_tile(const int mr, const int nb,
                                                           const uint8_t *ab, int64_t len,
                                                           const char *p0, int64_t bstride,
-                                                          int64_t used, __m512i acc[][2]) {
+                                                          int64_t used, __m512i out[][2]) {
+  __m512i acc[KT_Z_NT_MR][2]; /* in registers; copied out once, at the end */
+  KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   for (int64_t u = 0; u < used; u++) {
     const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
     const __m512i w1 = nb > 1 ? _mm512_loadu_si512(p0 + bstride + u * KT_Z_UNIT) : w0;
+    KT_UNROLL
     for (int m = 0; m < mr; m++) {
       int32_t quad;
       memcpy(&quad, ab + m * len + 4 * u, sizeof quad);
@@ -19,6 +22,8 @@ static inline __attribute__((always_inline)) void q8_tile(const int mr, const in
       if (nb > 1) acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], av, w1);
     }
   }
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) out[m][0] = acc[m][0], out[m][1] = acc[m][1];
 }
 
 #define Q8_CASE(MR)                                    \
@@ -64,6 +69,7 @@ void kt_avx512_nt_q8_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, i
       for (int64_t i = 0; i < mr; i++) {
         const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;
         const float sa = a->scale[src];
+        KT_UNROLL
         for (int v = 0; v < nb; v++) {
           const int64_t j = n0 + j0 + 16 * v;
           const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(rowsum + j), 7);
