@@ -7,8 +7,9 @@
  *                 columns widened into exact int32 group sums, the groups summed in fp32
  *   x W           at most 4 rows of A: no transpose, the lanes of a half unit (8 rows of W) are
  *                 multiplied by A lane by lane into accumulators summed across lanes at the end;
- *                 more rows: 8 x 8 in-register transposes into the per-thread fp32 scratch, then
- *                 a 6 x 16 tile of fp32 FMAs (nn_drive.h, shared with avx512); the LoRA products
+ *                 more rows: 8 x 8 in-register transposes into a per-thread panel (bf16 W stays
+ *                 bf16 there, widened by the tile; int8 and fp8 are widened to fp32), then a
+ *                 6 x 16 tile of fp32 FMAs (nn_drive.h, shared with avx512); the LoRA products
  *                 likewise. int4: the same two paths, the nibbles widened to fp32 by unpacks
  *                 (no transpose), each group's scale folded into A
  * Every sum runs over its index in ascending order within one fp32 (or int32) lane. */
@@ -329,6 +330,75 @@ static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *w
     }
 }
 
+/* As nn_tile over a bf16 panel (x W of bf16 W): each 16-column row of the panel is widened in
+ * registers, its even and odd columns into accumulators of their own, interleaved at the store.
+ * Each output sums the same products in the same order as nn_tile over the fp32 panel; the
+ * panel is half the bytes, and building it costs no conversions. */
+static inline __attribute__((always_inline)) void nn_tile_bf16(const int mr, const float *af,
+                                                               int64_t ldaf, const uint16_t *wt,
+                                                               int64_t cnt, float *c, int64_t ldc,
+                                                               int64_t ncols, int add) {
+  const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+  __m256 acc[NN_MR][2]; /* even, odd columns */
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t cc = 0; cc < cnt; cc++) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(wt + cc * WT_LD));
+    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+    KT_UNROLL
+    for (int m = 0; m < mr; m++) {
+      const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
+      acc[m][0] = _mm256_fmadd_ps(av, even, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(av, odd, acc[m][1]);
+    }
+  }
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    float *p = c + m * ldc;
+    const __m256 lo = _mm256_unpacklo_ps(acc[m][0], acc[m][1]); /* columns 0-3 | 8-11 */
+    const __m256 up = _mm256_unpackhi_ps(acc[m][0], acc[m][1]); /* columns 4-7 | 12-15 */
+    __m256 r0 = _mm256_permute2f128_ps(lo, up, 0x20), r1 = _mm256_permute2f128_ps(lo, up, 0x31);
+    if (ncols >= 16) {
+      if (add) {
+        r0 = _mm256_add_ps(_mm256_loadu_ps(p), r0);
+        r1 = _mm256_add_ps(_mm256_loadu_ps(p + 8), r1);
+      }
+      _mm256_storeu_ps(p, r0);
+      _mm256_storeu_ps(p + 8, r1);
+    } else {
+      float r[16];
+      _mm256_storeu_ps(r, r0);
+      _mm256_storeu_ps(r + 8, r1);
+      for (int64_t j = 0; j < ncols; j++) p[j] = add ? p[j] + r[j] : r[j];
+    }
+  }
+}
+
+/* nn_rows with s = 1 over the panel transpose_block builds: bf16 for bf16 W, fp32 otherwise. */
+static void nn_rows_w(int64_t count, const float *a0, int64_t ldaf, const float *wt, int64_t cnt,
+                      float *c0, int64_t ldc, int64_t ncols, int add, kt_wtype t) {
+  if (t != KT_WTYPE_BF16) {
+    nn_rows(count, a0, ldaf, wt, cnt, c0, ldc, ncols, add, 1.0f);
+    return;
+  }
+  const uint16_t *wb = (const uint16_t *)(const void *)wt;
+  for (int64_t j0 = 0; j0 < ncols; j0 += 16)
+    for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {
+      const float *af = a0 + m0 * ldaf;
+      float *c = c0 + m0 * ldc + j0;
+      const int64_t nc = ncols - j0;
+      switch (count - m0 < NN_MR ? count - m0 : NN_MR) {
+        case 1: nn_tile_bf16(1, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
+        case 2: nn_tile_bf16(2, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
+        case 3: nn_tile_bf16(3, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
+        case 4: nn_tile_bf16(4, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
+        case 5: nn_tile_bf16(5, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
+        default: nn_tile_bf16(6, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
+      }
+    }
+}
+
 /* In-register transpose of 8 x 8 dwords. */
 static inline void transpose8(__m256i r[8]) {
   __m256i t[8];
@@ -363,7 +433,7 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
       for (int64_t l = 0; l < lines; l++)
         _mm_prefetch(kt_z_unit_ptr(w->data, units, b + Y_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T1);
     for (int64_t half = 0; half < 2; half++) { /* rows 8 half .. 8 half + 7 of the block */
-      float *dst = wt + (b * 16 + 8 * half - c0) * WT_LD;
+      const int64_t row0 = (b * 16 + 8 * half - c0) * WT_LD;
       for (int64_t g = 0; g * 8 < lines; g++) { /* 8 units: 16 bf16 or 32 int8 columns */
         __m256i r[8];
         KT_UNROLL
@@ -373,7 +443,8 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
         transpose8(r);
         KT_UNROLL
         for (int i = 0; i < 8; i++) {
-          float *d = dst + i * WT_LD + 8 * per * g;
+          const int64_t at = row0 + i * WT_LD + 8 * per * g; /* the panel element of r[i] */
+          float *d = wt + at;
           const __m128i lo = _mm256_castsi256_si128(r[i]), hi = _mm256_extracti128_si256(r[i], 1);
           if (w->wtype == KT_WTYPE_FP8) {
             __m256 v[4];
@@ -388,9 +459,8 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
             _mm256_storeu_ps(d + 16, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
             _mm256_storeu_ps(d + 24,
                              _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))));
-          } else {
-            _mm256_storeu_ps(d, bf16x8_to_f32(lo));
-            _mm256_storeu_ps(d + 8, bf16x8_to_f32(hi));
+          } else { /* the panel of bf16 W stays bf16 (nn_rows_w) */
+            _mm256_storeu_si256((__m256i *)((uint16_t *)(void *)wt + at), r[i]);
           }
         }
       }

@@ -409,6 +409,14 @@ static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *w
   }
 }
 
+/* x W's panel is fp32 for every weight type. */
+static inline void nn_rows_w(int64_t count, const float *a0, int64_t ldaf, const float *wt,
+                             int64_t cnt, float *c0, int64_t ldc, int64_t ncols, int add,
+                             kt_wtype t) {
+  (void)t;
+  nn_rows(count, a0, ldaf, wt, cnt, c0, ldc, ncols, add, 1.0f);
+}
+
 /* wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64) as fp32 for cc < cnt (rounded up to the block; columns
  * past W's are zero). c0 is a multiple of 16. */
 static void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int64_t n0, int64_t n,

@@ -6,7 +6,9 @@
  *                                        zero padded to len (a multiple of 16)
  *   nn_rows(count, af, ldaf, wt, cnt, c, ldc, ncols, add, s)
  *        c[m, 0:ncols] (+)= s * sum_cc af[m, cc] * wt[cc, 0:ncols], m < count, ncols <= WT_LD
- *   transpose_block(w, c0, cnt, n0, n, wt)  wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64) in fp32
+ *   transpose_block(w, c0, cnt, n0, n, wt)  wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64), in fp32
+ *                                           (or in the family's own panel form, for which
+ *   nn_rows_w(count, af, ldaf, wt, cnt, c, ldc, ncols, add, wtype)  is nn_rows with s = 1)
  * and, for x W of at most NN_FEW_M rows without a transpose, FEW_LANES (fp32 lanes of one
  * accumulator), FEW_ACC (accumulators of the register tile), FEW_CHUNK_BYTES and:
  *   nn_few_tile(mr, slots, t, af, ldaf, w, units, b0, b1, u0, acc_mem, ld_acc, first,
@@ -31,7 +33,7 @@ static inline void nn_gemm(const kt_rows *a, const kt_packed *w, int64_t n0, int
       for (int64_t i = 0; i < mr; i++)
         row_to_f32(kt_row(a, m0 + i) + c0, cnt, af + i * NN_CH, (cnt + 15) & ~(int64_t)15,
                    scale ? scale + c0 : NULL);
-      nn_rows(mr, af, NN_CH, wt, cnt, c + m0 * ldc, ldc, n, c0 > 0, 1.0f);
+      nn_rows_w(mr, af, NN_CH, wt, cnt, c + m0 * ldc, ldc, n, c0 > 0, w->wtype);
     }
   }
 }
