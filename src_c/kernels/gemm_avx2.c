@@ -27,7 +27,7 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Y_PREFETCH_BLOCKS = 4,
-  Y_PREFETCH_UNITS = 64,    /* x W^T, fp8: how far ahead the stream of units is fetched */
+  Y_PREFETCH_UNITS = 64,    /* x W^T: how far ahead the stream of units is fetched */
   FEW_LANES = 8,            /* fp32 lanes of one accumulator */
   NN_FEW_M = KT_FEW_ROWS,   /* x W of at most this many rows: lane accumulators, no transpose */
   FEW_ACC = 8,              /* ... in a register tile of 8 accumulators */
@@ -173,6 +173,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
   KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t u = 0; u < used; u++) {
+    _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
     const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
     const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT + 32));
     const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
@@ -224,6 +225,7 @@ static inline __attribute__((always_inline)) void q8_tile(const int mr, const in
   KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   for (int64_t u = 0; u < used; u++) {
+    _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
     const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
     const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT + 32));
     const __m256i l0 = _mm256_srai_epi16(_mm256_slli_epi16(w0, 8), 8),
