@@ -27,16 +27,16 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Y_PREFETCH_BLOCKS = 4,
-  Y_PREFETCH_UNITS = 64,    /* x W^T: how far ahead the stream of units is fetched */
-  FEW_LANES = 8,            /* fp32 lanes of one accumulator */
-  NN_FEW_M = KT_FEW_ROWS,   /* x W of at most this many rows: lane accumulators, no transpose */
-  FEW_ACC = 8,              /* ... in a register tile of 8 accumulators */
-  FEW_CHUNK_BYTES = 131072, /* ... over chunks of this many bytes of W */
-  FEW_PREFETCH_BLOCKS = 2,  /* ... int4: the blocks this far ahead fetched into L1 */
+  Y_PREFETCH_UNITS = 64,      /* x W^T: how far ahead the stream of units is fetched */
+  FEW_LANES = 8,              /* fp32 lanes of one accumulator */
+  NN_FEW_M = KT_FEW_ROWS,     /* x W of at most this many rows: lane accumulators, no transpose */
+  FEW_ACC = 8,                /* ... in a register tile of 8 accumulators */
+  FEW_CHUNK_BYTES = 131072,   /* ... over chunks of this many bytes of W */
+  Q4_FEW_CHUNK_BYTES = 65536, /* ... int4: over chunks of this many bytes of W */
 };
 
 static size_t q4_nt_scratch_bytes(int64_t k);
-static size_t q4_nn_scratch_bytes(int64_t k);
+static size_t q4_nn_scratch_bytes(int64_t n, int64_t k);
 
 /* x W^T: A rows as fp32 (or int16 pairs); x W: the transposed block and a 6-row slice of A, or
  * for a few rows, the rows (k padded to 16) and 8 lanes per accumulator. */
@@ -47,7 +47,7 @@ static size_t y_scratch_bytes(int64_t n, int64_t k) {
       (size_t)NN_FEW_M *
       (size_t)(((k + 15) & ~(int64_t)15) + (n + FEW_ACC - 1) / FEW_ACC * FEW_ACC * 8) * 4;
   return kt_max_size(kt_max_size(nt + nn, few) + KT_CACHE_LINE,
-                     kt_max_size(q4_nt_scratch_bytes(k), q4_nn_scratch_bytes(k)));
+                     kt_max_size(q4_nt_scratch_bytes(k), q4_nn_scratch_bytes(n, k)));
 }
 
 static inline __m256 bf16x8_to_f32(__m128i h) {
@@ -781,15 +781,16 @@ static inline __m256 q4_hi16(__m256i v) {
 }
 
 /* At most NN_FEW_M rows of A: no transpose. Each v[r] of a half unit is multiplied by the
- * folded A of rows r and r + 4, spread to match (once per call, into the scratch), into two
+ * folded A of rows r and r + 4, spread to match (per chunk of W, into the scratch), into two
  * accumulators per unit (low nibbles, and high ones as 16 q); lane 4i + t sums column t (or 4 + t)
  * over rows = 4i + r mod 8, the two halves added at the end. A register tile of 8 accumulators (1
- * row of A x 4 units or 2 x 2) walks the blocks in chunks of FEW_CHUNK_BYTES as nn_gemm_few does;
- * the accumulators live in the scratch between chunks. */
+ * row of A x 4 units or 2 x 2: one run of 32 columns) walks the blocks b0 .. b1 of a chunk (the
+ * spread from block b0 on); the accumulators live in the scratch between chunks. The tile's units
+ * of the block `ahead` blocks on are fetched into L2. */
 static inline __attribute__((always_inline)) void q4_few_tile(
     const int mr, const int slots, const float *spread, int64_t ld_spread, const kt_packed *w,
     int64_t units, int64_t b0, int64_t b1, int64_t u0, float *acc_mem, int64_t ld_acc, int first,
-    int64_t prefetch_lines, int64_t nblocks) {
+    int64_t ahead, int64_t nblocks) {
   __m256 acc[FEW_ACC];
   KT_UNROLL
   for (int m = 0; m < mr; m++) {
@@ -800,12 +801,12 @@ static inline __attribute__((always_inline)) void q4_few_tile(
   }
   for (int64_t b = b0; b < b1; b++) {
     const char *p = kt_z_unit_ptr(w->data, units, b, u0);
-    if (b + FEW_PREFETCH_BLOCKS < nblocks)
-      for (int64_t l = 0; l < prefetch_lines; l++)
-        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + FEW_PREFETCH_BLOCKS, u0 + l), _MM_HINT_T0);
+    if (ahead && b + ahead < nblocks)
+      for (int i = 0; i < slots; i++)
+        _mm_prefetch(kt_z_unit_ptr(w->data, units, b + ahead, u0 + i), _MM_HINT_T1);
     KT_UNROLL
     for (int h = 0; h < 2; h++) {
-      const float *sp = spread + (b * 2 + h) * 32;
+      const float *sp = spread + ((b - b0) * 2 + h) * 32;
       KT_UNROLL
       for (int i = 0; i < slots; i++) {
         __m256i v[4];
@@ -848,52 +849,82 @@ static void q4_run_scales(const kt_packed *w, int64_t r0, int64_t k, int64_t n0,
   }
 }
 
-enum { Q4_FEW_LD_ACC = 8 * 2 * 8 /* floats of one row's accumulators: 8 units x lo, hi */ };
+/* Blocks of W per chunk of a few-row int4 x W of n columns: about Q4_FEW_CHUNK_BYTES of its runs
+ * of 32 columns (4 units each), so that runs x blocks, and with it the spread A, is bounded. */
+static int64_t q4_few_chunk(int64_t n) {
+  const int64_t nruns = (n + Q4_RUN - 1) / Q4_RUN;
+  return kt_max_size(1, Q4_FEW_CHUNK_BYTES / (size_t)(nruns * 4 * KT_Z_UNIT));
+}
 
-static size_t q4_nn_scratch_bytes(int64_t k) {
-  const int64_t len = (k + 15) & ~(int64_t)15;
-  const size_t few = (size_t)(NN_FEW_M * 2 * 4 * len + NN_FEW_M * Q4_FEW_LD_ACC + 3 * len) * 4;
+/* Floats of one row's spread A in a chunk of q4_nn_few of n columns: 32 per half block and run,
+ * at most 64 Q4_FEW_CHUNK_BYTES / 256 whatever n (up to 256 runs). */
+static int64_t q4_few_spread_floats(int64_t n) {
+  return (n + Q4_RUN - 1) / Q4_RUN * 2 * q4_few_chunk(n) * 32;
+}
+
+/* x W of a few rows (calls of up to n columns: a narrower call's spread is no larger, see
+ * q4_few_spread_floats) and of more (the transposed block, A's slice and two runs' scales). */
+static size_t q4_nn_scratch_bytes(int64_t n, int64_t k) {
+  (void)k;
+  const int64_t nruns = (n + Q4_RUN - 1) / Q4_RUN;
+  const int64_t spread = 64 * kt_max_size(Q4_FEW_CHUNK_BYTES / (4 * KT_Z_UNIT), nruns);
+  const size_t few = (size_t)(NN_FEW_M * (spread + 64 * nruns)) * 4;
   const size_t many = (size_t)(NN_CH * WT_LD + NN_MR * NN_CH + 2 * NN_CH) * 4;
   return kt_max_size(few, many) + KT_CACHE_LINE;
 }
 
-static void q4_nn_few_band(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
-                           int64_t ldc, void *scratch) {
-  const int64_t k = w->rows, nblocks = (k + 15) / 16, len = 16 * nblocks;
+/* At most NN_FEW_M rows of A, n <= KT_WIDE_N columns (n0 a multiple of 64): W in chunks of whole
+ * rows of the span (one run of memory per block). Per chunk each row of A is folded with the
+ * scales of each run's group (one fp32 multiply per value, as the transposed path does) and
+ * spread for the tile; then the tile walks the chunk run by run, the first row's tiles fetching
+ * the next chunk into L2. The lanes are summed at the end, in the same order in any span and
+ * chunk. */
+static void q4_nn_few(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
+                      int64_t ldc, void *scratch) {
+  const int64_t k = w->rows, nblocks = (k + 15) / 16, ng = kt_int4_groups(w->cols, w->group);
   const int64_t units = kt_z_units(w->cols, KT_WTYPE_INT4), u0 = n0 / 8, lines = (n + 7) / 8;
-  const int64_t ns = (n + Q4_RUN - 1) / Q4_RUN, ld_spread = ns * 4 * len;
-  const int64_t chunk = kt_max_size(1, FEW_CHUNK_BYTES / (size_t)(lines * KT_Z_UNIT));
-  float *spread = scratch;                                        /* [count, ns, 2 nblocks, 4, 8] */
-  float *acc = spread + a->count * ld_spread;                     /* [count, Q4_FEW_LD_ACC] */
-  float *fold = acc + a->count * Q4_FEW_LD_ACC, *sc = fold + len; /* [len], [2, len] */
-  q4_run_scales(w, 0, k, n0, ns, sc, len);
-  for (int64_t s = 0; s < ns; s++) {
-    for (int64_t m = 0; m < a->count; m++) {
-      row_to_f32(kt_row(a, m), k, fold, len, sc + s * len);
-      float *d = spread + m * ld_spread + s * 4 * len;
-      for (int64_t hb = 0; hb < 2 * nblocks; hb++) { /* rows r, r + 4 of each half, 4 times */
-        const __m256 v = _mm256_loadu_ps(fold + 8 * hb);
-        KT_UNROLL
-        for (int r = 0; r < 4; r++)
-          _mm256_storeu_ps(d + (hb * 4 + r) * 8,
-                           _mm256_permutevar8x32_ps(
-                               v, _mm256_setr_epi32(r, r, r, r, r + 4, r + 4, r + 4, r + 4)));
-      }
-    }
-  }
+  const int64_t nruns = (n + Q4_RUN - 1) / Q4_RUN, chunk = q4_few_chunk(n);
+  /* accumulators: 16 floats per unit, the units rounded up to whole runs (a tile's 4 units) */
+  const int64_t ld_spread = q4_few_spread_floats(n), ld_run = 2 * chunk * 32, ld_acc = 64 * nruns;
+  float *spread = scratch, *acc = spread + a->count * ld_spread; /* [count][run][2 chunk][4][8] */
   for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
     const int64_t b1 = nblocks - b0 < chunk ? nblocks : b0 + chunk;
+    for (int64_t m = 0; m < a->count; m++) {
+      const uint16_t *arow = kt_row(a, m);
+      for (int64_t hb = 0; hb < 2 * (b1 - b0); hb++) { /* rows r0 .. r0 + 7 of W */
+        const int64_t r0 = 16 * b0 + 8 * hb;
+        __m256 av = _mm256_setzero_ps();
+        if (r0 + 8 <= k) {
+          av = bf16x8_to_f32(_mm_loadu_si128((const __m128i *)(arow + r0)));
+        } else if (r0 < k) {
+          float part[8] = {0};
+          for (int64_t i = 0; i < k - r0; i++) part[i] = kt_bf16_to_f32(arow[r0 + i]);
+          av = _mm256_loadu_ps(part);
+        }
+        for (int64_t s = 0; s < nruns; s++) { /* rows r, r + 4 of the half, 4 times */
+          const int64_t g = (n0 + Q4_RUN * s) / w->group;
+          const __m256 v = _mm256_mul_ps(
+              av, _mm256_loadu_ps(w->scale + kt_int4_scale_index(r0 - r0 % 16, g, ng) + r0 % 16));
+          float *d = spread + m * ld_spread + s * ld_run + hb * 32;
+          KT_UNROLL
+          for (int r = 0; r < 4; r++)
+            _mm256_storeu_ps(d + 8 * r,
+                             _mm256_permutevar8x32_ps(
+                                 v, _mm256_setr_epi32(r, r, r, r, r + 4, r + 4, r + 4, r + 4)));
+        }
+      }
+    }
     for (int64_t m0 = 0; m0 < a->count; m0 += 2) {
       const int two = a->count - m0 > 1;
       for (int64_t j = 0; j < lines; j += two ? 2 : 4) { /* units j ..: run j / 4 */
-        const float *sp = spread + m0 * ld_spread + (j / 4) * 4 * len;
-        float *am = acc + m0 * Q4_FEW_LD_ACC + j * 16;
-        const int64_t pf = m0 == 0 && j == 0 ? lines : 0;
+        const float *sp = spread + m0 * ld_spread + (j / 4) * ld_run;
+        float *am = acc + m0 * ld_acc + j * 16;
+        const int64_t ahead = m0 == 0 ? b1 - b0 : 0;
         if (two)
-          q4_few_tile(2, 2, sp, ld_spread, w, units, b0, b1, u0 + j, am, Q4_FEW_LD_ACC, b0 == 0, pf,
+          q4_few_tile(2, 2, sp, ld_spread, w, units, b0, b1, u0 + j, am, ld_acc, b0 == 0, ahead,
                       nblocks);
         else
-          q4_few_tile(1, 4, sp, ld_spread, w, units, b0, b1, u0 + j, am, Q4_FEW_LD_ACC, b0 == 0, pf,
+          q4_few_tile(1, 4, sp, ld_spread, w, units, b0, b1, u0 + j, am, ld_acc, b0 == 0, ahead,
                       nblocks);
       }
     }
@@ -901,7 +932,7 @@ static void q4_nn_few_band(const kt_rows *a, const kt_packed *w, int64_t n0, int
   for (int64_t m = 0; m < a->count; m++)
     for (int64_t j = 0; j < 2 * lines; j++) { /* columns 4j .. 4j + 3; odd j: 16 q */
       float four[4];
-      const __m128 f = fold_halves(_mm256_loadu_ps(acc + m * Q4_FEW_LD_ACC + 8 * j));
+      const __m128 f = fold_halves(_mm256_loadu_ps(acc + m * ld_acc + 8 * j));
       _mm_storeu_ps(four, j % 2 ? _mm_mul_ps(f, _mm_set1_ps(0.0625f)) : f);
       for (int64_t t = 0; t < 4 && 4 * j + t < n; t++) c[m * ldc + 4 * j + t] = four[t];
     }
@@ -936,14 +967,13 @@ static void q4_transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, int6
   }
 }
 
-/* The table's gemm_nn_q4: a few rows on q4_nn_few_band, a band of 64 columns at a time (its A is
- * spread once per band for the band's two groups); more through the transposed fp32 block and
- * the register tile of nn_drive.h, each run of 32 columns with its rows of A folded by its
- * group. */
+/* The table's gemm_nn_q4: a few rows on q4_nn_few (up to KT_WIDE_N columns in one call); more
+ * through the transposed fp32 block and the register tile of nn_drive.h, a band of 64 columns at
+ * a time, each run of 32 columns with its rows of A folded by its group. */
 static void y_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                          int64_t ldc, void *scratch) {
   if (a->count <= NN_FEW_M) {
-    kt_gemm_in_bands(q4_nn_few_band, a, w, n0, n, c, ldc, scratch);
+    q4_nn_few(a, w, n0, n, c, ldc, scratch);
     return;
   }
   const int64_t k = w->rows, ns = (n + Q4_RUN - 1) / Q4_RUN;
