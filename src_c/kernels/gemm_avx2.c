@@ -7,11 +7,11 @@
  *                 columns widened into exact int32 group sums, the groups summed in fp32
  *   x W           at most 4 rows of A: no transpose, the lanes of a half unit (8 rows of W) are
  *                 multiplied by A lane by lane into accumulators summed across lanes at the end;
- *                 more rows: 8 x 8 in-register transposes into a per-thread panel (bf16 W stays
- *                 bf16 there, widened by the tile; int8 and fp8 are widened to fp32), then a
- *                 6 x 16 tile of fp32 FMAs (nn_drive.h, shared with avx512); the LoRA products
- *                 likewise. int4: the same two paths, the nibbles widened to fp32 by unpacks
- *                 (no transpose), each group's scale folded into A
+ *                 more rows: 8 x 8 in-register transposes into a per-thread panel (bf16 and
+ *                 int8 W stay as they are there, widened by the tile as it reads them; fp8 is
+ *                 decoded to fp32), then a 6 x 16 tile of fp32 FMAs (nn_drive.h, shared with
+ *                 avx512); the LoRA products likewise. int4: the same two paths, the nibbles
+ *                 widened to fp32 by unpacks (no transpose), each group's scale folded into A
  * Every sum runs over its index in ascending order within one fp32 (or int32) lane. */
 #include <immintrin.h>
 
@@ -377,9 +377,70 @@ static inline __attribute__((always_inline)) void nn_tile_bf16(const int mr, con
   }
 }
 
+/* As nn_tile over an int8 panel (x W of int8 W, its row scales folded into A): each row's 16
+ * columns are widened to fp32 in registers as the tile reads them; the same products as over the
+ * fp32 panel, in the same order, from a panel a quarter the size. */
+static inline __attribute__((always_inline)) void nn_tile_q8(const int mr, const float *af,
+                                                             int64_t ldaf, const int8_t *wt,
+                                                             int64_t cnt, float *c, int64_t ldc,
+                                                             int64_t ncols, int add) {
+  __m256 acc[NN_MR][2];
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t cc = 0; cc < cnt; cc++) {
+    const int8_t *row = wt + cc * WT_LD;
+    const __m256 w0 =
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row)));
+    const __m256 w1 =
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8))));
+    KT_UNROLL
+    for (int m = 0; m < mr; m++) {
+      const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
+      acc[m][0] = _mm256_fmadd_ps(av, w0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(av, w1, acc[m][1]);
+    }
+  }
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    float *p = c + m * ldc;
+    __m256 r0 = acc[m][0], r1 = acc[m][1];
+    if (ncols >= 16) {
+      if (add) {
+        r0 = _mm256_add_ps(_mm256_loadu_ps(p), r0);
+        r1 = _mm256_add_ps(_mm256_loadu_ps(p + 8), r1);
+      }
+      _mm256_storeu_ps(p, r0);
+      _mm256_storeu_ps(p + 8, r1);
+    } else {
+      float r[16];
+      _mm256_storeu_ps(r, r0);
+      _mm256_storeu_ps(r + 8, r1);
+      for (int64_t j = 0; j < ncols; j++) p[j] = add ? p[j] + r[j] : r[j];
+    }
+  }
+}
+
 /* nn_rows with s = 1 over the panel transpose_block builds: bf16 for bf16 W, fp32 otherwise. */
 static void nn_rows_w(int64_t count, const float *a0, int64_t ldaf, const float *wt, int64_t cnt,
                       float *c0, int64_t ldc, int64_t ncols, int add, kt_wtype t) {
+  if (t == KT_WTYPE_INT8) {
+    const int8_t *wq = (const int8_t *)(const void *)wt;
+    for (int64_t j0 = 0; j0 < ncols; j0 += 16)
+      for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {
+        const float *af = a0 + m0 * ldaf;
+        float *c = c0 + m0 * ldc + j0;
+        const int64_t nc = ncols - j0;
+        switch (count - m0 < NN_MR ? count - m0 : NN_MR) {
+          case 1: nn_tile_q8(1, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
+          case 2: nn_tile_q8(2, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
+          case 3: nn_tile_q8(3, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
+          case 4: nn_tile_q8(4, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
+          case 5: nn_tile_q8(5, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
+          default: nn_tile_q8(6, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
+        }
+      }
+    return;
+  }
   if (t != KT_WTYPE_BF16) {
     nn_rows(count, a0, ldaf, wt, cnt, c0, ldc, ncols, add, 1.0f);
     return;
@@ -454,13 +515,8 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
             e4m3x16_to_f32(hi, 1, v + 2);
             KT_UNROLL
             for (int j = 0; j < 4; j++) _mm256_storeu_ps(d + 8 * j, v[j]);
-          } else if (w->wtype == KT_WTYPE_INT8) {
-            _mm256_storeu_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
-            _mm256_storeu_ps(d + 8,
-                             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
-            _mm256_storeu_ps(d + 16, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
-            _mm256_storeu_ps(d + 24,
-                             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))));
+          } else if (w->wtype == KT_WTYPE_INT8) { /* the panel of int8 W stays int8 */
+            _mm256_storeu_si256((__m256i *)((int8_t *)(void *)wt + at), r[i]);
           } else { /* the panel of bf16 W stays bf16 (nn_rows_w) */
             _mm256_storeu_si256((__m256i *)((uint16_t *)(void *)wt + at), r[i]);
           }
