@@ -254,8 +254,9 @@ FEW_SHAPES = [
 @pytest.mark.parametrize("rows, cols, n0, n", FEW_SHAPES)
 def test_gemm_nn_few_rows(isa, wtype, m, rows, cols, n0, n):
     """At most 4 rows of A (1-2 tokens per expert) take x W without transposes, 5 and more the
-    transposed path (8 and 13: register tiles of 6 rows and a partial one): either is within the fp32 summation bound of the float64 sum of the fp32
-    products (int8: A times the row scale in fp32), with NaN-poisoned outputs."""
+    transposed path (8 and 13: register tiles of 6 rows and a partial one): either is within
+    the fp32 summation bound of the float64 sum of the fp32 products (int8: A times the row
+    scale in fp32), with NaN-poisoned outputs."""
     rng = np.random.default_rng(m * 1000 + rows + cols + n)
     a = _bf16(rng, (m, rows))
     if wtype == "int8":
