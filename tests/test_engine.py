@@ -680,13 +680,15 @@ def test_lifo_pairs_backward_with_its_forward(rng, pool):
 # ---- thread-count independence ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("H", [130, 560])
 @pytest.mark.parametrize("isa", ISAS)
-def test_results_bit_identical_across_thread_counts(rng, isa):
+def test_results_bit_identical_across_thread_counts(rng, isa, H):
     """H = 130 is 3 blocks of 64: one thread takes the per-H-block phases (F3, B4) that add
     every expert's part in place; 2 and more threads (fewer than 2 blocks each) split them by
-    expert and H block into per-route buffers summed per token (F4, B5). Both must give the same
-    bits."""
-    E, k, H, I, r, T = 7, 3, 130, 70, 5, 33  # noqa: E741
+    expert and H block into per-route buffers summed per token (F4, B5). H = 560 is 9 blocks
+    (the last partial): B4 items of 4 blocks on one thread, 2 on two, 1 on three, split by route
+    on eight. All must give the same bits."""
+    E, k, I, r, T = 7, 3, 70, 5, 33  # noqa: E741
     p, x, ids, w, go = problem(rng, E, k, H, I, r, T, pad=0.1)
     ids[ids == 6] = 2  # an expert with no routes
     go32 = rng.standard_normal((T, H)).astype(np.float32)
