@@ -13,8 +13,10 @@
  *       H, each route's part to a buffer; B5, per token, sums them in the same order)
  *
  * With at most KT_FEW_ROWS routes per expert, x W (B2, B4) is bound by reading W: its items then
- * span up to KT_WIDE_N columns, so that each call streams W in long runs. Otherwise an I span is
- * one block of KT_BLOCK_N columns.
+ * span up to KT_WIDE_N columns, so that each call streams W in long runs. Otherwise a B2 item
+ * is up to 4 blocks of KT_BLOCK_N columns of I, and a B4 item up to 8 blocks of H, whose calls
+ * take one block each, one after the other (an expert's next block is the run of W adjacent to
+ * the last one's).
  *
  * Like the forward, each output element has one owner that sums in a fixed order. */
 #include <inttypes.h>
@@ -140,7 +142,12 @@ static void b2_down_act(void *vc, int64_t item, int32_t worker) {
   void *gemm_scratch = work + 5 * M * KT_BLOCK_N + KT_BLOCK_N * r;
   const kt_rows go = {c->go, H, rt->token + off, M};
   const kt_packed wd = kt_moe_weight(m, KT_DOWN, e);
-  kt_base_gemm_nn(m->kern, &go, &wd, i0, width, z, width, gemm_scratch);
+  /* more than a few rows: x W takes one block of KT_BLOCK_N columns per call, the span's adjacent
+   * blocks one after the other (the next block's runs of W are partly fetched already) */
+  const int64_t band = M <= KT_FEW_ROWS ? width : KT_BLOCK_N;
+  for (int64_t j = 0; j < width; j += band)
+    kt_base_gemm_nn(m->kern, &go, &wd, i0 + j, min_i64(band, width - j), z + j, width,
+                    gemm_scratch);
   for (int64_t b0 = i0; b0 < i0 + width; b0 += KT_BLOCK_N)
     b2_block(c, e, b0, kt_block_len(I, b0), z + (b0 - i0), width, work);
 }
@@ -299,11 +306,11 @@ static void zero_unrouted(void *vc, int64_t e, int32_t worker) {
   for (int i = 0; i < 6; i++) memset(slice[i], 0, bytes[i]);
 }
 
-/* Columns per item of a phase that splits each of n_active experts' `cols` columns: KT_BLOCK_N,
- * or with a few routes per expert up to KT_WIDE_N, as many as leave 4 items per thread. */
-static int64_t span_cols(int few, int64_t cols, int64_t n_active, int32_t nthreads) {
+/* Columns per item of a phase that splits each of n_active experts' `cols` columns: from
+ * KT_BLOCK_N up to `most`, as many as leave 4 items per thread. */
+static int64_t span_cols(int64_t most, int64_t cols, int64_t n_active, int32_t nthreads) {
   int64_t w = KT_BLOCK_N;
-  while (few && 2 * w <= KT_WIDE_N && w < cols &&
+  while (2 * w <= most && w < cols &&
          n_active * ((cols + 2 * w - 1) / (2 * w)) >= 4 * (int64_t)nthreads)
     w *= 2;
   return w;
@@ -365,9 +372,11 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   const int64_t K = H > I ? H : I, Mx = c.max_routes, NB = KT_BLOCK_N;
   const int32_t nthreads = kt_pool_num_threads(m->pool);
   const int few = Mx <= KT_FEW_ROWS;
-  c.ispan = span_cols(few, I, rt->n_active, nthreads);
+  /* B2: a few routes per expert, spans of up to KT_WIDE_N columns in one call; more, up to 4
+   * blocks (b2_down_act); B4 split by route: one block unless a few routes */
+  c.ispan = span_cols(few ? KT_WIDE_N : 4 * KT_BLOCK_N, I, rt->n_active, nthreads);
   c.n_ispan = (I + c.ispan - 1) / c.ispan;
-  c.hcols = span_cols(few, H, rt->n_active, nthreads);
+  c.hcols = span_cols(few ? KT_WIDE_N : KT_BLOCK_N, H, rt->n_active, nthreads);
   c.n_hcols = (H + c.hcols - 1) / c.hcols;
   const int64_t wi = min_i64(c.ispan, I), wh = min_i64(c.hcols, H);
   size_t each = m->kern->gemm_scratch_bytes(r, K); /* B1, B3 */
