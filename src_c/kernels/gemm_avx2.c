@@ -277,6 +277,23 @@ static void y_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, in
 
 /* ---- x W and the LoRA products ------------------------------------------------------------- */
 
+/* p[0 .. min(ncols, 16)) (+)= the 16 values r0, r1 (the row of a x W register tile). */
+static inline void store_row16(float *p, __m256 r0, __m256 r1, int64_t ncols, int add) {
+  if (ncols >= 16) {
+    if (add) {
+      r0 = _mm256_add_ps(_mm256_loadu_ps(p), r0);
+      r1 = _mm256_add_ps(_mm256_loadu_ps(p + 8), r1);
+    }
+    _mm256_storeu_ps(p, r0);
+    _mm256_storeu_ps(p + 8, r1);
+    return;
+  }
+  float r[16];
+  _mm256_storeu_ps(r, r0);
+  _mm256_storeu_ps(r + 8, r1);
+  for (int64_t j = 0; j < ncols; j++) p[j] = add ? p[j] + r[j] : r[j];
+}
+
 static inline __attribute__((always_inline)) void nn_tile(const int mr, const float *af,
                                                           int64_t ldaf, const float *wt,
                                                           int64_t cnt, float *c, int64_t ldc,
@@ -296,21 +313,8 @@ static inline __attribute__((always_inline)) void nn_tile(const int mr, const fl
   const __m256 sv = _mm256_set1_ps(s);
   KT_UNROLL
   for (int m = 0; m < mr; m++) {
-    float *p = c + m * ldc;
-    __m256 r0 = _mm256_mul_ps(sv, acc[m][0]), r1 = _mm256_mul_ps(sv, acc[m][1]);
-    if (ncols >= 16) {
-      if (add) {
-        r0 = _mm256_add_ps(_mm256_loadu_ps(p), r0);
-        r1 = _mm256_add_ps(_mm256_loadu_ps(p + 8), r1);
-      }
-      _mm256_storeu_ps(p, r0);
-      _mm256_storeu_ps(p + 8, r1);
-    } else {
-      float r[16];
-      _mm256_storeu_ps(r, r0);
-      _mm256_storeu_ps(r + 8, r1);
-      for (int64_t j = 0; j < ncols; j++) p[j] = add ? p[j] + r[j] : r[j];
-    }
+    store_row16(c + m * ldc, _mm256_mul_ps(sv, acc[m][0]), _mm256_mul_ps(sv, acc[m][1]), ncols,
+                add);
   }
 }
 
@@ -357,23 +361,10 @@ static inline __attribute__((always_inline)) void nn_tile_bf16(const int mr, con
   }
   KT_UNROLL
   for (int m = 0; m < mr; m++) {
-    float *p = c + m * ldc;
     const __m256 lo = _mm256_unpacklo_ps(acc[m][0], acc[m][1]); /* columns 0-3 | 8-11 */
     const __m256 up = _mm256_unpackhi_ps(acc[m][0], acc[m][1]); /* columns 4-7 | 12-15 */
-    __m256 r0 = _mm256_permute2f128_ps(lo, up, 0x20), r1 = _mm256_permute2f128_ps(lo, up, 0x31);
-    if (ncols >= 16) {
-      if (add) {
-        r0 = _mm256_add_ps(_mm256_loadu_ps(p), r0);
-        r1 = _mm256_add_ps(_mm256_loadu_ps(p + 8), r1);
-      }
-      _mm256_storeu_ps(p, r0);
-      _mm256_storeu_ps(p + 8, r1);
-    } else {
-      float r[16];
-      _mm256_storeu_ps(r, r0);
-      _mm256_storeu_ps(r + 8, r1);
-      for (int64_t j = 0; j < ncols; j++) p[j] = add ? p[j] + r[j] : r[j];
-    }
+    store_row16(c + m * ldc, _mm256_permute2f128_ps(lo, up, 0x20),
+                _mm256_permute2f128_ps(lo, up, 0x31), ncols, add);
   }
 }
 
@@ -402,65 +393,39 @@ static inline __attribute__((always_inline)) void nn_tile_q8(const int mr, const
   }
   KT_UNROLL
   for (int m = 0; m < mr; m++) {
-    float *p = c + m * ldc;
-    __m256 r0 = acc[m][0], r1 = acc[m][1];
-    if (ncols >= 16) {
-      if (add) {
-        r0 = _mm256_add_ps(_mm256_loadu_ps(p), r0);
-        r1 = _mm256_add_ps(_mm256_loadu_ps(p + 8), r1);
-      }
-      _mm256_storeu_ps(p, r0);
-      _mm256_storeu_ps(p + 8, r1);
-    } else {
-      float r[16];
-      _mm256_storeu_ps(r, r0);
-      _mm256_storeu_ps(r + 8, r1);
-      for (int64_t j = 0; j < ncols; j++) p[j] = add ? p[j] + r[j] : r[j];
-    }
+    store_row16(c + m * ldc, acc[m][0], acc[m][1], ncols, add);
   }
 }
 
-/* nn_rows with s = 1 over the panel transpose_block builds: bf16 for bf16 W, fp32 otherwise. */
+/* The rows of A over a panel in register tiles of up to NN_MR rows and 16 columns. */
+#define NN_PANEL_ROWS(TILE, PANEL)                                             \
+  for (int64_t j0 = 0; j0 < ncols; j0 += 16)                                   \
+    for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {                            \
+      const float *af = a0 + m0 * ldaf;                                        \
+      float *c = c0 + m0 * ldc + j0;                                           \
+      const int64_t nc = ncols - j0;                                           \
+      switch (count - m0 < NN_MR ? count - m0 : NN_MR) {                       \
+        case 1: TILE(1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        case 2: TILE(2, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        case 3: TILE(3, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        case 4: TILE(4, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        case 5: TILE(5, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        default: TILE(6, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break; \
+      }                                                                        \
+    }
+
+/* nn_rows with s = 1 over the panel transpose_block builds: bf16 for bf16 W, int8 for int8 W,
+ * fp32 otherwise. */
 static void nn_rows_w(int64_t count, const float *a0, int64_t ldaf, const float *wt, int64_t cnt,
                       float *c0, int64_t ldc, int64_t ncols, int add, kt_wtype t) {
-  if (t == KT_WTYPE_INT8) {
-    const int8_t *wq = (const int8_t *)(const void *)wt;
-    for (int64_t j0 = 0; j0 < ncols; j0 += 16)
-      for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {
-        const float *af = a0 + m0 * ldaf;
-        float *c = c0 + m0 * ldc + j0;
-        const int64_t nc = ncols - j0;
-        switch (count - m0 < NN_MR ? count - m0 : NN_MR) {
-          case 1: nn_tile_q8(1, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
-          case 2: nn_tile_q8(2, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
-          case 3: nn_tile_q8(3, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
-          case 4: nn_tile_q8(4, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
-          case 5: nn_tile_q8(5, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
-          default: nn_tile_q8(6, af, ldaf, wq + j0, cnt, c, ldc, nc, add); break;
-        }
-      }
-    return;
-  }
-  if (t != KT_WTYPE_BF16) {
+  if (t == KT_WTYPE_INT8)
+    NN_PANEL_ROWS(nn_tile_q8, (const int8_t *)(const void *)wt)
+  else if (t == KT_WTYPE_BF16)
+    NN_PANEL_ROWS(nn_tile_bf16, (const uint16_t *)(const void *)wt)
+  else
     nn_rows(count, a0, ldaf, wt, cnt, c0, ldc, ncols, add, 1.0f);
-    return;
-  }
-  const uint16_t *wb = (const uint16_t *)(const void *)wt;
-  for (int64_t j0 = 0; j0 < ncols; j0 += 16)
-    for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {
-      const float *af = a0 + m0 * ldaf;
-      float *c = c0 + m0 * ldc + j0;
-      const int64_t nc = ncols - j0;
-      switch (count - m0 < NN_MR ? count - m0 : NN_MR) {
-        case 1: nn_tile_bf16(1, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
-        case 2: nn_tile_bf16(2, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
-        case 3: nn_tile_bf16(3, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
-        case 4: nn_tile_bf16(4, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
-        case 5: nn_tile_bf16(5, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
-        default: nn_tile_bf16(6, af, ldaf, wb + j0, cnt, c, ldc, nc, add); break;
-      }
-    }
 }
+#undef NN_PANEL_ROWS
 
 /* In-register transpose of 8 x 8 dwords. */
 static inline void transpose8(__m256i r[8]) {
@@ -508,11 +473,10 @@ static inline void transpose_block(const kt_packed *w, int64_t c0, int64_t cnt, 
         for (int i = 0; i < 8; i++) {
           const int64_t at = row0 + i * WT_LD + 8 * per * g; /* the panel element of r[i] */
           float *d = wt + at;
-          const __m128i lo = _mm256_castsi256_si128(r[i]), hi = _mm256_extracti128_si256(r[i], 1);
           if (w->wtype == KT_WTYPE_FP8) {
             __m256 v[4];
-            e4m3x16_to_f32(lo, 1, v);
-            e4m3x16_to_f32(hi, 1, v + 2);
+            e4m3x16_to_f32(_mm256_castsi256_si128(r[i]), 1, v);
+            e4m3x16_to_f32(_mm256_extracti128_si256(r[i], 1), 1, v + 2);
             KT_UNROLL
             for (int j = 0; j < 4; j++) _mm256_storeu_ps(d + 8 * j, v[j]);
           } else if (w->wtype == KT_WTYPE_INT8) { /* the panel of int8 W stays int8 */
