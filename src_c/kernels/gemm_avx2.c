@@ -606,7 +606,103 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
   }
 }
 
+/* nn_drive.h's stage_bf16: rows as they are, or transposed 8 x 8 at a time in registers. */
+static void stage_bf16(const uint16_t *src, int64_t ld, int trans, int64_t rows, int64_t cols,
+                       float *dst) {
+  if (!trans) {
+    for (int64_t i = 0; i < rows; i++)
+      row_to_f32(src + i * ld, cols, dst + i * WT_LD, (cols + 15) & ~(int64_t)15, NULL);
+    return;
+  }
+  const int64_t rows8 = rows & ~(int64_t)7, cols8 = cols & ~(int64_t)7;
+  for (int64_t j0 = 0; j0 < cols8; j0 += 8)
+    for (int64_t i0 = 0; i0 < rows8; i0 += 8) {
+      __m256i r[8];
+      KT_UNROLL
+      for (int j = 0; j < 8; j++)
+        r[j] = _mm256_castps_si256(
+            bf16x8_to_f32(_mm_loadu_si128((const __m128i *)(src + (j0 + j) * ld + i0))));
+      transpose8(r);
+      KT_UNROLL
+      for (int i = 0; i < 8; i++)
+        _mm256_storeu_ps(dst + (i0 + i) * WT_LD + j0, _mm256_castsi256_ps(r[i]));
+    }
+  for (int64_t i = 0; i < rows; i++) /* the edges */
+    for (int64_t j = i < rows8 ? cols8 : 0; j < cols; j++)
+      dst[i * WT_LD + j] = kt_bf16_to_f32(src[j * ld + i]);
+}
+
 #include "nn_drive.h"
+
+/* C[m, q] = sum_c A[m, c] B[q, c] (B: [n, k] row-major bf16) for at most NN_FEW_M rows of A:
+ * dot products along the rows of B with 8 fp32 lanes each, summed across the lanes at the end, as
+ * avx512's z_lora_nt does (staging B for the tile would cost more than the product of a row). */
+static inline __attribute__((always_inline)) void lora_nt_few_tile(const int mr, const int nq,
+                                                                   const float *af, int64_t len,
+                                                                   const uint16_t *b, int64_t k,
+                                                                   float *c, int64_t ldc) {
+  __m256 acc[4][4];
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
+    for (int q = 0; q < nq; q++) acc[m][q] = _mm256_setzero_ps();
+  }
+  const int64_t k8 = k & ~(int64_t)7;
+  for (int64_t c0 = 0; c0 < k8; c0 += 8) {
+    KT_UNROLL
+    for (int q = 0; q < nq; q++) {
+      const __m256 bv = bf16x8_to_f32(_mm_loadu_si128((const __m128i *)(b + q * k + c0)));
+      KT_UNROLL
+      for (int m = 0; m < mr; m++)
+        acc[m][q] = _mm256_fmadd_ps(_mm256_loadu_ps(af + m * len + c0), bv, acc[m][q]);
+    }
+  }
+  KT_UNROLL
+  for (int m = 0; m < mr; m++) {
+    KT_UNROLL
+    for (int q = 0; q < nq; q++) {
+      const __m128 h = fold_halves(acc[m][q]);
+      const __m128 d = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      float sum = _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+      for (int64_t cc = k8; cc < k; cc++) sum += af[m * len + cc] * kt_bf16_to_f32(b[q * k + cc]);
+      c[m * ldc + q] = sum;
+    }
+  }
+}
+
+static void y_lora_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k, float *c,
+                      int64_t ldc, void *scratch) {
+  if (a->count > NN_FEW_M) {
+    lora_nt(a, b, n, k, c, ldc, scratch);
+    return;
+  }
+  const int64_t M = a->count, len = (k + 15) & ~(int64_t)15;
+  float *af = scratch;
+  for (int64_t m = 0; m < M; m++) row_to_f32(kt_row(a, m), k, af + m * len, len, NULL);
+  /* rows of A x rows of B per tile: at most 8 accumulators of the 16 ymm registers */
+  const int64_t mr = M > 2 ? 2 : M, step = M > 2 ? 2 : 4;
+  for (int64_t m0 = 0; m0 < M; m0 += mr) {
+    const int two = M - m0 > 1 && mr > 1;
+    for (int64_t q0 = 0; q0 < n; q0 += step) {
+      const int64_t nq = n - q0 < step ? n - q0 : step;
+      const float *am = af + m0 * len;
+      const uint16_t *bq = b + q0 * k;
+      float *cq = c + m0 * ldc + q0;
+#define LORA_FEW_CASE(MR)                                             \
+  switch (nq) {                                                       \
+    case 4: lora_nt_few_tile(MR, 4, am, len, bq, k, cq, ldc); break;  \
+    case 3: lora_nt_few_tile(MR, 3, am, len, bq, k, cq, ldc); break;  \
+    case 2: lora_nt_few_tile(MR, 2, am, len, bq, k, cq, ldc); break;  \
+    default: lora_nt_few_tile(MR, 1, am, len, bq, k, cq, ldc); break; \
+  }
+      if (two)
+        LORA_FEW_CASE(2)
+      else
+        LORA_FEW_CASE(1)
+#undef LORA_FEW_CASE
+    }
+  }
+}
 
 /* ---- int4 x W^T (W4A8): vpmaddubsw on the nibbles as stored -------------------------------
  * vpmaddubsw multiplies the unsigned nibbles (q + 8: 0 .. 15; the low ones of a unit are its
@@ -1085,7 +1181,7 @@ static const kt_kernels y_table = {
     .sigmoid = kt_act_avx2_sigmoid,
     .silu = kt_act_avx2_silu,
     .store_bf16 = kt_store_bf16_avx2,
-    .lora_nt = lora_nt,
+    .lora_nt = y_lora_nt,
     .lora_nn = lora_nn,
     .lora_add_nt = lora_add_nt,
     .lora_add_nn = lora_add_nn,

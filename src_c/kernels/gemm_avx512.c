@@ -585,6 +585,43 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
     z_store_quarter_sums(_mm512_loadu_ps(acc + u * 16), c + 4 * u, n - 4 * u);
 }
 
+/* 16 bf16 at src (the first n of them; zeros after) as fp32. */
+static inline __m512 load_bf16x16(const uint16_t *src, int64_t n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(kt_z_mask(n), src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* In-register transpose of 16 x 16 floats. */
+static inline void transpose16_ps(__m512 v[16]) {
+  __m512i r[16];
+  KT_UNROLL
+  for (int i = 0; i < 16; i++) r[i] = _mm512_castps_si512(v[i]);
+  kt_z_transpose16(r);
+  KT_UNROLL
+  for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(r[i]);
+}
+
+/* nn_drive.h's stage_bf16: rows as they are, or transposed 16 x 16 at a time in registers. */
+static void stage_bf16(const uint16_t *src, int64_t ld, int trans, int64_t rows, int64_t cols,
+                       float *dst) {
+  if (!trans) {
+    for (int64_t i = 0; i < rows; i++)
+      row_to_f32(src + i * ld, cols, dst + i * WT_LD, (cols + 15) & ~(int64_t)15, NULL);
+    return;
+  }
+  for (int64_t j0 = 0; j0 < cols; j0 += 16)
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+      const int64_t nj = cols - j0 < 16 ? cols - j0 : 16, ni = rows - i0 < 16 ? rows - i0 : 16;
+      __m512 v[16];
+      KT_UNROLL
+      for (int j = 0; j < 16; j++)
+        v[j] = j < nj ? load_bf16x16(src + (j0 + j) * ld + i0, ni) : _mm512_setzero_ps();
+      transpose16_ps(v);
+      for (int64_t i = 0; i < ni; i++)
+        _mm512_mask_storeu_ps(dst + (i0 + i) * WT_LD + j0, kt_z_mask(nj), v[i]);
+    }
+}
+
 #include "nn_drive.h"
 
 /* ---- int4 x W ------------------------------------------------------------------------------
@@ -887,12 +924,6 @@ static void z_gemm_nn_q4(const kt_rows *a, const kt_packed *w, int64_t n0, int64
 
 /* ---- the LoRA products of a few rows --------------------------------------------------------- */
 
-/* 16 bf16 at src (the first n of them; zeros after) as fp32. */
-static inline __m512 load_bf16x16(const uint16_t *src, int64_t n) {
-  const __m256i h = _mm256_maskz_loadu_epi16(kt_z_mask(n), src);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* C[m, q] = sum_c A[m, c] B[q, c] (B: [n, k] row-major bf16). At most NN_FEW_M rows of A: one
  * dot product per output along the rows of B, 4 rows of B at a time, with no rearranging of B
  * (the tile of nn_drive.h would transpose all of it for a single row of A). */
@@ -925,16 +956,6 @@ static void z_lora_nt(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k,
       for (int q = 0; q < nq; q++) c[m * ldc + q0 + q] = _mm512_reduce_add_ps(acc[m][q]);
     }
   }
-}
-
-/* In-register transpose of 16 x 16 floats. */
-static inline void transpose16_ps(__m512 v[16]) {
-  __m512i r[16];
-  KT_UNROLL
-  for (int i = 0; i < 16; i++) r[i] = _mm512_castps_si512(v[i]);
-  kt_z_transpose16(r);
-  KT_UNROLL
-  for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(r[i]);
 }
 
 /* C[m, j] += s * sum_q a[m, q] * B[n0 + j, q] (a: [M, r] fp32, B: [*, r] bf16): 16 rows of B

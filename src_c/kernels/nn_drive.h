@@ -6,6 +6,9 @@
  *                                        zero padded to len (a multiple of 16)
  *   nn_rows(count, af, ldaf, wt, cnt, c, ldc, ncols, add, s)
  *        c[m, 0:ncols] (+)= s * sum_cc af[m, cc] * wt[cc, 0:ncols], m < count, ncols <= WT_LD
+ *   stage_bf16(src, ld, trans, rows, cols, dst)
+ *        dst[i * WT_LD + j] = src[i * ld + j] (trans: src[j * ld + i]) as fp32, i < rows <= NN_CH,
+ *        j < cols <= WT_LD (the LoRA operands)
  *   transpose_block(w, c0, cnt, n0, n, wt)  wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64), in fp32
  *                                           (or in the family's own panel form, for which
  *   nn_rows_w(count, af, ldaf, wt, cnt, c, ldc, ncols, add, wtype)  is nn_rows with s = 1)
@@ -40,8 +43,8 @@ static inline void nn_gemm(const kt_rows *a, const kt_packed *w, int64_t n0, int
 
 /* ---- the LoRA products ------------------------------------------------------------------- */
 
-/* The LoRA operands are small (one side is the rank): they are rearranged into a stack block
- * in the tile's layout, the scalar copy costing about as much as one row of the product. */
+/* The LoRA operands are small (one side is the rank): they are staged as fp32 into a stack block
+ * in the tile's layout (stage_bf16, transposing in registers where the operand is [n, k]). */
 typedef struct lora_block {
   _Alignas(KT_CACHE_LINE) float wt[NN_CH * WT_LD];
   _Alignas(KT_CACHE_LINE) float af[NN_MR * NN_CH];
@@ -55,10 +58,10 @@ static inline void lora_product(const kt_rows *a, const uint16_t *b, int64_t n, 
     const int64_t nq = n - q0 < WT_LD ? n - q0 : WT_LD;
     for (int64_t c0 = 0; c0 < k; c0 += NN_CH) {
       const int64_t cnt = k - c0 < NN_CH ? k - c0 : NN_CH;
-      for (int64_t cc = 0; cc < cnt; cc++)
-        for (int64_t q = 0; q < nq; q++)
-          blk.wt[cc * WT_LD + q] =
-              kt_bf16_to_f32(trans ? b[(q0 + q) * k + c0 + cc] : b[(c0 + cc) * n + q0 + q]);
+      if (trans)
+        stage_bf16(b + q0 * k + c0, k, 1, cnt, nq, blk.wt);
+      else
+        stage_bf16(b + c0 * n + q0, n, 0, cnt, nq, blk.wt);
       for (int64_t m0 = 0; m0 < a->count; m0 += NN_MR) {
         const int64_t mr = a->count - m0 < NN_MR ? a->count - m0 : NN_MR;
         for (int64_t i = 0; i < mr; i++)
@@ -90,10 +93,10 @@ static inline void lora_add(int64_t M, int64_t n, int64_t r, const float *a, con
     const int64_t nj = n - j0 < WT_LD ? n - j0 : WT_LD;
     for (int64_t q0 = 0; q0 < r; q0 += NN_CH) {
       const int64_t cnt = r - q0 < NN_CH ? r - q0 : NN_CH;
-      for (int64_t q = 0; q < cnt; q++)
-        for (int64_t j = 0; j < nj; j++)
-          blk.wt[q * WT_LD + j] = kt_bf16_to_f32(trans ? b[(n0 + j0 + j) * r + q0 + q]
-                                                       : b[(q0 + q) * ldb + n0 + j0 + j]);
+      if (trans)
+        stage_bf16(b + (n0 + j0) * r + q0, r, 1, cnt, nj, blk.wt);
+      else
+        stage_bf16(b + q0 * ldb + n0 + j0, ldb, 0, cnt, nj, blk.wt);
       nn_rows(M, a + q0, r, blk.wt, cnt, c + j0, ldc, nj, 1, s);
     }
   }
