@@ -164,54 +164,74 @@ static void y_gemm_nt_fp8_few(const kt_rows *a, const kt_packed *w, int64_t n0, 
 
 /* ---- x W^T, bf16 --------------------------------------------------------------------------- */
 
-static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, const float *af,
-                                                              int64_t len, const char *p,
+/* mr rows of A x nb blocks of 16 rows of W (bstride bytes apart): 2 nb accumulators per row of A,
+ * each taking the unit's even and odd column in turn, so a tile of 1 row takes 4 blocks to keep
+ * 8 chains of FMAs in flight (2 rows x 2 blocks would need 17 registers). */
+static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, const int nb,
+                                                              const float *af, int64_t len,
+                                                              const char *p, int64_t bstride,
                                                               int64_t used, float *c, int64_t ldc,
                                                               int64_t ncols) {
   const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
-  __m256 acc[NT_MR][2];
+  __m256 acc[NT_MR][4][2];
   KT_UNROLL
-  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t u = 0; u < used; u++) {
-    _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
-    const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
-    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT + 32));
-    const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
-    const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, hi));
-    const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
-    const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, hi));
+  for (int m = 0; m < mr; m++) {
     KT_UNROLL
-    for (int m = 0; m < mr; m++) {
-      const __m256 ae = _mm256_broadcast_ss(af + m * len + 2 * u);
-      const __m256 ao = _mm256_broadcast_ss(af + m * len + 2 * u + 1);
-      acc[m][0] = _mm256_fmadd_ps(ao, o0, _mm256_fmadd_ps(ae, e0, acc[m][0]));
-      acc[m][1] = _mm256_fmadd_ps(ao, o1, _mm256_fmadd_ps(ae, e1, acc[m][1]));
+    for (int b = 0; b < nb; b++) acc[m][b][0] = acc[m][b][1] = _mm256_setzero_ps();
+  }
+  for (int64_t u = 0; u < used; u++) {
+    KT_UNROLL
+    for (int b = 0; b < nb; b++) {
+      const char *q = p + b * bstride + u * KT_Z_UNIT;
+      _mm_prefetch(q + Y_PREFETCH_UNITS * KT_Z_UNIT, _MM_HINT_T0);
+      const __m256i w0 = _mm256_loadu_si256((const __m256i *)q);
+      const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 32));
+      const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+      const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, hi));
+      const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+      const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, hi));
+      KT_UNROLL
+      for (int m = 0; m < mr; m++) {
+        const __m256 ae = _mm256_broadcast_ss(af + m * len + 2 * u);
+        const __m256 ao = _mm256_broadcast_ss(af + m * len + 2 * u + 1);
+        acc[m][b][0] = _mm256_fmadd_ps(ao, o0, _mm256_fmadd_ps(ae, e0, acc[m][b][0]));
+        acc[m][b][1] = _mm256_fmadd_ps(ao, o1, _mm256_fmadd_ps(ae, e1, acc[m][b][1]));
+      }
     }
   }
   KT_UNROLL
   for (int m = 0; m < mr; m++) {
-    store8(c + m * ldc, acc[m][0], ncols);
-    if (ncols > 8) store8(c + m * ldc + 8, acc[m][1], ncols - 8);
+    KT_UNROLL
+    for (int b = 0; b < nb; b++) {
+      store8(c + m * ldc + 16 * b, acc[m][b][0], ncols - 16 * b);
+      if (ncols - 16 * b > 8) store8(c + m * ldc + 16 * b + 8, acc[m][b][1], ncols - 16 * b - 8);
+    }
   }
 }
 
 static void y_gemm_nt_fma(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
                           int64_t ldc, void *scratch) {
   const int64_t k = w->cols, units = kt_z_units(k, KT_WTYPE_BF16), len = 2 * units;
-  const int64_t used = (k + 1) / 2;
+  const int64_t used = (k + 1) / 2, bstride = units * KT_Z_UNIT;
   float *af = scratch;
   for (int64_t m0 = 0; m0 < a->count; m0 += NT_MR) {
     const int64_t mr = a->count - m0 < NT_MR ? a->count - m0 : NT_MR;
     for (int64_t i = 0; i < mr; i++) row_to_f32(kt_row(a, m0 + i), k, af + i * len, len, NULL);
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    for (int64_t j0 = 0; j0 < n;) {
       const char *p = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
       float *cc = c + m0 * ldc + j0;
-      switch (mr) {
-        case 1: nt_fma_tile(1, af, len, p, used, cc, ldc, n - j0); break;
-        case 2: nt_fma_tile(2, af, len, p, used, cc, ldc, n - j0); break;
-        case 3: nt_fma_tile(3, af, len, p, used, cc, ldc, n - j0); break;
-        default: nt_fma_tile(4, af, len, p, used, cc, ldc, n - j0); break;
+      const int64_t left = n - j0, blocks = (left + 15) / 16;
+      /* a tile of 1 row takes up to 4 blocks (n0 is a multiple of 16) */
+      const int nb = mr > 1 ? 1 : blocks >= 4 ? 4 : blocks >= 2 ? 2 : 1;
+      switch (mr * 4 + nb) {
+        case 4 + 4: nt_fma_tile(1, 4, af, len, p, bstride, used, cc, ldc, left); break;
+        case 4 + 2: nt_fma_tile(1, 2, af, len, p, bstride, used, cc, ldc, left); break;
+        case 4 + 1: nt_fma_tile(1, 1, af, len, p, bstride, used, cc, ldc, left); break;
+        case 8 + 1: nt_fma_tile(2, 1, af, len, p, bstride, used, cc, ldc, left); break;
+        case 12 + 1: nt_fma_tile(3, 1, af, len, p, bstride, used, cc, ldc, left); break;
+        default: nt_fma_tile(4, 1, af, len, p, bstride, used, cc, ldc, left); break;
       }
+      j0 += 16 * nb;
     }
   }
 }
@@ -339,80 +359,107 @@ static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *w
 /* As nn_tile over a bf16 panel (x W of bf16 W): each 16-column row of the panel is widened in
  * registers, its even and odd columns into accumulators of their own, interleaved at the store.
  * Each output sums the same products in the same order as nn_tile over the fp32 panel; the
- * panel is half the bytes, and building it costs no conversions. */
-static inline __attribute__((always_inline)) void nn_tile_bf16(const int mr, const float *af,
-                                                               int64_t ldaf, const uint16_t *wt,
-                                                               int64_t cnt, float *c, int64_t ldc,
-                                                               int64_t ncols, int add) {
+ * panel is half the bytes, and building it costs no conversions. nv strips of 16 columns (1,
+ * or 2 and 4 for the tiles of 2 and 1 rows, so that 8 accumulators hide the FMA latency). */
+static inline __attribute__((always_inline)) void nn_tile_bf16(const int mr, const int nv,
+                                                               const float *af, int64_t ldaf,
+                                                               const uint16_t *wt, int64_t cnt,
+                                                               float *c, int64_t ldc, int64_t ncols,
+                                                               int add) {
   const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
-  __m256 acc[NN_MR][2]; /* even, odd columns */
+  __m256 acc[NN_MR][4][2]; /* row, strip, even / odd columns */
   KT_UNROLL
-  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t cc = 0; cc < cnt; cc++) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)(wt + cc * WT_LD));
-    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+  for (int m = 0; m < mr; m++) {
     KT_UNROLL
-    for (int m = 0; m < mr; m++) {
-      const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
-      acc[m][0] = _mm256_fmadd_ps(av, even, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(av, odd, acc[m][1]);
+    for (int v = 0; v < nv; v++) acc[m][v][0] = acc[m][v][1] = _mm256_setzero_ps();
+  }
+  for (int64_t cc = 0; cc < cnt; cc++) {
+    KT_UNROLL
+    for (int v = 0; v < nv; v++) {
+      const __m256i w = _mm256_loadu_si256((const __m256i *)(wt + cc * WT_LD + 16 * v));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+      KT_UNROLL
+      for (int m = 0; m < mr; m++) {
+        const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
+        acc[m][v][0] = _mm256_fmadd_ps(av, even, acc[m][v][0]);
+        acc[m][v][1] = _mm256_fmadd_ps(av, odd, acc[m][v][1]);
+      }
     }
   }
   KT_UNROLL
   for (int m = 0; m < mr; m++) {
-    const __m256 lo = _mm256_unpacklo_ps(acc[m][0], acc[m][1]); /* columns 0-3 | 8-11 */
-    const __m256 up = _mm256_unpackhi_ps(acc[m][0], acc[m][1]); /* columns 4-7 | 12-15 */
-    store_row16(c + m * ldc, _mm256_permute2f128_ps(lo, up, 0x20),
-                _mm256_permute2f128_ps(lo, up, 0x31), ncols, add);
+    KT_UNROLL
+    for (int v = 0; v < nv; v++) {
+      if (16 * v >= ncols) break;
+      const __m256 lo = _mm256_unpacklo_ps(acc[m][v][0], acc[m][v][1]); /* columns 0-3 | 8-11 */
+      const __m256 up = _mm256_unpackhi_ps(acc[m][v][0], acc[m][v][1]); /* columns 4-7 | 12-15 */
+      store_row16(c + m * ldc + 16 * v, _mm256_permute2f128_ps(lo, up, 0x20),
+                  _mm256_permute2f128_ps(lo, up, 0x31), ncols - 16 * v, add);
+    }
   }
 }
 
 /* As nn_tile over an int8 panel (x W of int8 W, its row scales folded into A): each row's 16
  * columns are widened to fp32 in registers as the tile reads them; the same products as over the
- * fp32 panel, in the same order, from a panel a quarter the size. */
-static inline __attribute__((always_inline)) void nn_tile_q8(const int mr, const float *af,
-                                                             int64_t ldaf, const int8_t *wt,
-                                                             int64_t cnt, float *c, int64_t ldc,
-                                                             int64_t ncols, int add) {
-  __m256 acc[NN_MR][2];
+ * fp32 panel, in the same order, from a panel a quarter the size. nv strips as nn_tile_bf16's. */
+static inline __attribute__((always_inline)) void nn_tile_q8(const int mr, const int nv,
+                                                             const float *af, int64_t ldaf,
+                                                             const int8_t *wt, int64_t cnt,
+                                                             float *c, int64_t ldc, int64_t ncols,
+                                                             int add) {
+  __m256 acc[NN_MR][4][2];
   KT_UNROLL
-  for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (int64_t cc = 0; cc < cnt; cc++) {
-    const int8_t *row = wt + cc * WT_LD;
-    const __m256 w0 =
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row)));
-    const __m256 w1 =
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8))));
+  for (int m = 0; m < mr; m++) {
     KT_UNROLL
-    for (int m = 0; m < mr; m++) {
-      const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
-      acc[m][0] = _mm256_fmadd_ps(av, w0, acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(av, w1, acc[m][1]);
+    for (int v = 0; v < nv; v++) acc[m][v][0] = acc[m][v][1] = _mm256_setzero_ps();
+  }
+  for (int64_t cc = 0; cc < cnt; cc++) {
+    KT_UNROLL
+    for (int v = 0; v < nv; v++) {
+      const int8_t *row = wt + cc * WT_LD + 16 * v;
+      const __m256 w0 =
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row)));
+      const __m256 w1 =
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8))));
+      KT_UNROLL
+      for (int m = 0; m < mr; m++) {
+        const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
+        acc[m][v][0] = _mm256_fmadd_ps(av, w0, acc[m][v][0]);
+        acc[m][v][1] = _mm256_fmadd_ps(av, w1, acc[m][v][1]);
+      }
     }
   }
   KT_UNROLL
   for (int m = 0; m < mr; m++) {
-    store_row16(c + m * ldc, acc[m][0], acc[m][1], ncols, add);
+    KT_UNROLL
+    for (int v = 0; v < nv; v++) {
+      if (16 * v >= ncols) break;
+      store_row16(c + m * ldc + 16 * v, acc[m][v][0], acc[m][v][1], ncols - 16 * v, add);
+    }
   }
 }
 
-/* The rows of A over a panel in register tiles of up to NN_MR rows and 16 columns. */
-#define NN_PANEL_ROWS(TILE, PANEL)                                             \
-  for (int64_t j0 = 0; j0 < ncols; j0 += 16)                                   \
-    for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {                            \
-      const float *af = a0 + m0 * ldaf;                                        \
-      float *c = c0 + m0 * ldc + j0;                                           \
-      const int64_t nc = ncols - j0;                                           \
-      switch (count - m0 < NN_MR ? count - m0 : NN_MR) {                       \
-        case 1: TILE(1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        case 2: TILE(2, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        case 3: TILE(3, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        case 4: TILE(4, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        case 5: TILE(5, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        default: TILE(6, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break; \
-      }                                                                        \
-    }
+/* The rows of A over a panel in register tiles of up to NN_MR rows and 16 columns; a last tile
+ * of 2 rows takes 32 columns at a time, of 1 row 64. */
+#define NN_PANEL_ROWS(TILE, PANEL)                                                \
+  for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {                                 \
+    const int64_t mr = count - m0 < NN_MR ? count - m0 : NN_MR;                   \
+    const int64_t step = mr == 1 ? 64 : mr == 2 ? 32 : 16;                        \
+    const float *af = a0 + m0 * ldaf;                                             \
+    for (int64_t j0 = 0; j0 < ncols; j0 += step) {                                \
+      float *c = c0 + m0 * ldc + j0;                                              \
+      const int64_t nc = ncols - j0;                                              \
+      switch (mr) {                                                               \
+        case 1: TILE(1, 4, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        case 2: TILE(2, 2, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        case 3: TILE(3, 1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        case 4: TILE(4, 1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        case 5: TILE(5, 1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
+        default: TILE(6, 1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break; \
+      }                                                                           \
+    }                                                                             \
+  }
 
 /* nn_rows with s = 1 over the panel transpose_block builds: bf16 for bf16 W, int8 for int8 W,
  * fp32 otherwise. */
