@@ -11,6 +11,11 @@ enum {
   KT_Z_NT_MR = 12,        /* rows of A per x W^T register tile (12 x 32 outputs) */
   KT_Z_PANEL_TILE = 1024, /* bytes of one tile of a column-pair panel: 16 units */
   KT_Z_PANEL_AHEAD = 8,   /* blocks of W a panel's reads are fetched ahead */
+  /* x W^T tiles of at least this many rows spend long enough on each unit that the hardware
+   * prefetchers, restarting at every 4 KB page, fall behind: they fetch their stream this many
+   * units (16 KB) ahead into L2. Fewer rows stream faster without (one thread, from DRAM). */
+  KT_Z_PREFETCH_MR = 6,
+  KT_Z_PREFETCH_UNITS = 256,
 };
 
 /* The first n lanes (all for n >= 16). */

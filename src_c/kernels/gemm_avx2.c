@@ -27,7 +27,7 @@ enum {
   NN_CH = 128, /* rows of W transposed into the scratch at a time */
   WT_LD = 64,  /* columns of the transposed scratch */
   Y_PREFETCH_BLOCKS = 4,
-  Y_PREFETCH_UNITS = 64,      /* x W^T: how far ahead the stream of units is fetched */
+  Y_PREFETCH_UNITS = 256,     /* x W^T: how far ahead the stream of units is fetched */
   FEW_LANES = 8,              /* fp32 lanes of one accumulator */
   NN_FEW_M = KT_FEW_ROWS,     /* x W of at most this many rows: lane accumulators, no transpose */
   FEW_ACC = 8,                /* ... in a register tile of 8 accumulators */
@@ -113,7 +113,7 @@ static inline __attribute__((always_inline)) void nt_fp8_tile(const int mr, cons
       for (int g = 0; g < 4; g++) acc[m][g] = _mm256_setzero_ps();
     }
     for (int64_t u = u0; u < u1; u++) {
-      _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+      _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
       __m256 wg[4];
       e4m3x16_to_f32(_mm_loadu_si128((const __m128i *)(p + u * KT_Z_UNIT)), 0, wg);
       e4m3x16_to_f32(_mm_loadu_si128((const __m128i *)(p + u * KT_Z_UNIT + 16)), 0, wg + 2);
@@ -183,7 +183,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
     KT_UNROLL
     for (int b = 0; b < nb; b++) {
       const char *q = p + b * bstride + u * KT_Z_UNIT;
-      _mm_prefetch(q + Y_PREFETCH_UNITS * KT_Z_UNIT, _MM_HINT_T0);
+      _mm_prefetch(q + Y_PREFETCH_UNITS * KT_Z_UNIT, _MM_HINT_T1);
       const __m256i w0 = _mm256_loadu_si256((const __m256i *)q);
       const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 32));
       const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
@@ -245,7 +245,7 @@ static inline __attribute__((always_inline)) void q8_tile(const int mr, const in
   KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   for (int64_t u = 0; u < used; u++) {
-    _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+    _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
     const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
     const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT + 32));
     const __m256i l0 = _mm256_srai_epi16(_mm256_slli_epi16(w0, 8), 8),
@@ -796,7 +796,7 @@ static inline __attribute__((always_inline)) void q4_nt_tile(
         KT_UNROLL
         for (int h = 0; h < nh; h++) {
           if (h % 2 == 0) /* a block's line, 4 KB ahead */
-            _mm_prefetch(p + (h / 2) * bstride + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T0);
+            _mm_prefetch(p + (h / 2) * bstride + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
           const __m256i v = _mm256_loadu_si256(
               (const __m256i *)(p + (h / 2) * bstride + 32 * (h % 2) + u * KT_Z_UNIT));
           lo[h] = _mm256_and_si256(v, low);

@@ -11,6 +11,10 @@ static inline __attribute__((always_inline)) void q8_tile(const int mr, const in
   KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   for (int64_t u = 0; u < used; u++) {
+    if (mr >= KT_Z_PREFETCH_MR) {
+      _mm_prefetch(p0 + (u + KT_Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
+      if (nb > 1) _mm_prefetch(p0 + bstride + (u + KT_Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
+    }
     const __m512i w0 = _mm512_loadu_si512(p0 + u * KT_Z_UNIT);
     const __m512i w1 = nb > 1 ? _mm512_loadu_si512(p0 + bstride + u * KT_Z_UNIT) : w0;
     KT_UNROLL
