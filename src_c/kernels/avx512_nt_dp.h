@@ -10,12 +10,12 @@ static inline __attribute__((always_inline)) void kt_nt_dp_tile(const int mr, co
                                                                 const uint16_t *ab, int64_t len,
                                                                 const char *p0, int64_t bstride,
                                                                 int64_t used, float *c, int64_t ldc,
-                                                                int64_t ncols) {
+                                                                int64_t ncols, int fetch) {
   __m512 acc[KT_Z_NT_MR][2];
   KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t u = 0; u < used; u++) {
-    if (mr >= KT_Z_PREFETCH_MR) {
+    if (fetch && mr >= KT_Z_PREFETCH_MR) {
       _mm_prefetch(p0 + (u + KT_Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
       if (nb > 1) _mm_prefetch(p0 + bstride + (u + KT_Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
     }
@@ -37,18 +37,19 @@ static inline __attribute__((always_inline)) void kt_nt_dp_tile(const int mr, co
   }
 }
 
-#define KT_NT_DP_CASE(MR)                                               \
-  case MR:                                                              \
-    if (nb > 1)                                                         \
-      kt_nt_dp_tile(MR, 2, ab, len, p0, bstride, used, cc, ldc, ncols); \
-    else                                                                \
-      kt_nt_dp_tile(MR, 1, ab, len, p0, bstride, used, cc, ldc, ncols); \
+#define KT_NT_DP_CASE(MR)                                                      \
+  case MR:                                                                     \
+    if (nb > 1)                                                                \
+      kt_nt_dp_tile(MR, 2, ab, len, p0, bstride, used, cc, ldc, ncols, fetch); \
+    else                                                                       \
+      kt_nt_dp_tile(MR, 1, ab, len, p0, bstride, used, cc, ldc, ncols, fetch); \
     break;
 
 /* c[0 .. mr, 0 .. n) for the rows of A in ab: the 16-row blocks of the packed operand from p,
- * bstride bytes apart, two at a time. */
+ * bstride bytes apart, two at a time; `fetch`: the first pass over blocks in memory (the later
+ * row tiles find them in L2, the panel is in cache), which fetches ahead. */
 static void kt_dp_rows(int64_t mr, const uint16_t *ab, int64_t len, const char *p, int64_t bstride,
-                       int64_t used, int64_t n, float *c, int64_t ldc) {
+                       int64_t used, int64_t n, float *c, int64_t ldc, int fetch) {
   for (int64_t j0 = 0; j0 < n; j0 += 32) {
     const char *p0 = p + (j0 / 16) * bstride;
     const int64_t ncols = n - j0, nb = ncols > 16 ? 2 : 1;
@@ -79,7 +80,7 @@ void KT_NT_DP_NAME(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, 
     const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
     kt_z_copy_rows_bf16(a, m0, mr, k, ab, len);
     kt_dp_rows(mr, ab, len, kt_z_unit_ptr(w->data, units, n0 / 16, 0), bstride, used, n,
-               c + m0 * ldc, ldc);
+               c + m0 * ldc, ldc, m0 == 0);
   }
 }
 
@@ -96,6 +97,6 @@ void KT_NN_DP_NAME(const kt_rows *a, const kt_packed *w, int64_t n0, int64_t n, 
   for (int64_t m0 = 0; m0 < a->count; m0 += KT_Z_NT_MR) {
     const int64_t mr = a->count - m0 < KT_Z_NT_MR ? a->count - m0 : KT_Z_NT_MR;
     kt_z_copy_rows_bf16(a, m0, mr, k, ab, len);
-    kt_dp_rows(mr, ab, len, panel, bstride, used, n, c + m0 * ldc, ldc);
+    kt_dp_rows(mr, ab, len, panel, bstride, used, n, c + m0 * ldc, ldc, 0);
   }
 }

@@ -171,7 +171,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
                                                               const float *af, int64_t len,
                                                               const char *p, int64_t bstride,
                                                               int64_t used, float *c, int64_t ldc,
-                                                              int64_t ncols) {
+                                                              int64_t ncols, int fetch) {
   const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
   __m256 acc[NT_MR][4][2];
   KT_UNROLL
@@ -183,7 +183,7 @@ static inline __attribute__((always_inline)) void nt_fma_tile(const int mr, cons
     KT_UNROLL
     for (int b = 0; b < nb; b++) {
       const char *q = p + b * bstride + u * KT_Z_UNIT;
-      _mm_prefetch(q + Y_PREFETCH_UNITS * KT_Z_UNIT, _MM_HINT_T1);
+      if (fetch) _mm_prefetch(q + Y_PREFETCH_UNITS * KT_Z_UNIT, _MM_HINT_T1);
       const __m256i w0 = _mm256_loadu_si256((const __m256i *)q);
       const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 32));
       const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
@@ -224,12 +224,12 @@ static void y_gemm_nt_fma(const kt_rows *a, const kt_packed *w, int64_t n0, int6
       /* a tile of 1 row takes up to 4 blocks (n0 is a multiple of 16) */
       const int nb = mr > 1 ? 1 : blocks >= 4 ? 4 : blocks >= 2 ? 2 : 1;
       switch (mr * 4 + nb) {
-        case 4 + 4: nt_fma_tile(1, 4, af, len, p, bstride, used, cc, ldc, left); break;
-        case 4 + 2: nt_fma_tile(1, 2, af, len, p, bstride, used, cc, ldc, left); break;
-        case 4 + 1: nt_fma_tile(1, 1, af, len, p, bstride, used, cc, ldc, left); break;
-        case 8 + 1: nt_fma_tile(2, 1, af, len, p, bstride, used, cc, ldc, left); break;
-        case 12 + 1: nt_fma_tile(3, 1, af, len, p, bstride, used, cc, ldc, left); break;
-        default: nt_fma_tile(4, 1, af, len, p, bstride, used, cc, ldc, left); break;
+        case 4 + 4: nt_fma_tile(1, 4, af, len, p, bstride, used, cc, ldc, left, m0 == 0); break;
+        case 4 + 2: nt_fma_tile(1, 2, af, len, p, bstride, used, cc, ldc, left, m0 == 0); break;
+        case 4 + 1: nt_fma_tile(1, 1, af, len, p, bstride, used, cc, ldc, left, m0 == 0); break;
+        case 8 + 1: nt_fma_tile(2, 1, af, len, p, bstride, used, cc, ldc, left, m0 == 0); break;
+        case 12 + 1: nt_fma_tile(3, 1, af, len, p, bstride, used, cc, ldc, left, m0 == 0); break;
+        default: nt_fma_tile(4, 1, af, len, p, bstride, used, cc, ldc, left, m0 == 0); break;
       }
       j0 += 16 * nb;
     }
@@ -240,12 +240,12 @@ static void y_gemm_nt_fma(const kt_rows *a, const kt_packed *w, int64_t n0, int6
 
 static inline __attribute__((always_inline)) void q8_tile(const int mr, const int32_t *ap,
                                                           int64_t len, const char *p, int64_t used,
-                                                          __m256i out[][2]) {
+                                                          __m256i out[][2], int fetch) {
   __m256i acc[NT_MR][2]; /* in registers; copied out once, at the end */
   KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   for (int64_t u = 0; u < used; u++) {
-    _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
+    if (fetch) _mm_prefetch(p + (u + Y_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
     const __m256i w0 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT));
     const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p + u * KT_Z_UNIT + 32));
     const __m256i l0 = _mm256_srai_epi16(_mm256_slli_epi16(w0, 8), 8),
@@ -278,10 +278,10 @@ static void y_gemm_nt_q8(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, in
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const char *p = kt_z_unit_ptr(w->data, units, (n0 + j0) / 16, 0);
       switch (mr) {
-        case 1: q8_tile(1, ap, len, p, used, acc); break;
-        case 2: q8_tile(2, ap, len, p, used, acc); break;
-        case 3: q8_tile(3, ap, len, p, used, acc); break;
-        default: q8_tile(4, ap, len, p, used, acc); break;
+        case 1: q8_tile(1, ap, len, p, used, acc, m0 == 0); break;
+        case 2: q8_tile(2, ap, len, p, used, acc, m0 == 0); break;
+        case 3: q8_tile(3, ap, len, p, used, acc, m0 == 0); break;
+        default: q8_tile(4, ap, len, p, used, acc, m0 == 0); break;
       }
       for (int64_t i = 0; i < mr; i++) {
         const int64_t src = a->index ? (int64_t)a->index[m0 + i] : m0 + i;

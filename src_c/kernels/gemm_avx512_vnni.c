@@ -6,12 +6,13 @@
 static inline __attribute__((always_inline)) void q8_tile(const int mr, const int nb,
                                                           const uint8_t *ab, int64_t len,
                                                           const char *p0, int64_t bstride,
-                                                          int64_t used, __m512i out[][2]) {
+                                                          int64_t used, __m512i out[][2],
+                                                          int fetch) {
   __m512i acc[KT_Z_NT_MR][2]; /* in registers; copied out once, at the end */
   KT_UNROLL
   for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   for (int64_t u = 0; u < used; u++) {
-    if (mr >= KT_Z_PREFETCH_MR) {
+    if (fetch && mr >= KT_Z_PREFETCH_MR) { /* the first row tile: the rest find W in L2 */
       _mm_prefetch(p0 + (u + KT_Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
       if (nb > 1) _mm_prefetch(p0 + bstride + (u + KT_Z_PREFETCH_UNITS) * KT_Z_UNIT, _MM_HINT_T1);
     }
@@ -30,12 +31,12 @@ static inline __attribute__((always_inline)) void q8_tile(const int mr, const in
   for (int m = 0; m < mr; m++) out[m][0] = acc[m][0], out[m][1] = acc[m][1];
 }
 
-#define Q8_CASE(MR)                                    \
-  case MR:                                             \
-    if (nb > 1)                                        \
-      q8_tile(MR, 2, ab, len, p0, bstride, used, acc); \
-    else                                               \
-      q8_tile(MR, 1, ab, len, p0, bstride, used, acc); \
+#define Q8_CASE(MR)                                             \
+  case MR:                                                      \
+    if (nb > 1)                                                 \
+      q8_tile(MR, 2, ab, len, p0, bstride, used, acc, m0 == 0); \
+    else                                                        \
+      q8_tile(MR, 1, ab, len, p0, bstride, used, acc, m0 == 0); \
     break;
 
 void kt_avx512_nt_q8_vnni(const kt_rows_q8 *a, const kt_packed *w, int64_t n0, int64_t n, float *c,
