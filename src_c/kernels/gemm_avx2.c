@@ -356,18 +356,21 @@ static void nn_rows(int64_t count, const float *a0, int64_t ldaf, const float *w
     }
 }
 
-/* As nn_tile over a bf16 panel (x W of bf16 W): each 16-column row of the panel is widened in
- * registers, its even and odd columns into accumulators of their own, interleaved at the store.
- * Each output sums the same products in the same order as nn_tile over the fp32 panel; the
- * panel is half the bytes, and building it costs no conversions. nv strips of 16 columns (1,
- * or 2 and 4 for the tiles of 2 and 1 rows, so that 8 accumulators hide the FMA latency). */
-static inline __attribute__((always_inline)) void nn_tile_bf16(const int mr, const int nv,
-                                                               const float *af, int64_t ldaf,
-                                                               const uint16_t *wt, int64_t cnt,
-                                                               float *c, int64_t ldc, int64_t ncols,
-                                                               int add) {
+/* As nn_tile over the panel transpose_block builds for bf16 or int8 W (t; int8 with its row
+ * scales folded into A): each 16-column strip of a panel row is widened in registers as the tile
+ * reads it. bf16: its even and odd columns (a shift, an and) into accumulators of their own,
+ * interleaved at the store; int8: sign-extended and converted. Each output sums the same
+ * products in the same order as nn_tile over the fp32 panel, from a panel a half or a quarter
+ * the size that costs no conversions to build. nv strips of 16 columns (1, or 2 and 4 for the
+ * tiles of 2 and 1 rows, so that 8 accumulators hide the FMA latency). */
+static inline __attribute__((always_inline)) void nn_tile_panel(const int mr, const int nv,
+                                                                const kt_wtype t, const float *af,
+                                                                int64_t ldaf, const char *wt,
+                                                                int64_t cnt, float *c, int64_t ldc,
+                                                                int64_t ncols, int add) {
   const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
-  __m256 acc[NN_MR][4][2]; /* row, strip, even / odd columns */
+  const int64_t row_bytes = WT_LD * kt_wtype_size(t), strip_bytes = 16 * kt_wtype_size(t);
+  __m256 acc[NN_MR][4][2]; /* row, strip, two vectors (bf16: even / odd columns) */
   KT_UNROLL
   for (int m = 0; m < mr; m++) {
     KT_UNROLL
@@ -376,52 +379,16 @@ static inline __attribute__((always_inline)) void nn_tile_bf16(const int mr, con
   for (int64_t cc = 0; cc < cnt; cc++) {
     KT_UNROLL
     for (int v = 0; v < nv; v++) {
-      const __m256i w = _mm256_loadu_si256((const __m256i *)(wt + cc * WT_LD + 16 * v));
-      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
-      KT_UNROLL
-      for (int m = 0; m < mr; m++) {
-        const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
-        acc[m][v][0] = _mm256_fmadd_ps(av, even, acc[m][v][0]);
-        acc[m][v][1] = _mm256_fmadd_ps(av, odd, acc[m][v][1]);
+      const char *row = wt + cc * row_bytes + v * strip_bytes;
+      __m256 w0, w1;
+      if (t == KT_WTYPE_BF16) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)row);
+        w0 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        w1 = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+      } else {
+        w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row)));
+        w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8))));
       }
-    }
-  }
-  KT_UNROLL
-  for (int m = 0; m < mr; m++) {
-    KT_UNROLL
-    for (int v = 0; v < nv; v++) {
-      if (16 * v >= ncols) break;
-      const __m256 lo = _mm256_unpacklo_ps(acc[m][v][0], acc[m][v][1]); /* columns 0-3 | 8-11 */
-      const __m256 up = _mm256_unpackhi_ps(acc[m][v][0], acc[m][v][1]); /* columns 4-7 | 12-15 */
-      store_row16(c + m * ldc + 16 * v, _mm256_permute2f128_ps(lo, up, 0x20),
-                  _mm256_permute2f128_ps(lo, up, 0x31), ncols - 16 * v, add);
-    }
-  }
-}
-
-/* As nn_tile over an int8 panel (x W of int8 W, its row scales folded into A): each row's 16
- * columns are widened to fp32 in registers as the tile reads them; the same products as over the
- * fp32 panel, in the same order, from a panel a quarter the size. nv strips as nn_tile_bf16's. */
-static inline __attribute__((always_inline)) void nn_tile_q8(const int mr, const int nv,
-                                                             const float *af, int64_t ldaf,
-                                                             const int8_t *wt, int64_t cnt,
-                                                             float *c, int64_t ldc, int64_t ncols,
-                                                             int add) {
-  __m256 acc[NN_MR][4][2];
-  KT_UNROLL
-  for (int m = 0; m < mr; m++) {
-    KT_UNROLL
-    for (int v = 0; v < nv; v++) acc[m][v][0] = acc[m][v][1] = _mm256_setzero_ps();
-  }
-  for (int64_t cc = 0; cc < cnt; cc++) {
-    KT_UNROLL
-    for (int v = 0; v < nv; v++) {
-      const int8_t *row = wt + cc * WT_LD + 16 * v;
-      const __m256 w0 =
-          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)row)));
-      const __m256 w1 =
-          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8))));
       KT_UNROLL
       for (int m = 0; m < mr; m++) {
         const __m256 av = _mm256_broadcast_ss(af + m * ldaf + cc);
@@ -435,30 +402,38 @@ static inline __attribute__((always_inline)) void nn_tile_q8(const int mr, const
     KT_UNROLL
     for (int v = 0; v < nv; v++) {
       if (16 * v >= ncols) break;
-      store_row16(c + m * ldc + 16 * v, acc[m][v][0], acc[m][v][1], ncols - 16 * v, add);
+      __m256 r0 = acc[m][v][0], r1 = acc[m][v][1];
+      if (t == KT_WTYPE_BF16) {
+        const __m256 lo = _mm256_unpacklo_ps(r0, r1); /* columns 0-3 | 8-11 */
+        const __m256 up = _mm256_unpackhi_ps(r0, r1); /* columns 4-7 | 12-15 */
+        r0 = _mm256_permute2f128_ps(lo, up, 0x20);
+        r1 = _mm256_permute2f128_ps(lo, up, 0x31);
+      }
+      store_row16(c + m * ldc + 16 * v, r0, r1, ncols - 16 * v, add);
     }
   }
 }
 
 /* The rows of A over a panel in register tiles of up to NN_MR rows and 16 columns; a last tile
  * of 2 rows takes 32 columns at a time, of 1 row 64. */
-#define NN_PANEL_ROWS(TILE, PANEL)                                                \
-  for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {                                 \
-    const int64_t mr = count - m0 < NN_MR ? count - m0 : NN_MR;                   \
-    const int64_t step = mr == 1 ? 64 : mr == 2 ? 32 : 16;                        \
-    const float *af = a0 + m0 * ldaf;                                             \
-    for (int64_t j0 = 0; j0 < ncols; j0 += step) {                                \
-      float *c = c0 + m0 * ldc + j0;                                              \
-      const int64_t nc = ncols - j0;                                              \
-      switch (mr) {                                                               \
-        case 1: TILE(1, 4, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        case 2: TILE(2, 2, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        case 3: TILE(3, 1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        case 4: TILE(4, 1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        case 5: TILE(5, 1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break;  \
-        default: TILE(6, 1, af, ldaf, (PANEL) + j0, cnt, c, ldc, nc, add); break; \
-      }                                                                           \
-    }                                                                             \
+#define NN_PANEL_ROWS(T)                                                           \
+  for (int64_t m0 = 0; m0 < count; m0 += NN_MR) {                                  \
+    const int64_t mr = count - m0 < NN_MR ? count - m0 : NN_MR;                    \
+    const int64_t step = mr == 1 ? 64 : mr == 2 ? 32 : 16;                         \
+    const float *af = a0 + m0 * ldaf;                                              \
+    for (int64_t j0 = 0; j0 < ncols; j0 += step) {                                 \
+      const char *p = (const char *)(const void *)wt + j0 * kt_wtype_size(T);      \
+      float *c = c0 + m0 * ldc + j0;                                               \
+      const int64_t nc = ncols - j0;                                               \
+      switch (mr) {                                                                \
+        case 1: nn_tile_panel(1, 4, T, af, ldaf, p, cnt, c, ldc, nc, add); break;  \
+        case 2: nn_tile_panel(2, 2, T, af, ldaf, p, cnt, c, ldc, nc, add); break;  \
+        case 3: nn_tile_panel(3, 1, T, af, ldaf, p, cnt, c, ldc, nc, add); break;  \
+        case 4: nn_tile_panel(4, 1, T, af, ldaf, p, cnt, c, ldc, nc, add); break;  \
+        case 5: nn_tile_panel(5, 1, T, af, ldaf, p, cnt, c, ldc, nc, add); break;  \
+        default: nn_tile_panel(6, 1, T, af, ldaf, p, cnt, c, ldc, nc, add); break; \
+      }                                                                            \
+    }                                                                              \
   }
 
 /* nn_rows with s = 1 over the panel transpose_block builds: bf16 for bf16 W, int8 for int8 W,
@@ -466,9 +441,9 @@ static inline __attribute__((always_inline)) void nn_tile_q8(const int mr, const
 static void nn_rows_w(int64_t count, const float *a0, int64_t ldaf, const float *wt, int64_t cnt,
                       float *c0, int64_t ldc, int64_t ncols, int add, kt_wtype t) {
   if (t == KT_WTYPE_INT8)
-    NN_PANEL_ROWS(nn_tile_q8, (const int8_t *)(const void *)wt)
+    NN_PANEL_ROWS(KT_WTYPE_INT8)
   else if (t == KT_WTYPE_BF16)
-    NN_PANEL_ROWS(nn_tile_bf16, (const uint16_t *)(const void *)wt)
+    NN_PANEL_ROWS(KT_WTYPE_BF16)
   else
     nn_rows(count, a0, ldaf, wt, cnt, c0, ldc, ncols, add, 1.0f);
 }
@@ -653,14 +628,9 @@ static inline void few_sum_lanes(const float *acc, kt_wtype t, int64_t n, float 
   }
 }
 
-/* nn_drive.h's stage_bf16: rows as they are, or transposed 8 x 8 at a time in registers. */
-static void stage_bf16(const uint16_t *src, int64_t ld, int trans, int64_t rows, int64_t cols,
-                       float *dst) {
-  if (!trans) {
-    for (int64_t i = 0; i < rows; i++)
-      row_to_f32(src + i * ld, cols, dst + i * WT_LD, (cols + 15) & ~(int64_t)15, NULL);
-    return;
-  }
+/* nn_drive.h's transpose_bf16: 8 x 8 at a time in registers, the edges one by one. */
+static void transpose_bf16(const uint16_t *src, int64_t ld, int64_t rows, int64_t cols,
+                           float *dst) {
   const int64_t rows8 = rows & ~(int64_t)7, cols8 = cols & ~(int64_t)7;
   for (int64_t j0 = 0; j0 < cols8; j0 += 8)
     for (int64_t i0 = 0; i0 < rows8; i0 += 8) {

@@ -601,14 +601,9 @@ static inline void transpose16_ps(__m512 v[16]) {
   for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(r[i]);
 }
 
-/* nn_drive.h's stage_bf16: rows as they are, or transposed 16 x 16 at a time in registers. */
-static void stage_bf16(const uint16_t *src, int64_t ld, int trans, int64_t rows, int64_t cols,
-                       float *dst) {
-  if (!trans) {
-    for (int64_t i = 0; i < rows; i++)
-      row_to_f32(src + i * ld, cols, dst + i * WT_LD, (cols + 15) & ~(int64_t)15, NULL);
-    return;
-  }
+/* nn_drive.h's transpose_bf16: 16 x 16 at a time in registers, the edges masked. */
+static void transpose_bf16(const uint16_t *src, int64_t ld, int64_t rows, int64_t cols,
+                           float *dst) {
   for (int64_t j0 = 0; j0 < cols; j0 += 16)
     for (int64_t i0 = 0; i0 < rows; i0 += 16) {
       const int64_t nj = cols - j0 < 16 ? cols - j0 : 16, ni = rows - i0 < 16 ? rows - i0 : 16;

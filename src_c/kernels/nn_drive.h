@@ -6,9 +6,9 @@
  *                                        zero padded to len (a multiple of 16)
  *   nn_rows(count, af, ldaf, wt, cnt, c, ldc, ncols, add, s)
  *        c[m, 0:ncols] (+)= s * sum_cc af[m, cc] * wt[cc, 0:ncols], m < count, ncols <= WT_LD
- *   stage_bf16(src, ld, trans, rows, cols, dst)
- *        dst[i * WT_LD + j] = src[i * ld + j] (trans: src[j * ld + i]) as fp32, i < rows <= NN_CH,
- *        j < cols <= WT_LD (the LoRA operands)
+ *   transpose_bf16(src, ld, rows, cols, dst)
+ *        dst[i * WT_LD + j] = src[j * ld + i] as fp32, i < rows <= NN_CH, j < cols <= WT_LD
+ *        (the LoRA operands stored [n, k])
  *   transpose_block(w, c0, cnt, n0, n, wt)  wt[cc, 0:64) = W[c0 + cc, n0 : n0 + 64), in fp32
  *                                           (or in the family's own panel form, for which
  *   nn_rows_w(count, af, ldaf, wt, cnt, c, ldc, ncols, add, wtype)  is nn_rows with s = 1)
@@ -49,6 +49,17 @@ typedef struct lora_block {
   _Alignas(KT_CACHE_LINE) float wt[NN_CH * WT_LD];
   _Alignas(KT_CACHE_LINE) float af[NN_MR * NN_CH];
 } lora_block;
+
+/* dst[i * WT_LD + j] = src[i * ld + j] (trans: src[j * ld + i]) as fp32, i < rows, j < cols. */
+static inline void stage_bf16(const uint16_t *src, int64_t ld, int trans, int64_t rows,
+                              int64_t cols, float *dst) {
+  if (trans) {
+    transpose_bf16(src, ld, rows, cols, dst);
+    return;
+  }
+  for (int64_t i = 0; i < rows; i++)
+    row_to_f32(src + i * ld, cols, dst + i * WT_LD, (cols + 15) & ~(int64_t)15, NULL);
+}
 
 /* C[m, q] = sum_c A[m, c] B[q, c] (transposed) or B[c, q]: A bf16 rows, B [n, k] or [k, n]. */
 static inline void lora_product(const kt_rows *a, const uint16_t *b, int64_t n, int64_t k,
