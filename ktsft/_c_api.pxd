@@ -44,6 +44,7 @@ cdef extern from "ktsft.h" nogil:
     kt_status kt_pool_create(int32_t num_threads, kt_pool **out, kt_error *err)
     void kt_pool_destroy(kt_pool *pool)
     int32_t kt_pool_num_threads(const kt_pool *pool)
+    void kt_pool_set_spin(kt_pool *pool, int64_t spin_ns)
 
     ctypedef enum kt_quant:
         KT_QUANT_BF16

@@ -24,8 +24,9 @@ from ktsft._c_api cimport (
     kt_moe_destroy, kt_moe_experts_loaded, kt_moe_forward, kt_moe_isa, kt_moe_kernel_variant,
     kt_moe_load_experts, kt_moe_load_weights, kt_moe_packed_bytes, kt_moe_phase_times,
     kt_moe_read_experts, kt_moe_set_profiling, kt_moe_weights_loaded, kt_phase, kt_phase_name,
-    kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_quant, kt_saved,
-    kt_saved_num_tokens, kt_saved_release, kt_status, kt_status_string, kt_vec_sigmoid, kt_vec_silu,
+    kt_pool, kt_pool_create, kt_pool_destroy, kt_pool_num_threads, kt_pool_set_spin, kt_quant,
+    kt_saved, kt_saved_num_tokens, kt_saved_release, kt_status, kt_status_string, kt_vec_sigmoid,
+    kt_vec_silu,
 )
 
 
@@ -272,6 +273,9 @@ cdef class Pool:
     @property
     def num_threads(self):
         return kt_pool_num_threads(self.ptr)
+
+    def set_spin(self, int64_t spin_ns):
+        kt_pool_set_spin(self.ptr, spin_ns)
 
 
 cdef kt_lora _lora(tuple p):

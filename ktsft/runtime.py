@@ -10,6 +10,7 @@ from .pool import default_num_threads
 ENV_VARS = {
     "KTSFT_ISA": "kernel family: auto (default), amx, avx512, avx2, generic or amx-emu",
     "KTSFT_NUM_THREADS": "threads of a ThreadPool created without num_threads",
+    "KTSFT_SPIN_US": "microseconds a waiting pool thread spins before it sleeps (default 100)",
 }
 """Environment variables ktsft reads, with what they control."""
 

@@ -100,6 +100,9 @@ static inline void *kt_arena_take(kt_arena *a, size_t bytes) {
  * threads are serialized. */
 typedef void (*kt_work_fn)(void *ctx, int64_t item, int32_t worker);
 void kt_pool_parallel(kt_pool *pool, int64_t n_items, kt_work_fn fn, void *ctx);
+/* hold 1 before a run of parallel loops (the phases of a call), 0 after it: in between, idle
+ * workers spin for the next loop (up to kt_pool_set_spin) instead of sleeping. */
+void kt_pool_hold(kt_pool *pool, int hold);
 
 /* ---- kernel table -------------------------------------------------------------------------- */
 

@@ -424,6 +424,7 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   }
   c.go = go_f32 ? c.go_converted : (const uint16_t *)args->grad_output;
 
+  kt_pool_hold(m->pool, 1);
   if (!args->accumulate) {
     if (args->grads_zeroed)
       kt_moe_run_phase(m, KT_PHASE_BZ, rt->n_active, prefault_routed, &c);
@@ -443,6 +444,7 @@ kt_status kt_moe_backward(kt_moe *m, const kt_backward_args *args, kt_error *err
   } else {
     kt_moe_run_phase(m, KT_PHASE_B4, (c.n_hblk + c.hspan - 1) / c.hspan, b4_input, &c);
   }
+  kt_pool_hold(m->pool, 0);
 
   kt_free(wa.base);
   if (!args->saved) kt_saved_release(m->stack[--m->depth]);

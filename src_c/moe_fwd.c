@@ -311,6 +311,7 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   if (save) memcpy((void *)st->x, args->input, (size_t)(T * H) * 2);
 
   const int64_t n_active = rt->n_active;
+  kt_pool_hold(m->pool, 1);
   if (q8) kt_moe_run_phase(m, KT_PHASE_FQ, c.n_tblk, fq_quantize_x, &c);
   kt_moe_run_phase(m, KT_PHASE_F0, n_active, f0_lora_a, &c);
   kt_moe_run_phase(m, KT_PHASE_F1, n_active * c.n_iblk, f1_gate_up, &c);
@@ -321,6 +322,7 @@ kt_status kt_moe_forward(kt_moe *m, const kt_forward_args *args, kt_error *err) 
   } else {
     kt_moe_run_phase(m, KT_PHASE_F3, c.n_hblk, f3_down, &c);
   }
+  kt_pool_hold(m->pool, 0);
 
   kt_free(ta.base);
   if (to_stack)

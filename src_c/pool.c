@@ -2,22 +2,34 @@
  *
  * kt_pool_parallel publishes a job (fn, ctx, item count) under a new generation number; the
  * calling thread and every worker take items from one atomic counter until none are left. The
- * counter lives on its own cache line: every thread hits it. */
+ * counter lives on its own cache line: every thread hits it.
+ *
+ * Waiting spins before it sleeps: the caller watches the count of busy workers, and a worker the
+ * generation while a caller holds the pool (kt_pool_hold: between the phases of one forward or
+ * backward), for up to spin_ns before blocking on a condition variable. A wake-up through the
+ * condition variable costs tens of microseconds (more in a virtual machine), once per phase; a
+ * step of a few tokens runs a dozen phases in a few milliseconds. Between calls the workers sleep
+ * at once: the caller's own code (Python, PyTorch) gets the cores. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 
+enum { DEFAULT_SPIN_NS = 100000 }; /* 100 us: see kt_pool_set_spin */
+
 struct kt_pool {
   _Alignas(KT_CACHE_LINE) atomic_int_fast64_t next_item;
+  _Alignas(KT_CACHE_LINE) atomic_uint_fast64_t generation; /* watched by spinning workers */
+  atomic_int busy_workers;                                 /* watched by a spinning caller */
+  atomic_int holds;                                        /* workers spin while > 0 */
   _Alignas(KT_CACHE_LINE) pthread_mutex_t lock;
   pthread_cond_t job_ready, job_done;
   pthread_mutex_t run_lock; /* one parallel loop at a time */
-  uint64_t generation;
-  int32_t busy_workers;
+  atomic_llong spin_ns;
   int stopping;
   kt_work_fn fn;
   void *ctx;
@@ -40,6 +52,49 @@ static void run_items(kt_pool *p, kt_work_fn fn, void *ctx, int64_t n, int32_t w
   }
 }
 
+static int64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spins until the generation differs from seen (returns 1), or no caller holds the pool or
+ * spin_ns have passed (0). */
+static int spin_for_job(kt_pool *p, uint64_t seen) {
+  const int64_t spin = atomic_load_explicit(&p->spin_ns, memory_order_relaxed);
+  if (spin <= 0) return 0;
+  const int64_t until = now_ns() + spin;
+  for (;;) {
+    for (int i = 0; i < 64; i++) {
+      if (atomic_load_explicit(&p->generation, memory_order_acquire) != seen) return 1;
+      cpu_relax();
+    }
+    if (atomic_load_explicit(&p->holds, memory_order_relaxed) <= 0 || now_ns() > until) return 0;
+  }
+}
+
+/* Spins until no worker is busy (returns 1) or spin_ns have passed (0). */
+static int spin_for_workers(kt_pool *p) {
+  const int64_t spin = atomic_load_explicit(&p->spin_ns, memory_order_relaxed);
+  if (spin <= 0) return 0;
+  const int64_t until = now_ns() + spin;
+  for (;;) {
+    for (int i = 0; i < 64; i++) {
+      if (atomic_load_explicit(&p->busy_workers, memory_order_acquire) == 0) return 1;
+      cpu_relax();
+    }
+    if (now_ns() > until) return 0;
+  }
+}
+
 static void *worker_main(void *arg) {
   worker_arg *wa = arg;
   kt_pool *p = wa->pool;
@@ -47,13 +102,15 @@ static void *worker_main(void *arg) {
   free(wa);
   uint64_t seen = 0;
   for (;;) {
+    spin_for_job(p, seen);
     pthread_mutex_lock(&p->lock);
-    while (!p->stopping && p->generation == seen) pthread_cond_wait(&p->job_ready, &p->lock);
+    while (!p->stopping && atomic_load(&p->generation) == seen)
+      pthread_cond_wait(&p->job_ready, &p->lock);
     if (p->stopping) {
       pthread_mutex_unlock(&p->lock);
       return NULL;
     }
-    seen = p->generation;
+    seen = atomic_load(&p->generation);
     kt_work_fn fn = p->fn;
     void *ctx = p->ctx;
     const int64_t n = p->n_items;
@@ -61,15 +118,19 @@ static void *worker_main(void *arg) {
 
     run_items(p, fn, ctx, n, id);
 
-    pthread_mutex_lock(&p->lock);
-    if (--p->busy_workers == 0) pthread_cond_signal(&p->job_done);
-    pthread_mutex_unlock(&p->lock);
+    /* the last worker out wakes a caller that stopped spinning (it checks under the lock) */
+    if (atomic_fetch_sub_explicit(&p->busy_workers, 1, memory_order_acq_rel) == 1) {
+      pthread_mutex_lock(&p->lock);
+      pthread_cond_signal(&p->job_done);
+      pthread_mutex_unlock(&p->lock);
+    }
   }
 }
 
 static void stop_workers(kt_pool *p) {
   pthread_mutex_lock(&p->lock);
   p->stopping = 1;
+  atomic_fetch_add(&p->generation, 1); /* spinning workers stop spinning */
   pthread_cond_broadcast(&p->job_ready);
   pthread_mutex_unlock(&p->lock);
   for (int32_t i = 0; i < p->started; i++) pthread_join(p->threads[i], NULL);
@@ -90,6 +151,10 @@ kt_status kt_pool_create(int32_t num_threads, kt_pool **out, kt_error *err) {
   }
   memset(p, 0, sizeof *p);
   atomic_init(&p->next_item, 0);
+  atomic_init(&p->generation, 0);
+  atomic_init(&p->busy_workers, 0);
+  atomic_init(&p->holds, 0);
+  atomic_init(&p->spin_ns, DEFAULT_SPIN_NS);
   pthread_mutex_init(&p->lock, NULL);
   pthread_mutex_init(&p->run_lock, NULL);
   pthread_cond_init(&p->job_ready, NULL);
@@ -143,15 +208,25 @@ void kt_pool_parallel(kt_pool *p, int64_t n_items, kt_work_fn fn, void *ctx) {
   p->fn = fn;
   p->ctx = ctx;
   p->n_items = n_items;
-  p->busy_workers = p->started;
-  p->generation++;
+  atomic_store(&p->busy_workers, p->started);
+  atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
   pthread_cond_broadcast(&p->job_ready);
   pthread_mutex_unlock(&p->lock);
 
   run_items(p, fn, ctx, n_items, 0);
 
-  pthread_mutex_lock(&p->lock);
-  while (p->busy_workers > 0) pthread_cond_wait(&p->job_done, &p->lock);
-  pthread_mutex_unlock(&p->lock);
+  if (!spin_for_workers(p)) {
+    pthread_mutex_lock(&p->lock);
+    while (atomic_load(&p->busy_workers) > 0) pthread_cond_wait(&p->job_done, &p->lock);
+    pthread_mutex_unlock(&p->lock);
+  }
   pthread_mutex_unlock(&p->run_lock);
+}
+
+void kt_pool_hold(kt_pool *p, int hold) {
+  atomic_fetch_add_explicit(&p->holds, hold ? 1 : -1, memory_order_relaxed);
+}
+
+void kt_pool_set_spin(kt_pool *p, int64_t spin_ns) {
+  atomic_store_explicit(&p->spin_ns, spin_ns > 0 ? spin_ns : 0, memory_order_relaxed);
 }

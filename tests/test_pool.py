@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -188,6 +189,76 @@ def test_num_threads_below_one_rejected(n):
 def test_num_threads_non_int_rejected(n):
     with pytest.raises(TypeError, match=f"num_threads.*int.*{type(n).__name__}"):
         ktsft.ThreadPool(n)
+
+
+def test_spin_default_and_env(monkeypatch):
+    monkeypatch.delenv("KTSFT_SPIN_US", raising=False)
+    assert ktsft.ThreadPool(2).spin_us == 100.0
+    monkeypatch.setenv("KTSFT_SPIN_US", " 2.5 ")
+    assert ktsft.ThreadPool(2).spin_us == 2.5
+    assert ktsft.ThreadPool(2, spin_us=0).spin_us == 0.0  # an explicit argument wins
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1e7", "nan"])
+def test_bad_env_spin_rejected(monkeypatch, value):
+    monkeypatch.setenv("KTSFT_SPIN_US", value)
+    with pytest.raises(ValueError, match=f"KTSFT_SPIN_US.*{value}"):
+        ktsft.ThreadPool(2)
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        (-1, ValueError),
+        (2e6, ValueError),
+        ("5", TypeError),
+        (True, TypeError),
+        (float("nan"), ValueError),
+    ],
+)
+def test_bad_spin_rejected(value, error):
+    with pytest.raises(error, match="spin_us"):
+        ktsft.ThreadPool(2, spin_us=value)
+    p = ktsft.ThreadPool(2)
+    with pytest.raises(error, match="spin_us"):
+        p.spin_us = value
+    assert p.spin_us == 100.0  # unchanged
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_results_bit_identical_whether_threads_spin_or_sleep(n):
+    """Many short calls back to back: with spin_us=0 every wait sleeps on a condition variable,
+    with a long spin none does; a lost wake-up would hang, a missed result would differ."""
+    results = []
+    for spin in (0, 1e5, 0):
+        with ktsft.ThreadPool(n, spin_us=spin) as p:
+            moe, _ = _layer(p)
+            got = []
+            for step in range(30):
+                x, ids, w, go = _batch(50 + step, 1 + step % 5)
+                out = moe.forward(x, ids, w, save_for_backward=True)
+                got.append((out, moe.backward(go)))
+            results.append(got)
+            del moe
+    for other in results[1:]:
+        for (out0, g0), (out, g) in zip(results[0], other):
+            assert _same_bits(out, out0)
+            for name in GRAD_NAMES:
+                assert _same_bits(getattr(g, name), getattr(g0, name)), name
+
+
+def test_spinning_workers_stop_promptly():
+    """Closing a pool whose workers may spin for up to a second does not wait out the spin."""
+    p = ktsft.ThreadPool(3, spin_us=1e6)
+    moe, _ = _layer(p)
+    x, ids, w, _ = _batch(60, 3)
+    moe.forward(x, ids, w)
+    del moe
+    p.close()
+    assert sys.getrefcount(p) == 2  # this name and the argument: del p destroys the threads
+    t0 = time.perf_counter()
+    del p
+    assert time.perf_counter() - t0 < 0.5
 
 
 def test_context_manager_closes():

@@ -102,6 +102,10 @@ typedef struct kt_pool kt_pool;
 kt_status kt_pool_create(int32_t num_threads, kt_pool **out, kt_error *err);
 void kt_pool_destroy(kt_pool *pool);
 int32_t kt_pool_num_threads(const kt_pool *pool);
+/* How long a waiting thread spins before it sleeps, in nanoseconds (<= 0: sleep at once): a
+ * worker between the phases of a forward or backward, the caller for the workers at the end of a
+ * phase. Between calls the workers sleep at once. Default 100000. */
+void kt_pool_set_spin(kt_pool *pool, int64_t spin_ns);
 
 /* ---- the MoE engine ------------------------------------------------------------------------ */
 
