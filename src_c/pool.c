@@ -66,31 +66,21 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* Spins until the generation differs from seen (returns 1), or no caller holds the pool or
- * spin_ns have passed (0). */
-static int spin_for_job(kt_pool *p, uint64_t seen) {
+/* Spins until what a thread waits for has happened (returns 1): for_job, a new generation
+ * (seen is the last); else, no busy worker. Returns 0 after spin_ns, or for a job as soon as no
+ * caller holds the pool. */
+static int spin_wait(kt_pool *p, int for_job, uint64_t seen) {
   const int64_t spin = atomic_load_explicit(&p->spin_ns, memory_order_relaxed);
   if (spin <= 0) return 0;
   const int64_t until = now_ns() + spin;
   for (;;) {
     for (int i = 0; i < 64; i++) {
-      if (atomic_load_explicit(&p->generation, memory_order_acquire) != seen) return 1;
+      if (for_job ? atomic_load_explicit(&p->generation, memory_order_acquire) != seen
+                  : atomic_load_explicit(&p->busy_workers, memory_order_acquire) == 0)
+        return 1;
       cpu_relax();
     }
-    if (atomic_load_explicit(&p->holds, memory_order_relaxed) <= 0 || now_ns() > until) return 0;
-  }
-}
-
-/* Spins until no worker is busy (returns 1) or spin_ns have passed (0). */
-static int spin_for_workers(kt_pool *p) {
-  const int64_t spin = atomic_load_explicit(&p->spin_ns, memory_order_relaxed);
-  if (spin <= 0) return 0;
-  const int64_t until = now_ns() + spin;
-  for (;;) {
-    for (int i = 0; i < 64; i++) {
-      if (atomic_load_explicit(&p->busy_workers, memory_order_acquire) == 0) return 1;
-      cpu_relax();
-    }
+    if (for_job && atomic_load_explicit(&p->holds, memory_order_relaxed) <= 0) return 0;
     if (now_ns() > until) return 0;
   }
 }
@@ -102,7 +92,7 @@ static void *worker_main(void *arg) {
   free(wa);
   uint64_t seen = 0;
   for (;;) {
-    spin_for_job(p, seen);
+    spin_wait(p, 1, seen);
     pthread_mutex_lock(&p->lock);
     while (!p->stopping && atomic_load(&p->generation) == seen)
       pthread_cond_wait(&p->job_ready, &p->lock);
@@ -215,7 +205,7 @@ void kt_pool_parallel(kt_pool *p, int64_t n_items, kt_work_fn fn, void *ctx) {
 
   run_items(p, fn, ctx, n_items, 0);
 
-  if (!spin_for_workers(p)) {
+  if (!spin_wait(p, 0, 0)) {
     pthread_mutex_lock(&p->lock);
     while (atomic_load(&p->busy_workers) > 0) pthread_cond_wait(&p->job_done, &p->lock);
     pthread_mutex_unlock(&p->lock);
