@@ -89,15 +89,17 @@ def _numpy_dtype(kind: str, dtype: str) -> np.dtype:
     return np.dtype({"bfloat16": BF16, "float32": np.float32}[dtype])
 
 
-def zeros_mapped(kind: str, shape: tuple, dtype: str) -> Any:
+def zeros_mapped(kind: str, shape: tuple, dtype: str, huge: bool = False) -> Any:
     """A new zero array on fresh anonymous pages of its own mapping.
 
     The operating system hands such pages out zeroed, and only when first written: a gradient
     buffer of which backward writes only the experts that got tokens costs no time and no memory
     for the others (a zero-filled ``empty`` buffer would touch every page). The mapping is
     private (a shared anonymous one is shmem: its page faults and its release cost about twice
-    as much) and asks for small pages (a huge page would zero 2 MB for each expert's slice
-    written). The mapping is released with the array.
+    as much). It asks for small pages unless ``huge``: a huge page zeroes 2 MB at once, at memory
+    speed, which pays when (nearly) every expert gets a token and every page is written anyway,
+    and wastes time when only a few are (each expert's slice written zeroes its 2 MB). The
+    mapping is released with the array.
     """
     np_dtype = _numpy_dtype(kind, dtype)
     nbytes = math.prod(shape) * np_dtype.itemsize
@@ -105,8 +107,9 @@ def zeros_mapped(kind: str, shape: tuple, dtype: str) -> Any:
         return empty(kind, shape, dtype, zero=True)
     if hasattr(mmap, "MAP_PRIVATE"):
         pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):
-            pages.madvise(mmap.MADV_NOHUGEPAGE)
+        advice = getattr(mmap, "MADV_HUGEPAGE" if huge else "MADV_NOHUGEPAGE", None)
+        if advice is not None:
+            pages.madvise(advice)
     else:
         pages = mmap.mmap(-1, nbytes)
     if kind == "torch":

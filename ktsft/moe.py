@@ -507,17 +507,18 @@ class MoESFT:
         unknown = set(lora_grads) - set(LORA_NAMES)
         if unknown:
             raise TypeError(f"unknown lora_grads keys {sorted(unknown)}; expected {LORA_NAMES}")
-        # When at most half the experts can get a token, new buffers start as zero pages of
-        # their own mapping: backward maps only the pages of the routed experts and leaves the
-        # others untouched. With more routes, fresh pages for (nearly) every expert would cost
-        # more than reusing freed heap memory and writing zeros over the experts left out.
+        # New buffers start as zero pages of their own mapping, which backward maps in bulk for
+        # the routed experts before writing them (freed heap memory is no warmer: its pages
+        # come back one fault at a time as the gradients are stored). When at most half the
+        # experts can get a token the pages are small, so the others are never touched; with
+        # more routes (nearly) every page is written, and huge pages zero 2 MB at a time.
         few_routed = 2 * T * c.num_experts_per_tok <= c.expert_num
-        grads_zeroed = few_routed and all(lora_grads.get(n) is None for n in LORA_NAMES)
+        grads_zeroed = all(lora_grads.get(n) is None for n in LORA_NAMES)
         for n in LORA_NAMES:
             if lora_grads.get(n) is None:
                 kind = _arrays.view(self._lora[n], n).kind
                 lora_grads[n] = (
-                    _arrays.zeros_mapped(kind, self._shapes[n], "bfloat16")
+                    _arrays.zeros_mapped(kind, self._shapes[n], "bfloat16", huge=not few_routed)
                     if grads_zeroed
                     else _arrays.empty(kind, self._shapes[n], "bfloat16", zero=accumulate)
                 )
@@ -571,11 +572,12 @@ class MoESFT:
             Buffer for dL/dx, written in place.
         lora_grads : mapping, optional
             LoRA name (``"gate_lora_a"``, ...) to a bf16 buffer of that tensor's shape, e.g.
-            each parameter's ``.grad``; missing names get new arrays. When none is given and
-            at most half the experts can get a token (``2 T k <= E``), the six new arrays
-            start as zero pages of their own memory mapping: only the pages of the experts
-            that got tokens are ever written (the others cost no time and no memory until
-            read). Buffers passed in are written in full (zeros for experts without tokens).
+            each parameter's ``.grad``; missing names get new arrays. When none is given, the
+            six new arrays start as zero pages of their own memory mapping: only the pages of
+            the experts that got tokens are ever written (the others cost no time and no
+            memory until read). The pages are huge (2 MB, where the system allows) when more
+            than half the experts can get a token (``2 T k > E``). Buffers passed in are
+            written in full (zeros for experts without tokens).
         accumulate : bool, default False
             Add into the buffers instead of overwriting them (gradient accumulation).
         need_grad_weights : bool, default True

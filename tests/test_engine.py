@@ -301,10 +301,10 @@ def test_grads_zeroed_leaves_experts_without_tokens_untouched(rng, pool):
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 @pytest.mark.parametrize("E, k, T", [(7, 2, 9), (16, 2, 3)])
 def test_library_buffers_are_zero_for_experts_without_tokens(rng, pool, kind, E, k, T):
-    """Without caller buffers: many routes (2 T k > E) get allocator memory with the experts
-    without tokens zeroed; few (16 experts, 6 routes) get fresh zero pages that backward writes
-    only for the experts with tokens. Either way the others must read as exact zeros, also after
-    freed NaN-filled arrays of the same size."""
+    """Without caller buffers the arrays are fresh zero pages that backward writes only for the
+    experts with tokens: huge pages for many routes (2 T k > E), small ones for few (16 experts,
+    6 routes). Either way the others must read as exact zeros, also after freed NaN-filled
+    arrays of the same size."""
     H, I, r = 70, 65, 4  # noqa: E741
     p, x, ids, w, go = problem(rng, E, k, H, I, r, T, pad=0.0)
     ids[:] = rng.choice([1, 4], size=ids.shape)
