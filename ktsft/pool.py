@@ -36,7 +36,7 @@ def default_spin_us() -> float:
         return DEFAULT_SPIN_US
     try:
         return _checked_spin_us(float(env))
-    except (TypeError, ValueError):
+    except ValueError:
         raise ValueError(
             f"KTSFT_SPIN_US must be a non-negative number of microseconds, got {env!r}"
         ) from None

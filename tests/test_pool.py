@@ -247,8 +247,24 @@ def test_results_bit_identical_whether_threads_spin_or_sleep(n):
                 assert _same_bits(getattr(g, name), getattr(g0, name)), name
 
 
+def test_workers_sleep_between_calls():
+    """The workers spin only between the phases of a call: after it returns, a pool allowed to
+    spin for a second takes (nearly) no CPU time while the caller sleeps."""
+    with ktsft.ThreadPool(3, spin_us=1e6) as p:
+        moe, _ = _layer(p)
+        x, ids, w, go = _batch(61, 3)
+        moe.forward(x, ids, w, save_for_backward=True)
+        moe.backward(go)
+        cpu0 = time.process_time()
+        time.sleep(0.3)
+        busy = time.process_time() - cpu0
+        del moe
+    assert busy < 0.1  # two spinning workers would take about 0.6 s
+
+
 def test_spinning_workers_stop_promptly():
-    """Closing a pool whose workers may spin for up to a second does not wait out the spin."""
+    """Closing a pool right after a call returns at once: its workers do not wait out a spin of
+    up to a second."""
     p = ktsft.ThreadPool(3, spin_us=1e6)
     moe, _ = _layer(p)
     x, ids, w, _ = _batch(60, 3)
