@@ -375,6 +375,7 @@ tokens = torch.load(sys.argv[5])[rank : rank + 1]
 ddp(tokens, labels=tokens).loss.backward()
 if rank == 0:
     torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+dist.barrier()  # neither rank tears gloo down while the other still uses it (that aborts)
 dist.destroy_process_group()
 """
 
