@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -387,6 +387,14 @@ class MoESFT:
         """Queues a forward on the pool; returns a future of the output (of ``(output,
         saved)`` with ``return_saved``). Arguments as :meth:`forward`; they are checked now,
         the LoRA tensors are read when it runs."""
+        return self.pool.submit(
+            self._forward_task(x, expert_ids, weights, save_for_backward, out, return_saved)
+        )
+
+    def _forward_task(
+        self, x, expert_ids, weights, save_for_backward, out, return_saved
+    ) -> Callable[[], Any]:
+        """The forward as a task for the pool, its arguments checked now."""
         c = self.config
         xv = _arrays.view(x, "x")
         if len(xv.shape) != 2:
@@ -426,7 +434,7 @@ class MoESFT:
             )
             return (out, saved) if return_saved else out
 
-        return self.pool.submit(task)
+        return task
 
     def forward(
         self,
@@ -464,8 +472,8 @@ class MoESFT:
             ``out``, or a new float32 array of the kind of ``x`` (NumPy or torch); with
             ``return_saved``, the pair ``(output, saved)``.
         """
-        return self._wait(
-            self.submit_forward(x, expert_ids, weights, save_for_backward, out, return_saved)
+        return self.pool.run(
+            self._forward_task(x, expert_ids, weights, save_for_backward, out, return_saved)
         )
 
     # ---- backward ---------------------------------------------------------------------------
@@ -481,6 +489,16 @@ class MoESFT:
     ) -> Future:
         """Queues a backward on the pool; returns a future of the :class:`Gradients`.
         Arguments as :meth:`backward`."""
+        return self.pool.submit(
+            self._backward_task(
+                grad_output, grad_input, lora_grads, accumulate, need_grad_weights, saved
+            )
+        )
+
+    def _backward_task(
+        self, grad_output, grad_input, lora_grads, accumulate, need_grad_weights, saved
+    ) -> Callable[[], Gradients]:
+        """The backward as a task for the pool, its arguments checked now."""
         c = self.config
         if saved is not None:
             if not isinstance(saved, SavedState):
@@ -550,7 +568,7 @@ class MoESFT:
             )
             return result
 
-        return self.pool.submit(task)
+        return task
 
     def backward(
         self,
@@ -593,19 +611,13 @@ class MoESFT:
             and ``.weights`` [T, k] float32 (None when ``need_grad_weights`` is False). Buffers
             passed in are returned as they are.
         """
-        return self._wait(
-            self.submit_backward(
+        return self.pool.run(
+            self._backward_task(
                 grad_output, grad_input, lora_grads, accumulate, need_grad_weights, saved
             )
         )
 
     # ---- state ------------------------------------------------------------------------------
-
-    def _wait(self, future: Future) -> Any:
-        try:
-            return future.result()
-        finally:
-            self.pool._forget(future)
 
     @property
     def cache_depth(self) -> int:

@@ -146,6 +146,51 @@ def test_run_returns_the_result_in_order(pool):
     pool.sync()  # an error raised by run() is not raised a second time
 
 
+def test_run_on_an_idle_pool_runs_on_the_calling_thread(pool):
+    pool.sync()
+    assert pool.run(threading.get_ident) == threading.get_ident()
+    gate = threading.Event()
+    queued = pool.submit(lambda: gate.wait(10))
+    caller = []
+    t = threading.Thread(target=lambda: caller.append(pool.run(threading.get_ident)))
+    t.start()
+    time.sleep(0.05)
+    assert not caller  # queued behind the blocked task, on the dispatcher
+    gate.set()
+    t.join(10)
+    assert queued.result(timeout=10)
+    assert caller and caller[0] not in (threading.get_ident(), t.ident)
+    pool.sync()
+
+
+def test_task_submitted_during_a_run_on_the_calling_thread_waits_for_it(pool):
+    pool.sync()
+    started, spans = threading.Event(), {}
+
+    def slow():
+        started.set()
+        t0 = time.perf_counter()
+        time.sleep(0.1)
+        spans["run"] = (t0, time.perf_counter())
+
+    t = threading.Thread(target=pool.run, args=(slow,))
+    t.start()
+    assert started.wait(10)
+    fut = pool.submit(lambda: spans.setdefault("submitted", (time.perf_counter(),)))
+    fut.result(timeout=10)
+    t.join(10)
+    assert spans["submitted"][0] >= spans["run"][1]  # never both on the native threads
+    pool.sync()
+
+
+def test_run_after_close_raises():
+    p = ktsft.ThreadPool(2)
+    assert p.run(lambda: 3) == 3
+    p.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        p.run(lambda: 4)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7])
 def test_num_threads(n):
     p = ktsft.ThreadPool(n)
