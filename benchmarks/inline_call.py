@@ -9,24 +9,12 @@ Usage: python benchmarks/inline_call.py [--shape qwen3-30b-a3b] [--tokens 1,4] [
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 from bench_sft import SHAPES, make_layer, step_inputs
+from pool_spin import median_step_ms
 
 import ktsft
-
-
-def median_step(moe, inputs, n: int) -> float:
-    """Median seconds of n forward + backward steps over the given inputs."""
-    ts = []
-    for i in range(n):
-        x, ids, w, go = inputs[i % len(inputs)]
-        t0 = time.perf_counter()
-        moe.forward(x, ids, w, save_for_backward=True)
-        moe.backward(go)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def main() -> None:
@@ -53,17 +41,16 @@ def main() -> None:
             cfg, moe = make_layer(a.shape, T, 16, quant, pool)
             rng = np.random.default_rng(1)
             inputs = [step_inputs(cfg, T, rng) for _ in range(8)]
-            median_step(moe, inputs, 5)
             res = {"queued": [], "here": []}
             for r in range(a.rounds):
                 for mode in ("queued", "here") if r % 2 == 0 else ("here", "queued"):
                     pool.run = queued if mode == "queued" else here
-                    res[mode].append(median_step(moe, inputs, a.steps))
+                    res[mode].append(median_step_ms(moe, inputs, a.steps))
             pool.run = here
             q, h = np.array(res["queued"]), np.array(res["here"])
             print(
-                f"{a.shape} T={T} {quant} {moe.isa}: queued {np.median(q) * 1e3:.3f} ms, "
-                f"on the calling thread {np.median(h) * 1e3:.3f} ms: {np.median(q - h) * 1e6:.0f} "
+                f"{a.shape} T={T} {quant} {moe.isa}: queued {np.median(q):.3f} ms, "
+                f"on the calling thread {np.median(h):.3f} ms: {np.median(q - h) * 1e3:.0f} "
                 f"us less, {np.median(q / h):.3f}x (quartiles {np.quantile(q / h, 0.25):.3f}-"
                 f"{np.quantile(q / h, 0.75):.3f})",
                 flush=True,
