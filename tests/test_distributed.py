@@ -81,6 +81,7 @@ def worker(rank: int, world: int, init_method: str, data_path: str, out_path: st
         history = train(layer, data, slice(rank * per, (rank + 1) * per), model=ddp)
         params = {n: getattr(layer, n).detach().clone() for n in LORA_NAMES}
         torch.save({"history": history, "params": params}, out_path)
+        dist.barrier()  # neither rank tears gloo down while the other still uses it (that aborts)
     finally:
         dist.destroy_process_group()
 
