@@ -27,14 +27,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     pool = ktsft.ThreadPool(a.threads)
-    here = pool.run
-
-    def queued(task):  # the hand-off: through the dispatcher, the caller waits on the future
-        future = pool.submit(task)
-        try:
-            return future.result()
-        finally:
-            pool._forget(future)
+    here, queued = pool.run, pool._run_queued  # queued: the hand-off to the dispatcher
 
     for T in (int(t) for t in a.tokens.split(",")):
         for quant in a.quant.split(","):

@@ -139,15 +139,19 @@ class ThreadPool:
                 raise RuntimeError("cannot run a task on a closed ThreadPool")
             here = all(f.done() for f in self._pending) and self._running.acquire(blocking=False)
         if not here:
-            future = self.submit(task)
-            try:
-                return future.result()
-            finally:
-                self._forget(future)
+            return self._run_queued(task)
         try:
             return task()
         finally:
             self._running.release()
+
+    def _run_queued(self, task: Callable[[], Any]) -> Any:
+        # Through the dispatcher, behind what is queued; the caller waits for the result.
+        future = self.submit(task)
+        try:
+            return future.result()
+        finally:
+            self._forget(future)
 
     def _run_task(self, task: Callable[[], Any]) -> Any:
         with self._running:
